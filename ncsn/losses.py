@@ -1,0 +1,108 @@
+"""Score-matching objectives: exact (Hyvärinen 2005), sliced (Song et al. 2019) and denoising (NCSN)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ncsn._checks import positive_int
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+NoiseScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_score_shape(score: torch.Tensor, x: torch.Tensor) -> None:
+    if score.shape != x.shape:
+        raise ValueError(f"score_fn returned shape {tuple(score.shape)}, expected the input's shape {tuple(x.shape)}")
+
+
+def exact_score_matching_loss(score_fn: ScoreFn, x: torch.Tensor) -> torch.Tensor:
+    """Hyvärinen's J̄ = mean_i [Tr(∇_x ψ(x_i)) + ½‖ψ(x_i)‖²] (JMLR 2005, eq. 4); x is (N, D).
+
+    The trace takes one backward pass per dimension, so this is for low-dimensional data.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
+    x = x.detach().requires_grad_(True)
+    score = score_fn(x)
+    _check_score_shape(score, x)
+    trace = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for d in range(x.shape[1]):
+        (grad,) = torch.autograd.grad(score[:, d].sum(), x, create_graph=True)
+        trace = trace + grad[:, d]
+    return (trace + 0.5 * score.pow(2).sum(dim=1)).mean()
+
+
+def sliced_score_matching_loss(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    n_projections: int = 1,
+    variance_reduction: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sliced score matching: E_v[vᵀ∇ψ v + ½(vᵀψ)²], v ~ N(0, I) (Song et al. 2019, eq. 7).
+
+    With ``variance_reduction`` the second term is replaced by its expectation ½‖ψ‖² (SSM-VR).
+    """
+    positive_int("n_projections", n_projections)
+    xs = x.detach().repeat(n_projections, *([1] * (x.dim() - 1))).requires_grad_(True)
+    v = torch.randn(xs.shape, dtype=xs.dtype, device=xs.device, generator=generator)
+    score = score_fn(xs)
+    _check_score_shape(score, xs)
+    score_v = (score * v).flatten(1).sum(dim=1)
+    (grad_v,) = torch.autograd.grad(score_v.sum(), xs, create_graph=True)
+    jvp_term = (grad_v * v).flatten(1).sum(dim=1)
+    norm_term = 0.5 * score.flatten(1).pow(2).sum(dim=1) if variance_reduction else 0.5 * score_v.pow(2)
+    return (jvp_term + norm_term).mean()
+
+
+@dataclass
+class DSMLoss:
+    """The denoising score-matching loss of a batch and its break-down by noise level.
+
+    loss: the scalar to minimise, mean over the batch of λ(σ)ℓ(θ;σ) for each sample's level.
+    per_level_sum: (L,) sum of the per-sample losses that fell on each level (detached).
+    per_level_count: (L,) how many samples of the batch fell on each level.
+    """
+
+    loss: torch.Tensor
+    per_level_sum: torch.Tensor
+    per_level_count: torch.Tensor
+
+    @property
+    def per_level_mean(self) -> torch.Tensor:
+        """Mean loss per level; NaN for levels no sample fell on."""
+        return self.per_level_sum / self.per_level_count.to(self.per_level_sum.dtype)
+
+
+def dsm_loss(
+    score_fn: NoiseScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    levels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DSMLoss:
+    """NCSN's objective: ½ E‖s(x̃,σ) + (x̃−x)/σ²‖² weighted by λ(σ)=σ² (Song & Ermon 2019, eqs. 5–6).
+
+    Each sample gets one level drawn uniformly (or ``levels``, (B,) indices into ``sigmas``).
+    With x̃ = x + σz the weighted per-sample loss is ½‖σ s(x̃,σ) + z‖².
+    """
+    if sigmas.dim() != 1 or sigmas.numel() < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    if levels is None:
+        levels = torch.randint(0, sigmas.numel(), (x.shape[0],), device=x.device, generator=generator)
+    elif levels.shape != (x.shape[0],):
+        raise ValueError(f"levels must have shape ({x.shape[0]},), got {tuple(levels.shape)}")
+    sigma = sigmas[levels]
+    sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
+    z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    score = score_fn(x + sigma_b * z, sigma)
+    _check_score_shape(score, x)
+    per_sample = 0.5 * (sigma_b * score + z).flatten(1).pow(2).sum(dim=1)
+    num_levels = sigmas.numel()
+    detached = per_sample.detach().float()
+    per_level_sum = torch.zeros(num_levels, device=x.device).index_add_(0, levels, detached)
+    per_level_count = torch.bincount(levels, minlength=num_levels)
+    return DSMLoss(per_sample.mean(), per_level_sum, per_level_count)

@@ -1,0 +1,165 @@
+"""Noise schedules: the geometric σ sequence of NCSN and NCSNv2's rules for choosing it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ncsn._checks import positive, positive_int
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> torch.Tensor:
+    """σ_1 > … > σ_L with constant ratio σ_i/σ_{i+1} (NCSN §4.2), as a float32 tensor."""
+    positive("sigma_max", sigma_max)
+    positive("sigma_min", sigma_min)
+    positive_int("num_levels", num_levels)
+    if num_levels == 1:
+        if sigma_min != sigma_max:
+            raise ValueError(
+                f"num_levels=1 needs sigma_min == sigma_max, got sigma_max={sigma_max}, sigma_min={sigma_min}"
+            )
+        return torch.tensor([float(sigma_max)])
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) must be smaller than sigma_max ({sigma_max})")
+    exponents = torch.linspace(math.log(sigma_max), math.log(sigma_min), num_levels, dtype=torch.float64)
+    return exponents.exp().float()
+
+
+def max_pairwise_distance(data: torch.Tensor, max_points: int = 10_000, seed: int = 0) -> tuple[float, int]:
+    """Largest Euclidean distance between two rows of ``data`` (N, ...), on at most ``max_points`` rows.
+
+    Returns (distance, number of rows it was computed on); rows are a random subset when N > max_points.
+    """
+    flat = data.reshape(data.shape[0], -1).double()
+    if flat.shape[0] < 2:
+        raise ValueError(f"data must hold at least 2 samples, got {flat.shape[0]}")
+    if flat.shape[0] > max_points:
+        idx = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
+        flat = flat[idx]
+    best = 0.0
+    for start in range(0, flat.shape[0], 1024):
+        best = max(best, torch.cdist(flat[start : start + 1024], flat).max().item())
+    return best, flat.shape[0]
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def gamma_for_dimension(dim: int, target: float = 0.5) -> float:
+    """NCSNv2 technique 2: γ with Φ(√(2D)(γ−1)+3γ) − Φ(√(2D)(γ−1)−3γ) = target, by bisection."""
+    positive_int("dim", dim)
+
+    def overlap(gamma: float) -> float:
+        a = math.sqrt(2 * dim) * (gamma - 1)
+        return _normal_cdf(a + 3 * gamma) - _normal_cdf(a - 3 * gamma)
+
+    lo, hi = 1.0 + 1e-9, 1.0 + 1.0
+    while overlap(hi) > target:  # overlap falls from ~1 at γ=1 towards 0 as γ grows
+        hi = 1.0 + 2 * (hi - 1.0)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if overlap(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def langevin_variance_ratio(eps: float, gamma: float, sigma_min: float, steps_per_level: int) -> float:
+    """Var(x_T)/σ_i² after T steps of Algorithm 1 at level i, started from N(0, γ²σ_i²) on a point mass.
+
+    With α_i = ε σ_i²/σ_L² and the update x ← x + α/2 ∇log q + √α z, one step maps the variance v to
+    a²v + α with a = 1 − r/2, r = ε/σ_L²; so v_T/σ_i² = a^{2T}(γ² − c) + c with c = 1/(1 − r/4)
+    (NCSNv2 technique 4, rewritten for NCSN's α/2 step convention).
+    """
+    r = eps / sigma_min**2
+    a = 1.0 - r / 2.0
+    c = 1.0 / (1.0 - r / 4.0)
+    return a ** (2 * steps_per_level) * (gamma**2 - c) + c
+
+
+def step_size_for(gamma: float, sigma_min: float, steps_per_level: int) -> float:
+    """NCSNv2 technique 4: the ε (Algorithm 1's step) that brings the variance ratio closest to 1."""
+    positive("gamma", gamma)
+    positive("sigma_min", sigma_min)
+    positive_int("steps_per_level", steps_per_level)
+    # r = ε/σ_L² must stay in (0, 2) for the recursion to contract; search log-spaced, then refine.
+    candidates = torch.logspace(-8, math.log10(1.99), 4000, dtype=torch.float64).tolist()
+    best = min(candidates, key=lambda r: abs(langevin_variance_ratio(r * sigma_min**2, gamma, sigma_min, steps_per_level) - 1))
+    lo, hi = best / 1.01, min(best * 1.01, 1.999)
+    for _ in range(100):  # golden-section on |ratio − 1| around the grid optimum
+        m1, m2 = lo + (hi - lo) * 0.382, lo + (hi - lo) * 0.618
+        f1 = abs(langevin_variance_ratio(m1 * sigma_min**2, gamma, sigma_min, steps_per_level) - 1)
+        f2 = abs(langevin_variance_ratio(m2 * sigma_min**2, gamma, sigma_min, steps_per_level) - 1)
+        lo, hi = (lo, m2) if f1 < f2 else (m1, hi)
+    return 0.5 * (lo + hi) * sigma_min**2
+
+
+@dataclass(frozen=True)
+class ScheduleRecommendation:
+    """A noise schedule and sampler setting chosen by NCSNv2's rules (Song & Ermon 2020).
+
+    sigma_max: σ_1, the largest pairwise Euclidean distance in the data (technique 1).
+    sigma_min: σ_L, the smallest noise level (given; 0.01 for images in [0, 1] as in NCSNv2).
+    num_levels: L, the fewest geometric levels whose ratio does not exceed the technique-2 γ.
+    gamma: the ratio σ_i/σ_{i+1} of the resulting geometric schedule (≤ gamma_target).
+    gamma_target: γ solving the Gaussian-CDF overlap condition for dimension ``dim`` (technique 2).
+    eps: Algorithm 1's step ε for which Langevin at each level ends at the level's variance (technique 4).
+    steps_per_level: T, the Langevin steps per level the step size was chosen for.
+    dim: D, the data dimension (C·H·W for images).
+    distance_sample_size: how many data points the max pairwise distance was computed on.
+    variance_ratio: Var(x_T)/σ_i² that ε achieves; 1 is the technique-4 target.
+    """
+
+    sigma_max: float
+    sigma_min: float
+    num_levels: int
+    gamma: float
+    gamma_target: float
+    eps: float
+    steps_per_level: int
+    dim: int
+    distance_sample_size: int
+    variance_ratio: float
+
+    def sigmas(self) -> torch.Tensor:
+        """The recommended σ sequence."""
+        return geometric_sigmas(self.sigma_max, self.sigma_min, self.num_levels)
+
+
+def recommend_schedule(
+    data: torch.Tensor | None,
+    steps_per_level: int,
+    sigma_min: float = 0.01,
+    *,
+    sigma_max: float | None = None,
+    dim: int | None = None,
+    max_points: int = 10_000,
+) -> ScheduleRecommendation:
+    """Apply NCSNv2 techniques 1, 2 and 4 to ``data`` (N, ...) or to a known ``sigma_max`` and ``dim``."""
+    positive_int("steps_per_level", steps_per_level)
+    positive("sigma_min", sigma_min)
+    sample_size = 0
+    if data is not None:
+        dim = int(data[0].numel())
+        sigma_max, sample_size = max_pairwise_distance(data, max_points=max_points)
+    if sigma_max is None or dim is None:
+        raise ValueError("recommend_schedule needs data, or both sigma_max and dim")
+    positive("sigma_max", sigma_max)
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) must be smaller than sigma_max ({sigma_max:.4g}) of the data")
+    gamma_target = gamma_for_dimension(dim)
+    num_levels = math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma_target)) + 1
+    gamma = (sigma_max / sigma_min) ** (1.0 / (num_levels - 1))
+    eps = step_size_for(gamma, sigma_min, steps_per_level)
+    return ScheduleRecommendation(
+        sigma_max=float(sigma_max),
+        sigma_min=float(sigma_min),
+        num_levels=num_levels,
+        gamma=gamma,
+        gamma_target=gamma_target,
+        eps=eps,
+        steps_per_level=steps_per_level,
+        dim=dim,
+        distance_sample_size=sample_size,
+        variance_ratio=langevin_variance_ratio(eps, gamma, sigma_min, steps_per_level),
+    )

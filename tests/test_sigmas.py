@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from ncsn.sigmas import (
+    gamma_for_dimension,
+    geometric_sigmas,
+    langevin_variance_ratio,
+    max_pairwise_distance,
+    recommend_schedule,
+)
+
+
+def test_geometric_sigmas_descending_constant_ratio():
+    s = geometric_sigmas(1.0, 0.01, 10)
+    assert s.shape == (10,)
+    assert s[0].item() == pytest.approx(1.0) and s[-1].item() == pytest.approx(0.01)
+    ratios = s[:-1] / s[1:]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-5)
+    assert ratios[0].item() == pytest.approx(100 ** (1 / 9), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [((0.01, 1.0, 10), "sigma_min"), ((1.0, 1.0, 10), "sigma_min"), ((1.0, 0.1, 0), "num_levels"),
+     ((-1.0, 0.1, 3), "sigma_max"), ((1.0, float("nan"), 3), "sigma_min"), ((1.0, 0.1, 2.5), "num_levels")],
+)
+def test_geometric_sigmas_rejects_bad_arguments(args, name):
+    with pytest.raises(ValueError, match=name):
+        geometric_sigmas(*args)
+
+
+def test_gamma_satisfies_gaussian_cdf_condition():
+    d = 3072
+    g = gamma_for_dimension(d)
+    phi = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    a = math.sqrt(2 * d) * (g - 1)
+    assert phi(a + 3 * g) - phi(a - 3 * g) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_recommend_schedule_reproduces_ncsnv2_cifar10():
+    # NCSNv2 (Song & Ermon 2020, Table/appendix): CIFAR-10 σ_1 = 50, L = 232, T = 5, ε = 6.2e-6 with
+    # the update x + ε s + √(2ε) z, i.e. ε = 1.24e-5 in Algorithm 1's (ε/2, √ε) convention used here.
+    r = recommend_schedule(None, steps_per_level=5, sigma_min=0.01, sigma_max=50.0, dim=3 * 32 * 32)
+    assert 200 <= r.num_levels <= 240
+    assert r.eps == pytest.approx(1.24e-5, rel=0.1)
+    assert r.gamma <= r.gamma_target
+    assert r.sigmas()[0].item() == pytest.approx(50.0) and r.sigmas()[-1].item() == pytest.approx(0.01)
+
+
+def test_recommended_step_size_gives_the_best_variance_ratio():
+    r = recommend_schedule(None, steps_per_level=100, sigma_min=0.01, sigma_max=10.0, dim=64)
+    assert abs(r.variance_ratio - 1) < 0.05  # c = 1/(1 − r/4) > 1 keeps it a little above 1
+    for factor in (0.5, 2.0):
+        other = langevin_variance_ratio(r.eps * factor, r.gamma, r.sigma_min, 100)
+        assert abs(other - 1) >= abs(r.variance_ratio - 1)
+
+
+def test_variance_ratio_matches_simulated_langevin(gen):
+    # The closed form is the variance of Algorithm 1 on a point mass (q_σ = N(0, σ²)): simulate it.
+    sigma_i, sigma_l, gamma, eps, steps = 0.5, 0.1, 1.3, 2e-4, 50
+    x = torch.randn(200_000, dtype=torch.float64, generator=gen) * gamma * sigma_i
+    alpha = eps * sigma_i**2 / sigma_l**2
+    for _ in range(steps):
+        x = x + 0.5 * alpha * (-x / sigma_i**2) + math.sqrt(alpha) * torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    assert (x.var() / sigma_i**2).item() == pytest.approx(langevin_variance_ratio(eps, gamma, sigma_l, steps), rel=0.02)
+
+
+def test_max_pairwise_distance_and_schedule_from_data(gen):
+    data = torch.rand(300, 1, 4, 4, generator=gen)
+    data[7] = 0.0
+    data[123] = 1.0
+    dist, n = max_pairwise_distance(data)
+    assert n == 300 and dist == pytest.approx(4.0)  # ‖1 − 0‖ over 16 pixels
+    r = recommend_schedule(data, steps_per_level=10)
+    assert r.dim == 16 and r.sigma_max == pytest.approx(4.0) and r.distance_sample_size == 300
+
+
+def test_recommend_schedule_rejects_bad_input():
+    with pytest.raises(ValueError, match="steps_per_level"):
+        recommend_schedule(None, steps_per_level=0, sigma_max=1.0, dim=4)
+    with pytest.raises(ValueError, match="sigma_min"):
+        recommend_schedule(None, steps_per_level=5, sigma_min=2.0, sigma_max=1.0, dim=4)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        recommend_schedule(torch.zeros(1, 3), steps_per_level=5)
