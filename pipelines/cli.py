@@ -17,6 +17,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
+    from data_prep.sources import SourceError
+
+    try:
+        if args.verify:
+            problems = verify_shards(args.verify)
+            for line in problems:
+                print(line)
+            print(f"{args.verify}: " + (f"{len(problems)} shard(s) do not match the manifest" if problems else "every shard matches the manifest"))
+            return 1 if problems else 0
+        if args.source is None or args.output is None:
+            raise ShardError("--source and --output are required (or --verify DIR)")
+        input_path = args.input
+        if input_path is None and args.download and args.source in ("cifar10", "mnist"):
+            from data_prep.sources import download_with_torchvision
+
+            input_path = str(download_with_torchvision(args.source, args.download))
+        options = ShardOptions(source=args.source, input=input_path, shard_size=args.shard_size, max_shard_mb=args.max_shard_mb,
+                               crop=args.crop, resize=args.resize, channels=args.channels)
+        summary = shard_dataset(options, args.output, workers=args.workers, progress=not args.no_progress)
+    except (ShardError, SourceError) as err:
+        print(f"ncsn-pipeline shard: error: {err}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncsn-pipeline", description="NCSN score-based generative models on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -24,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="2-D toy demo: DSM-trained score network, Langevin vs annealed Langevin")
     demo.add_argument("--output", default="runs/demo", help="directory for the figure (default: runs/demo)")
     demo.set_defaults(func=_demo)
+
+    shard = sub.add_parser("shard", help="write an image data set as WebDataset tar shards with a Ray job")
+    shard.add_argument("--source", choices=["digits", "cifar10", "mnist", "image-folder"])
+    shard.add_argument("--input", help="cifar-10-python.tar.gz, the MNIST idx directory, or the image folder")
+    shard.add_argument("--output", help="directory or fsspec URL (s3://…) for the shards and manifest.json")
+    shard.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    shard.add_argument("--max-shard-mb", type=float, help="also start a new shard past this many MB")
+    shard.add_argument("--workers", type=int, help="shard tasks at once (default: the cluster's CPUs)")
+    shard.add_argument("--crop", type=int, help="image-folder: centre crop to this square size first (CelebA: 140)")
+    shard.add_argument("--resize", type=int, help="image-folder: resize to this square size (CelebA: 64)")
+    shard.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image-folder: 1 (grey) or 3 (RGB)")
+    shard.add_argument("--download", metavar="CACHE_DIR", help="cifar10/mnist without --input: fetch through torchvision into CACHE_DIR (needs internet)")
+    shard.add_argument("--verify", metavar="DIR", help="re-hash the shards in DIR against its manifest and report mismatches")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shard.set_defaults(func=_shard)
     return parser
 
 

@@ -1,0 +1,280 @@
+"""The sharding job: Ray tasks write WebDataset tar shards of a Source in parallel, plus manifest.json.
+
+Each task reads its own index range from the source, writes `{__key__, png, cls}` samples to one or
+more tar files (by count, and by bytes when --max-shard-mb is set), and returns their sizes, hashes
+and pixel statistics; the driver writes the manifest last, atomically. Re-running with the same
+input and options finds the manifest and every shard intact and does nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.sources import SPLITS, Record, Source, open_source
+from data_prep.storage import Storage, sha256_and_size
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "ncsn-pipeline/shards/1"
+DISTANCE_SAMPLE = 2000  # training images the max pairwise distance is computed on
+
+
+class ShardError(RuntimeError):
+    """The sharding job failed; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """What a sharding run writes; every field is part of the up-to-date check."""
+
+    source: str
+    input: str | None = None
+    shard_size: int = 1000
+    max_shard_mb: float | None = None
+    crop: int | None = None
+    resize: int | None = None
+    channels: int = 3
+    png_compress_level: int = 6
+
+    def source_options(self) -> dict:
+        if self.source != "image-folder":
+            return {}
+        return {"crop": self.crop, "resize": self.resize, "channels": self.channels}
+
+    def open(self) -> Source:
+        return open_source(self.source, self.input, **self.source_options())
+
+
+@dataclass
+class ShardSummary:
+    """What a sharding run did."""
+
+    output: str
+    images: int
+    shards: int
+    bytes: int
+    seconds: float
+    up_to_date: bool
+
+    def line(self) -> str:
+        if self.up_to_date:
+            return f"{self.output} is up to date: {self.images} images in {self.shards} shards ({self.bytes / 1e6:.1f} MB); nothing to do"
+        rate = self.images / self.seconds if self.seconds > 0 else float("inf")
+        return f"wrote {self.images} images in {self.shards} shards ({self.bytes / 1e6:.1f} MB) to {self.output} in {self.seconds:.1f} s ({rate:.0f} images/s)"
+
+
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Lossless PNG bytes of a uint8 (H, W, C) image with C in {1, 3}."""
+    from PIL import Image
+
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str, seed: int = 0) -> dict:
+    """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and statistics."""
+    import webdataset as wds
+
+    storage = Storage(output)
+    source = options.open()
+    max_bytes = int(options.max_shard_mb * 1e6) if options.max_shard_mb else None
+    rng = np.random.default_rng([seed, task])
+    keep_prob = min(1.0, DISTANCE_SAMPLE / max(source.count(split), 1))
+    shards: list[dict] = []
+    shape = None
+    pix_sum = pix_sq = None
+    sample: list[np.ndarray] = []
+    part, writer, tmp, count = 0, None, None, 0
+
+    def close() -> None:
+        nonlocal writer, tmp, count, part
+        writer.close()
+        name = f"{split}/{split}-{task:05d}-{part:02d}.tar"
+        with open(tmp, "rb") as f:
+            digest, size = sha256_and_size(f)
+        storage.put_atomic(tmp, name)
+        shards.append({"path": name, "count": count, "bytes": size, "sha256": digest})
+        writer, tmp, count, part = None, None, 0, part + 1
+
+    try:
+        for rec in source.read(split, start, stop):
+            if shape is None:
+                shape = rec.image.shape
+                pix_sum, pix_sq = np.zeros(shape[-1]), np.zeros(shape[-1])
+            elif rec.image.shape != shape:
+                raise ShardError(f"{rec.key}: image shape {rec.image.shape} differs from {shape}; set --resize (and --crop) to make them equal")
+            if writer is None:
+                fd, tmp = tempfile.mkstemp(suffix=".tar")
+                writer = wds.TarWriter(os.fdopen(fd, "wb"))
+            sample_dict = {"__key__": rec.key, "png": encode_png(rec.image, options.png_compress_level)}
+            if rec.label is not None:
+                sample_dict["cls"] = rec.label
+            writer.write(sample_dict)
+            count += 1
+            pixels = rec.image.reshape(-1, shape[-1]).astype(np.float64) / 255.0
+            pix_sum += pixels.sum(0)
+            pix_sq += (pixels**2).sum(0)
+            if split == "train" and rng.random() < keep_prob:
+                sample.append(rec.image)
+            if writer is not None and (count >= options.shard_size or (max_bytes and writer.tarstream.fileobj.tell() >= max_bytes)):
+                close()
+        if writer is not None:
+            close()
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return {
+        "shards": shards,
+        "shape": list(shape) if shape is not None else None,
+        "pixel_sum": pix_sum.tolist() if pix_sum is not None else None,
+        "pixel_sq_sum": pix_sq.tolist() if pix_sq is not None else None,
+        "sample": np.stack(sample) if sample else None,
+    }
+
+
+def _fingerprint(options: ShardOptions, source: Source) -> dict:
+    fields = {k: v for k, v in options.__dict__.items() if k != "input"}
+    return {"format": FORMAT, "options": fields, "input": source.fingerprint()}
+
+
+def load_manifest(output: str) -> dict:
+    """The manifest of a shard directory or URL; a clear error when it is missing or unreadable."""
+    storage = Storage(output)
+    try:
+        return json.loads(storage.read_text(MANIFEST))
+    except FileNotFoundError:
+        raise ShardError(f"no {MANIFEST} in {output}: run `ncsn-pipeline shard` first") from None
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{output}/{MANIFEST} is not valid JSON: {err}") from None
+
+
+def _intact(storage: Storage, manifest: dict) -> bool:
+    return all(storage.size(s["path"]) == s["bytes"] for split in manifest["splits"].values() for s in split["shards"])
+
+
+def shard_dataset(options: ShardOptions, output: str, workers: int | None = None, progress: bool = True) -> ShardSummary:
+    """Shard ``options.source`` into ``output`` with Ray tasks (``workers`` at once; default: the cluster's CPUs)."""
+    import ray
+    from tqdm import tqdm
+
+    if options.shard_size < 1:
+        raise ShardError(f"--shard-size must be >= 1, got {options.shard_size}")
+    start_time = time.perf_counter()
+    storage = Storage(output)
+    source = options.open()
+    fingerprint = _fingerprint(options, source)
+    if storage.exists(MANIFEST):
+        old = load_manifest(output)
+        if old.get("fingerprint") == fingerprint and _intact(storage, old):
+            shards = [s for sp in old["splits"].values() for s in sp["shards"]]
+            return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
+        log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task_fn = ray.remote(num_cpus=1, max_retries=2)(write_shard_range)
+    plan = [(split, lo, min(lo + options.shard_size, source.count(split)), i)
+            for split in SPLITS for i, lo in enumerate(range(0, source.count(split), options.shard_size))]
+    total = sum(stop - lo for _, lo, stop, _ in plan)
+    pending, results, queue = {}, {}, list(plan)
+    bar = tqdm(total=total, unit="img", desc=f"shard {options.source}", disable=not progress)
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                split, lo, stop, task = queue.pop(0)
+                pending[task_fn.remote(options, split, lo, stop, task, output)] = (split, task, stop - lo)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            split, task, n = pending.pop(done[0])
+            try:
+                results[(split, task)] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise ShardError(f"shard task {split}/{task} failed: {type(cause).__name__}: {cause}") from None
+            bar.update(n)
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    manifest = _build_manifest(options, fingerprint, source, plan, results)
+    old_paths = set()
+    if storage.exists(MANIFEST):
+        try:
+            old_paths = {s["path"] for sp in load_manifest(output)["splits"].values() for s in sp["shards"]}
+        except (ShardError, KeyError):
+            old_paths = set()
+    storage.write_text_atomic(MANIFEST, json.dumps(manifest, indent=2))
+    new_paths = {s["path"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    for stale in old_paths - new_paths:
+        storage.remove(stale)
+    shards = [s for sp in manifest["splits"].values() for s in sp["shards"]]
+    return ShardSummary(output, manifest["total_count"], len(shards), sum(s["bytes"] for s in shards), time.perf_counter() - start_time, False)
+
+
+def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict) -> dict:
+    from ncsn.sigmas import max_pairwise_distance
+    import torch
+
+    splits: dict[str, dict] = {}
+    shape = next((r["shape"] for r in results.values() if r["shape"] is not None), None)
+    for split in SPLITS:
+        parts = [results[(sp, task)] for sp, _, _, task in plan if sp == split]
+        shards = [s for r in parts for s in r["shards"]]
+        for r in parts:
+            if r["shape"] is not None and r["shape"] != shape:
+                raise ShardError(f"split {split} has images of shape {r['shape']}, others {shape}; set --resize to make them equal")
+        entry = {"count": sum(s["count"] for s in shards), "shards": shards}
+        if split == "train" and shards:
+            n_pixels = entry["count"] * shape[0] * shape[1]
+            mean = np.sum([r["pixel_sum"] for r in parts], axis=0) / n_pixels
+            var = np.sum([r["pixel_sq_sum"] for r in parts], axis=0) / n_pixels - mean**2
+            sample = np.concatenate([r["sample"] for r in parts if r["sample"] is not None])
+            distance, n = max_pairwise_distance(torch.from_numpy(sample).float() / 255.0)
+            entry["statistics"] = {
+                "pixel_scale": "[0, 1]",
+                "channel_mean": mean.tolist(),
+                "channel_std": np.sqrt(np.maximum(var, 0)).tolist(),
+                "max_pairwise_distance": distance,
+                "max_pairwise_distance_sample_size": n,
+                "note": "mean/std over every training pixel; max pairwise distance over a random sample of training images",
+            }
+        splits[split] = entry
+    return {
+        "format": FORMAT,
+        "dataset": options.source,
+        "image_shape": shape,
+        "channels": shape[-1] if shape else None,
+        "classes": source.classes,
+        "total_count": sum(s["count"] for s in splits.values()),
+        "splits": splits,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def verify_shards(output: str) -> list[str]:
+    """Re-hash every shard against the manifest; return one line per problem (empty when all match)."""
+    storage = Storage(output)
+    manifest = load_manifest(output)
+    problems = []
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            if not storage.exists(shard["path"]):
+                problems.append(f"{shard['path']}: missing")
+                continue
+            digest, size = storage.sha256_and_size(shard["path"])
+            if size != shard["bytes"]:
+                problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
+            elif digest != shard["sha256"]:
+                problems.append(f"{shard['path']}: sha256 {digest[:12]}…, manifest says {shard['sha256'][:12]}…")
+    return problems

@@ -1,0 +1,355 @@
+"""Image data-set readers. Each yields Records (key, uint8 HWC image, optional label) in a fixed order,
+per split, and can read any index range on its own so that sharding tasks need no shared state."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SPLITS = ("train", "test")
+
+
+class SourceError(ValueError):
+    """A data set that cannot be read: names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: a unique key, uint8 pixels of shape (H, W, C), and a class label or None."""
+
+    key: str
+    image: np.ndarray
+    label: int | None
+
+
+class Source:
+    """A data set with a train and a test split, readable by index range."""
+
+    name: str = ""
+    classes: list[str] | None = None
+
+    def count(self, split: str) -> int:
+        raise NotImplementedError
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What identifies the input (paths, sizes, modification times); a change means re-sharding."""
+        raise NotImplementedError
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise SourceError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _file_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# ---------------------------------------------------------------- digits (offline default)
+class DigitsSource(Source):
+    """scikit-learn's bundled load_digits: 1797 8×8 digits, 0..16 rescaled to 0..255; the last 297 are the test split."""
+
+    name = "digits"
+    classes = [str(i) for i in range(10)]
+    n_test = 297
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self._images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        self._labels = digits.target.astype(int)
+
+    def _range(self, split: str) -> tuple[int, int]:
+        _check_split(split)
+        n_train = len(self._labels) - self.n_test
+        return (0, n_train) if split == "train" else (n_train, len(self._labels))
+
+    def count(self, split: str) -> int:
+        lo, hi = self._range(split)
+        return hi - lo
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        lo, _ = self._range(split)
+        for i in range(lo + start, lo + min(stop, self.count(split))):
+            yield Record(f"digits-{i:05d}", self._images[i], int(self._labels[i]))
+
+    def fingerprint(self) -> dict:
+        import sklearn
+
+        return {"sklearn": sklearn.__version__}
+
+
+# ---------------------------------------------------------------- CIFAR-10 python tarball
+_CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows builtin containers and numpy arrays only, so a malicious pickle cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if module.startswith("numpy.core"):
+            module = "numpy._core" + module[len("numpy.core") :]
+        return super().find_class(module, name)
+
+
+def restricted_unpickle(data: bytes, origin: str) -> object:
+    """Unpickle ``data`` (from ``origin``, named in errors) allowing only containers and numpy arrays."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as err:
+        raise SourceError(f"{origin}: unsafe or invalid pickle: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any failure inside a foreign pickle is a bad input
+        raise SourceError(f"{origin}: cannot unpickle: {type(err).__name__}: {err}") from None
+
+
+class Cifar10Source(Source):
+    """The official cifar-10-python.tar.gz: data_batch_1..5 (train, 50k) and test_batch (10k), 32×32×3."""
+
+    name = "cifar10"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    per_batch = 10_000
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"CIFAR-10 tarball {self.path} does not exist (expected cifar-10-python.tar.gz)")
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # one batch at a time: 30 MB
+        self._counts: dict[str, int] = {}
+
+    def _batch(self, member_name: str) -> tuple[np.ndarray, np.ndarray]:
+        if member_name not in self._cache:
+            origin = f"{self.path}:{member_name}"
+            try:
+                with tarfile.open(self.path, "r:*") as tar:
+                    member = next((m for m in tar.getmembers() if m.name.rsplit("/", 1)[-1] == member_name), None)
+                    if member is None:
+                        raise SourceError(f"{self.path} has no member {member_name}: is it cifar-10-python.tar.gz?")
+                    raw = tar.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise SourceError(f"{self.path} is not a readable tar archive: {err}") from None
+            batch = restricted_unpickle(raw, origin)
+            if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+                raise SourceError(f"{origin}: expected a dict with b'data' and b'labels'")
+            data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise SourceError(f"{origin}: expected uint8 data of shape (N, 3072) and N labels, got {data.dtype} {data.shape}, {len(labels)} labels")
+            self._cache = {member_name: (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(int))}
+        return self._cache[member_name]
+
+    def count(self, split: str) -> int:
+        _check_split(split)
+        if split not in self._counts:
+            self._counts[split] = sum(len(self._batch(b)[1]) for b in _CIFAR_BATCHES[split])
+        return self._counts[split]
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        _check_split(split)
+        offset = 0
+        for name in _CIFAR_BATCHES[split]:
+            images, labels = self._batch(name)
+            lo, hi = max(start - offset, 0), min(stop - offset, len(labels))
+            for i in range(lo, hi):
+                yield Record(f"cifar10-{split}-{offset + i:05d}", np.ascontiguousarray(images[i]), int(labels[i]))
+            offset += len(labels)
+            if offset >= stop:
+                return
+
+    def fingerprint(self) -> dict:
+        return _file_fingerprint(self.path)
+
+
+# ---------------------------------------------------------------- MNIST idx files
+_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx-format array (uint8 data, any rank), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise SourceError(f"{path}: cannot read: {err}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise SourceError(f"{path}: not an idx file (bad magic number)")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise SourceError(f"{path}: idx data type 0x{dtype_code:02x} is not unsigned byte (0x08)")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(np.prod(shape)):
+        raise SourceError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes) but the file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+class MnistSource(Source):
+    """MNIST (or Fashion-MNIST) idx files in a directory: train-/t10k- images and labels, .gz or not."""
+
+    name = "mnist"
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise SourceError(f"MNIST directory {self.directory} does not exist")
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _find(self, stem: str) -> Path:
+        for candidate in (self.directory / stem, self.directory / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+        raise SourceError(f"MNIST file {stem}[.gz] not found in {self.directory}")
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        _check_split(split)
+        if split not in self._arrays:
+            img_path, lbl_path = (self._find(s) for s in _MNIST_FILES[split])
+            images, labels = read_idx(img_path), read_idx(lbl_path)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise SourceError(f"{img_path} and {lbl_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
+            self._arrays[split] = (images, labels)
+        return self._arrays[split]
+
+    def count(self, split: str) -> int:
+        return len(self._split(split)[1])
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        images, labels = self._split(split)
+        for i in range(start, min(stop, len(labels))):
+            yield Record(f"mnist-{split}-{i:05d}", images[i][..., None], int(labels[i]))
+
+    def fingerprint(self) -> dict:
+        return {s: [_file_fingerprint(self._find(stem)) for stem in _MNIST_FILES[s]] for s in SPLITS}
+
+
+# ---------------------------------------------------------------- image folder (CelebA, …)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class ImageFolderSource(Source):
+    """A directory tree of PNG/JPEG files; labels from first-level sub-folders when every image is in one.
+
+    ``crop`` takes a centred square of that size, ``resize`` scales to a square (CelebA in NCSN: 140, 64).
+    The test split is a fixed ``test_fraction`` of files chosen by a hash of their relative path.
+    """
+
+    name = "image-folder"
+
+    def __init__(self, root: str | os.PathLike, crop: int | None = None, resize: int | None = None,
+                 channels: int = 3, test_fraction: float = 0.1):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"image folder {self.root} does not exist")
+        if channels not in (1, 3):
+            raise SourceError(f"channels must be 1 or 3, got {channels}")
+        if not 0 <= test_fraction < 1:
+            raise SourceError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        self.crop, self.resize, self.channels, self.test_fraction = crop, resize, channels, test_fraction
+        files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise SourceError(f"image folder {self.root} holds no .png/.jpg/.jpeg files")
+        labelled = all(len(f.parts) >= 2 for f in files)
+        self.classes = sorted({f.parts[0] for f in files}) if labelled else None
+        self._files = {s: [f for f in files if self._split_of(f) == s] for s in SPLITS}
+
+    def _split_of(self, rel: Path) -> str:
+        h = int.from_bytes(hashlib.sha256(rel.as_posix().encode()).digest()[:8], "big") / 2**64
+        return "test" if h < self.test_fraction else "train"
+
+    def count(self, split: str) -> int:
+        _check_split(split)
+        return len(self._files[split])
+
+    def load(self, rel: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.root / rel
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                if self.crop:
+                    w, h = img.size
+                    if self.crop > min(w, h):
+                        raise SourceError(f"{path}: crop {self.crop} is larger than the image ({w}×{h})")
+                    left, top = (w - self.crop) // 2, (h - self.crop) // 2
+                    img = img.crop((left, top, left + self.crop, top + self.crop))
+                if self.resize:
+                    img = img.resize((self.resize, self.resize), Image.BICUBIC)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as err:
+            raise SourceError(f"{path}: not a readable image: {err}") from None
+        return arr[..., None] if arr.ndim == 2 else arr
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        _check_split(split)
+        for rel in self._files[split][start:stop]:
+            label = self.classes.index(rel.parts[0]) if self.classes else None
+            key = "img-" + hashlib.sha1(rel.as_posix().encode()).hexdigest()[:16]
+            yield Record(key, self.load(rel), label)
+
+    def fingerprint(self) -> dict:
+        listing = hashlib.sha256()
+        for split in SPLITS:
+            for rel in self._files[split]:
+                st = (self.root / rel).stat()
+                listing.update(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"root": str(self.root.resolve()), "listing_sha256": listing.hexdigest(), "crop": self.crop,
+                "resize": self.resize, "channels": self.channels, "test_fraction": self.test_fraction}
+
+
+# ---------------------------------------------------------------- factory
+SOURCE_NAMES = ("digits", "cifar10", "mnist", "image-folder")
+
+
+def download_with_torchvision(name: str, cache_dir: str | os.PathLike) -> Path:
+    """Fetch CIFAR-10 or MNIST through torchvision into ``cache_dir`` (needs internet); returns the input path."""
+    import torchvision
+
+    cache = Path(cache_dir)
+    if name == "cifar10":
+        torchvision.datasets.CIFAR10(str(cache), train=True, download=True)
+        return cache / "cifar-10-python.tar.gz"
+    if name == "mnist":
+        torchvision.datasets.MNIST(str(cache), train=True, download=True)
+        return cache / "MNIST" / "raw"
+    raise SourceError(f"only cifar10 and mnist can be downloaded, not {name!r}")
+
+
+def open_source(name: str, path: str | os.PathLike | None = None, **options) -> Source:
+    """The Source called ``name`` reading ``path`` (not needed for digits)."""
+    if name not in SOURCE_NAMES:
+        raise SourceError(f"unknown source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
+    if name == "digits":
+        return DigitsSource()
+    if path is None:
+        raise SourceError(f"source {name!r} needs --input PATH")
+    if name == "cifar10":
+        return Cifar10Source(path)
+    if name == "mnist":
+        return MnistSource(path)
+    return ImageFolderSource(path, **options)

@@ -1,0 +1,94 @@
+"""Where shards live: a local directory or any fsspec URL (s3://, gs://, …), with atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def sha256_and_size(f: BinaryIO) -> tuple[str, int]:
+    """sha256 hex digest and byte count of an open binary file, read to its end."""
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+class Storage:
+    """Files under ``root``. Local writes go to a temp file beside the target, then os.replace;
+    object stores write whole objects, which readers never see half-written."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = str(root)
+        self.remote = is_url(self.root)
+        if self.remote:
+            import fsspec
+
+            self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        else:
+            self.base = str(Path(self.root.removeprefix("file://")).resolve())
+
+    def path(self, rel: str) -> str:
+        """The full local path or URL of ``rel``."""
+        if self.remote:
+            return self.root.rstrip("/") + "/" + rel
+        return os.path.join(self.base, rel)
+
+    def _fs_path(self, rel: str) -> str:
+        return self.base.rstrip("/") + "/" + rel
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return self.fs.size(self._fs_path(rel)) if self.remote else os.path.getsize(self.path(rel))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def put_atomic(self, local_file: str, rel: str) -> None:
+        """Move ``local_file`` to ``rel``."""
+        if self.remote:
+            self.fs.put_file(local_file, self._fs_path(rel))
+            os.unlink(local_file)
+            return
+        target = Path(self.path(rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.move(local_file, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        self.put_atomic(tmp, rel)
+
+    def read_text(self, rel: str) -> str:
+        if self.remote:
+            with self.fs.open(self._fs_path(rel), "r", encoding="utf-8") as f:
+                return f.read()
+        return Path(self.path(rel)).read_text(encoding="utf-8")
+
+    def remove(self, rel: str) -> None:
+        if self.remote:
+            self.fs.rm(self._fs_path(rel))
+        else:
+            Path(self.path(rel)).unlink(missing_ok=True)
+
+    def sha256_and_size(self, rel: str) -> tuple[str, int]:
+        with (self.fs.open(self._fs_path(rel), "rb") if self.remote else open(self.path(rel), "rb")) as f:
+            return sha256_and_size(f)

@@ -1,0 +1,112 @@
+"""One self-describing checkpoint format: config, schedule, weights, EMA, optimiser, step, RNG."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ncsn.models import ModelConfig, ScoreNetwork
+
+FORMAT = "ncsn-pipeline/checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit what it is loaded into."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training or to sample."""
+
+    model_config: ModelConfig
+    sigmas: torch.Tensor
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None = None
+    optimizer: dict | None = None
+    step: int = 0
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def build_model(self, use_ema: bool = True) -> ScoreNetwork:
+        """A ScoreNetwork with the EMA weights (if present and ``use_ema``) or the raw weights."""
+        model = ScoreNetwork(self.model_config, self.sigmas)
+        state = self.ema if (use_ema and self.ema is not None) else self.model
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint weights do not fit its model config {self.model_config}: {err}") from None
+        return model
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model_config": ckpt.model_config.to_dict(),
+        "sigmas": ckpt.sigmas.detach().cpu(),
+        "model": ckpt.model,
+        "ema": ckpt.ema,
+        "optimizer": ckpt.optimizer,
+        "step": int(ckpt.step),
+        "rng": ckpt.rng,
+        "extra": ckpt.extra,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    expect_model_config: ModelConfig | None = None,
+    expect_sigmas: torch.Tensor | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read a checkpoint with ``weights_only=True`` (no code runs), checking it against what is expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint: {first}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path} is not an ncsn-pipeline checkpoint (format {found!r}, expected {FORMAT!r})")
+    try:
+        config = ModelConfig(**raw["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid model_config: {err}") from None
+    ckpt = Checkpoint(config, raw["sigmas"], raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["rng"], raw["extra"])
+    if expect_model_config is not None and expect_model_config != config:
+        diffs = [
+            f"model.{k}: checkpoint {v!r}, config {getattr(expect_model_config, k)!r}"
+            for k, v in config.to_dict().items()
+            if getattr(expect_model_config, k) != v
+        ]
+        raise CheckpointError(f"checkpoint {path} does not match the model config: " + "; ".join(diffs))
+    if expect_sigmas is not None and (
+        expect_sigmas.shape != ckpt.sigmas.shape or not torch.allclose(expect_sigmas.float().cpu(), ckpt.sigmas.float(), rtol=1e-5)
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on a different noise schedule: checkpoint has L={ckpt.sigmas.numel()}, "
+            f"σ_1={ckpt.sigmas[0].item():.4g}, σ_L={ckpt.sigmas[-1].item():.4g}; config has L={expect_sigmas.numel()}, "
+            f"σ_1={expect_sigmas[0].item():.4g}, σ_L={expect_sigmas[-1].item():.4g}"
+        )
+    return ckpt

@@ -1,0 +1,25 @@
+"""Pixel transforms of the NCSN paper: uint8 → [0, 1] with uniform dequantisation and flips, and back."""
+from __future__ import annotations
+
+import torch
+
+
+def to_unit_interval(images: torch.Tensor, dequantize: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images (any layout) → float32 in [0, 1]; ``dequantize`` adds U(0, 1) before dividing by 256."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    x = images.float()
+    if dequantize:
+        return (x + torch.rand(x.shape, generator=generator)) / 256.0
+    return x / 255.0
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of an NCHW batch left–right with probability ½."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats → uint8, clamping samples that left the interval."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,99 @@
+"""Single-process NCSN training steps, the loop each Ray Train worker runs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ncsn.ema import EMA
+from ncsn.losses import dsm_loss
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN/inf loss; raised before the optimiser step so no poisoned weights are kept."""
+
+
+@dataclass
+class StepStats:
+    """What one optimiser step did."""
+
+    step: int
+    loss: float
+    per_level_sum: torch.Tensor
+    per_level_count: torch.Tensor
+    grad_norm: float
+    images: int
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    sigmas: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_steps: int,
+    start_step: int = 0,
+    ema: EMA | None = None,
+    grad_clip: float | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Iterator[StepStats]:
+    """Run DSM steps start_step+1 … num_steps over ``batches`` (cycled), yielding StepStats after each.
+
+    ``model`` is a score network taking (x, σ) (it may be DDP-wrapped); ``transform`` maps a batch as
+    loaded to the model's input (e.g. dequantisation). ``amp`` uses autocast (and ``scaler``) on CUDA.
+    """
+    device = next(model.parameters()).device
+    sigmas = sigmas.to(device)
+    step = start_step
+    model.train()
+    while step < num_steps:
+        empty = True
+        for batch in batches:
+            empty = False
+            if step >= num_steps:
+                return
+            step += 1
+            x = batch.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
+            if not x.is_floating_point():
+                raise ValueError(f"batch of dtype {x.dtype} reached the model: pass a transform such as to_unit_interval")
+            with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
+                out = dsm_loss(model, x, sigmas)
+            loss = out.loss.float()
+            if not torch.isfinite(loss):
+                bad = [f"{i} (σ={sigmas[i].item():.4g})" for i in range(sigmas.numel())
+                       if out.per_level_count[i] > 0 and not torch.isfinite(out.per_level_sum[i])]
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; non-finite at levels {', '.join(bad) or 'unknown'}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            yield StepStats(step, loss.item(), out.per_level_sum.cpu(), out.per_level_count.cpu(), grad_norm.item(), x.shape[0])
+        if empty:
+            raise ValueError("batches is empty: the data loader yielded no batch")
+
+
+def infinite_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled mini-batches of an in-memory tensor, epoch after epoch (the last partial batch dropped)."""
+    if images.shape[0] < batch_size:
+        raise ValueError(f"batch_size {batch_size} is larger than the {images.shape[0]} images given")
+    while True:
+        order = torch.randperm(images.shape[0], generator=generator)
+        for i in range(0, images.shape[0] - batch_size + 1, batch_size):
+            yield images[order[i : i + batch_size]]

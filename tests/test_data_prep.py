@@ -1,0 +1,210 @@
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_prep.loader import make_loader
+from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
+from data_prep.sources import Cifar10Source, ImageFolderSource, MnistSource, SourceError, open_source
+from tests.datasets import write_cifar10_tarball, write_image_folder, write_mnist
+from data_prep.loader import _decode_png
+
+
+def _read_back(out: Path, split: str) -> dict:
+    """Every sample of a split read with the webdataset library itself: {key: (pixels HWC, label)}."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["path"]) for s in manifest["splits"][split]["shards"]]
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        samples[sample["__key__"]] = (_decode_png(sample["png"]), int(sample["cls"]) if "cls" in sample else None)
+    return samples
+
+
+def test_cifar10_tarball_shards_back_exactly(tmp_path, ray_local):
+    truth = write_cifar10_tarball(tmp_path / "cifar-10-python.tar.gz", per_batch=6)
+    out = tmp_path / "shards"
+    summary = shard_dataset(ShardOptions("cifar10", str(tmp_path / "cifar-10-python.tar.gz"), shard_size=7), str(out), progress=False)
+    assert summary.images == 36 and not summary.up_to_date
+    for split in ("train", "test"):
+        images, labels = truth[split]
+        got = _read_back(out, split)
+        assert len(got) == len(labels)
+        for i in range(len(labels)):
+            pixels, label = got[f"cifar10-{split}-{i:05d}"]
+            assert np.array_equal(pixels, images[i]) and label == labels[i]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_shape"] == [32, 32, 3] and manifest["splits"]["train"]["count"] == 30
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7, 2]
+    stats = manifest["splits"]["train"]["statistics"]
+    assert stats["channel_mean"] == pytest.approx((truth["train"][0] / 255).reshape(-1, 3).mean(0), abs=1e-9)
+    assert stats["max_pairwise_distance_sample_size"] == 30
+
+
+def test_malicious_cifar_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar10_tarball(tmp_path / "evil.tar.gz", evil_member="data_batch_2")
+    source = Cifar10Source(tmp_path / "evil.tar.gz")
+    with pytest.raises(SourceError, match=r"data_batch_2: unsafe or invalid pickle: refusing to load global posix.system"):
+        list(source.read("train", 0, 12))
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_shards_back_exactly(tmp_path, ray_local, gz):
+    truth = write_mnist(tmp_path / "mnist", gz=gz)
+    out = tmp_path / "shards"
+    shard_dataset(ShardOptions("mnist", str(tmp_path / "mnist"), shard_size=5), str(out), progress=False)
+    for split in ("train", "test"):
+        images, labels = truth[split]
+        got = _read_back(out, split)
+        assert len(got) == len(labels)
+        for i in range(len(labels)):
+            pixels, label = got[f"mnist-{split}-{i:05d}"]
+            assert np.array_equal(pixels[..., 0], images[i]) and label == labels[i]
+
+
+def test_bad_mnist_file_names_the_file(tmp_path):
+    write_mnist(tmp_path, gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3 + b"short")
+    with pytest.raises(SourceError, match=r"t10k-images-idx3-ubyte: header says shape \(5, 5, 5\)"):
+        MnistSource(tmp_path).count("test")
+
+
+def test_image_folder_shards_back_with_labels_crop_and_resize(tmp_path, ray_local):
+    truth = write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "shards"
+    opts = ShardOptions("image-folder", str(tmp_path / "imgs"), shard_size=4)
+    shard_dataset(opts, str(out), progress=False)
+    got = list({**_read_back(out, "train"), **_read_back(out, "test")}.values())
+    assert ImageFolderSource(tmp_path / "imgs").classes == ["cats", "dogs"]
+    expected = sorted((pixels.tobytes(), ["cats", "dogs"].index(cls)) for pixels, cls in truth.values())
+    assert sorted((pixels.tobytes(), label) for pixels, label in got) == expected
+    cropped = ImageFolderSource(tmp_path / "imgs", crop=14, resize=8, channels=1)
+    rec = next(cropped.read("train", 0, 1))
+    assert rec.image.shape == (8, 8, 1)
+    with pytest.raises(SourceError, match="crop 40 is larger than the image"):
+        next(ImageFolderSource(tmp_path / "imgs", crop=40).read("train", 0, 1))
+
+
+def test_rerun_is_a_noop_and_changed_option_rewrites(tmp_path, ray_local):
+    out = tmp_path / "shards"
+    first = shard_dataset(ShardOptions("digits", shard_size=400), str(out), progress=False)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    again = shard_dataset(ShardOptions("digits", shard_size=400), str(out), progress=False)
+    assert again.up_to_date and "up to date" in again.line() and again.images == first.images == 1797
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    changed = shard_dataset(ShardOptions("digits", shard_size=600), str(out), progress=False)
+    assert not changed.up_to_date
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [600, 600, 300]
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == sorted(Path(s["path"]).name for s in manifest["splits"]["train"]["shards"])
+
+
+def test_verify_reports_a_tampered_shard(tmp_path, ray_local):
+    out = tmp_path / "shards"
+    shard_dataset(ShardOptions("digits", shard_size=500), str(out), progress=False)
+    assert verify_shards(str(out)) == []
+    shard = sorted((out / "train").glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify_shards(str(out))
+    assert len(problems) == 1 and shard.name in problems[0] and "sha256" in problems[0]
+
+
+def test_shard_cli_fails_with_one_line_reason(tmp_path):
+    cli = Path(sys.executable).parent / "ncsn-pipeline"
+    out = subprocess.run([str(cli), "shard", "--source", "cifar10", "--input", str(tmp_path / "nope.tar.gz"), "--output", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"ncsn-pipeline shard: error: CIFAR-10 tarball {tmp_path / 'nope.tar.gz'} does not exist (expected cifar-10-python.tar.gz)"]
+
+
+def test_shard_cli_digits_summary_line(tmp_path):
+    cli = Path(sys.executable).parent / "ncsn-pipeline"
+    out = subprocess.run([str(cli), "shard", "--source", "digits", "--output", str(tmp_path / "d"), "--workers", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("wrote 1797 images in 3 shards")  # train 1000 + 500, test 297 and "images/s" in out.stdout
+
+
+# ---------------------------------------------------------------- loader
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)  # train: 300×5
+    return out
+
+
+def _keys_of(loader) -> list[bytes]:
+    return [img.numpy().tobytes() for images, _ in loader for img in images]
+
+
+def test_two_ranks_see_every_sample_once_with_equal_batches(digit_shards):
+    loaders = [make_loader(str(digit_shards), 50, rank=r, world_size=2, num_workers=w) for r, w in ((0, 2), (1, 0))]
+    assert len(loaders[0]) == len(loaders[1])
+    seen = [_keys_of(ld) for ld in loaders]
+    assert len(seen[0]) == len(seen[1]) == len(loaders[0]) * 50
+    union = seen[0] + seen[1]
+    assert len(set(union)) == len(union)  # nobody sees a sample twice
+    # 5 shards of 300 on 2 ranks: 900 vs 600 samples, 12 batches each; the 300-sample imbalance is dropped.
+    assert loaders[0].dropped_per_epoch == 300 and len(loaders[0]) == 12
+
+
+def test_even_split_covers_the_whole_epoch(tmp_path, ray_local):
+    out = tmp_path / "shards"
+    shard_dataset(ShardOptions("digits", shard_size=375), str(out), progress=False)  # train 1500 = 4 × 375
+    loaders = [make_loader(str(out), 25, rank=r, world_size=2) for r in (0, 1)]
+    union = _keys_of(loaders[0]) + _keys_of(loaders[1])
+    train = [rec.image.tobytes() for rec in open_source("digits").read("train", 0, 2000)]
+    assert len(union) == 1500 and set(union) == set(train) and loaders[0].dropped_per_epoch == 0
+
+
+def test_resampled_loader_gives_equal_epochs_even_with_fewer_shards_than_ranks(digit_shards):
+    loaders = [make_loader(str(digit_shards), 64, rank=r, world_size=8, resampled=True, batches_per_epoch=3) for r in (0, 7)]
+    for ld in loaders:
+        batches = list(ld)
+        assert len(batches) == 3 and all(b[0].shape == (64, 1, 8, 8) and b[0].dtype.is_floating_point is False for b in batches)
+    with pytest.raises(ShardError, match="5 train shard\\(s\\) cannot feed 8 ranks"):
+        make_loader(str(digit_shards), 8, rank=0, world_size=8)
+
+
+def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path, digit_shards):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(digit_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = [out / s["path"] for s in manifest["splits"]["train"]["shards"]]
+    # Shard 0: replace one sample's PNG by garbage; shard 1: cut the tar file in half.
+    with tarfile.open(shards[0]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shards[0], "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".png") and m.name.startswith("digits-00005"):
+                data = b"this is not a png"
+                m.size = len(data)
+            tar.addfile(m, __import__("io").BytesIO(data))
+    shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
+    loader = make_loader(str(out), 50, resampled=False, batches_per_epoch=20)
+    batches = list(loader)
+    assert len(batches) == 20
+    assert loader.skipped >= 2  # the bad PNG and the truncated tail of shard 1
+
+
+def test_missing_shard_is_a_clear_error(tmp_path, digit_shards):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(digit_shards, out)
+    victim = sorted((out / "train").glob("*.tar"))[2]
+    victim.unlink()
+    with pytest.raises(ShardError, match=rf"1 shard file\(s\) listed in .* are missing, e.g. .*{victim.name}"):
+        make_loader(str(out), 10)
+    with pytest.raises(ShardError, match="no manifest.json"):
+        make_loader(str(tmp_path), 10)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from ncsn.models import ModelConfig, ScoreNetwork, count_parameters
+from ncsn.sigmas import geometric_sigmas
+
+SIGMAS = geometric_sigmas(1.0, 0.01, 10)
+
+
+def test_cifar10_configuration_parameter_count():
+    # Same layer structure as the paper's CondRefineNetDilated (ermongroup/ncsn) with ngf=128, L=10.
+    assert count_parameters(ScoreNetwork(ModelConfig("ncsn", 32, 3, 128), SIGMAS)) == 30_117_635
+    assert count_parameters(ScoreNetwork(ModelConfig("ncsnv2", 32, 3, 128), SIGMAS)) == 29_727_107
+
+
+@pytest.mark.parametrize("arch", ["ncsn", "ncsnv2"])
+@pytest.mark.parametrize("size, channels", [(8, 1), (28, 1), (32, 3), (64, 3)])
+def test_output_shape_matches_input(arch, size, channels):
+    model = ScoreNetwork(ModelConfig(arch, size, channels, 8), SIGMAS)
+    x = torch.rand(2, channels, size, size)
+    assert model(x, SIGMAS[[0, 9]]).shape == x.shape
+
+
+def test_conditioning_changes_the_output():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 8, 8)
+    cond = ScoreNetwork(ModelConfig("ncsn", 8, 1, 8), SIGMAS)
+    with torch.no_grad():
+        cond.body.end_norm.embed.weight[3].mul_(2.0)  # make level 3's embedding differ
+        assert not torch.allclose(cond(x, SIGMAS[[0]]), cond(x, SIGMAS[[3]]))
+        v2 = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
+        assert torch.allclose(v2(x, SIGMAS[[9]]) * SIGMAS[9], v2(x, SIGMAS[[0]]) * SIGMAS[0], atol=1e-6)
+
+
+def test_bad_config_and_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="model.arch"):
+        ModelConfig("unet", 32, 3, 8)
+    with pytest.raises(ValueError, match="model.image_size"):
+        ModelConfig("ncsn", 30, 3, 8)
+    with pytest.raises(ValueError, match="model.channels"):
+        ModelConfig("ncsn", 32, 2, 8)
+    model = ScoreNetwork(ModelConfig("ncsn", 8, 1, 8), SIGMAS)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 8, 8\)"):
+        model(torch.rand(2, 3, 8, 8), SIGMAS[:2])
+    with pytest.raises(ValueError, match="not one of the 10 levels"):
+        model(torch.rand(1, 1, 8, 8), torch.tensor([0.5]))

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from ncsn.data import random_hflip, to_uint8, to_unit_interval
+from ncsn.ema import EMA
+from ncsn.models import ModelConfig, ScoreNetwork
+from ncsn.sigmas import geometric_sigmas
+from ncsn.train import NonFiniteLossError, infinite_batches, train_steps
+
+SIGMAS = geometric_sigmas(1.0, 0.01, 4)
+
+
+def test_pixel_transforms_round_trip(gen):
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8, generator=gen)
+    assert torch.equal(to_uint8(to_unit_interval(images)), images)
+    deq = to_unit_interval(images, dequantize=True, generator=gen)
+    assert (deq >= images.float() / 256).all() and (deq < (images.float() + 1) / 256).all()
+    flipped = random_hflip(to_unit_interval(images), generator=gen)
+    for a, b in zip(flipped, to_unit_interval(images)):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    with pytest.raises(ValueError, match="uint8"):
+        to_unit_interval(images.float())
+
+
+def test_ema_tracks_the_average():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    start = ema.model.weight.item()
+    ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(0.5 * start + 0.5 * 2.0)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.0)
+
+
+def test_train_steps_yields_stats_and_lowers_the_loss(gen):
+    torch.manual_seed(0)
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
+    ema = EMA(model, 0.9)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    images = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, 2:6, 3:5] = 255  # one bar: an easy data set
+    stats = list(train_steps(model, infinite_batches(images, 16, gen), SIGMAS, opt, num_steps=60, ema=ema,
+                             grad_clip=1.0, transform=to_unit_interval))
+    assert [s.step for s in stats] == list(range(1, 61))
+    assert sum(s.loss for s in stats[-10:]) < 0.7 * sum(s.loss for s in stats[:10])
+    assert all(s.per_level_count.sum() == 16 and s.images == 16 for s in stats)
+    resumed = list(train_steps(model, infinite_batches(images, 16, gen), SIGMAS, opt, num_steps=62, start_step=60,
+                               transform=to_unit_interval))
+    assert [s.step for s in resumed] == [61, 62]
+    with pytest.raises(ValueError, match="dtype torch.uint8 reached the model"):
+        next(train_steps(model, infinite_batches(images, 16, gen), SIGMAS, opt, num_steps=1))
+
+
+def test_non_finite_loss_stops_before_the_weights_change(gen):
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.rand(4, 1, 8, 8), torch.full((4, 1, 8, 8), float("nan"))]
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2; non-finite at levels"):
+        for s in train_steps(model, batches, SIGMAS, opt, num_steps=5):
+            before = {k: v.clone() for k, v in model.state_dict().items()}  # state after the last good step
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_empty_loader_is_an_error():
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        list(train_steps(model, [], SIGMAS, torch.optim.SGD(model.parameters(), 0.1), num_steps=1))
+    with pytest.raises(ValueError, match="batch_size 8 is larger than the 4 images"):
+        next(infinite_batches(torch.zeros(4, 1, 8, 8), 8, torch.Generator()))
