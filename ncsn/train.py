@@ -1,6 +1,7 @@
 """Single-process NCSN training steps, the loop each Ray Train worker runs."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -8,8 +9,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ncsn.data import to_unit_interval
 from ncsn.ema import EMA
 from ncsn.losses import dsm_loss
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -97,3 +101,32 @@ def infinite_batches(images: torch.Tensor, batch_size: int, generator: torch.Gen
         order = torch.randperm(images.shape[0], generator=generator)
         for i in range(0, images.shape[0] - batch_size + 1, batch_size):
             yield images[order[i : i + batch_size]]
+
+
+def fit(
+    images: torch.Tensor,
+    model: nn.Module,
+    sigmas: torch.Tensor,
+    *,
+    num_steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    ema_decay: float = 0.999,
+    grad_clip: float | None = None,
+    seed: int = 0,
+    log_every: int = 0,
+) -> EMA:
+    """Train ``model`` on in-memory uint8 images (N, C, H, W) with Adam and dequantisation; return its EMA.
+
+    The notebook-sized trainer: the Ray pipeline runs train_steps itself over sharded data.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ema = EMA(model, ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = infinite_batches(images, batch_size, gen)
+    for stats in train_steps(model, batches, sigmas, optimizer, num_steps=num_steps, ema=ema, grad_clip=grad_clip,
+                             transform=lambda b: to_unit_interval(b, dequantize=True, generator=gen)):
+        if log_every and stats.step % log_every == 0:
+            log.info("step %d/%d  loss %.4f  grad-norm %.3g", stats.step, num_steps, stats.loss, stats.grad_norm)
+    return ema
