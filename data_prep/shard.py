@@ -1,7 +1,7 @@
 """The sharding job: Ray tasks write WebDataset tar shards of a Source in parallel, plus manifest.json.
 
-Each task reads its own index range from the source, writes `{__key__, png, cls}` samples to one or
-more tar files (by count, and by bytes when --max-shard-mb is set), and returns their sizes, hashes
+Each task reads its own index range from the source, writes `{__key__, png, cls}` samples to tar files
+of ``shard_size`` samples (fewer when --max-shard-mb is reached first), and returns their sizes, hashes
 and pixel statistics; the driver writes the manifest last, atomically. Re-running with the same
 input and options finds the manifest and every shard intact and does nothing.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -82,7 +83,7 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str, seed: int = 0) -> dict:
+def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str, split_count: int, seed: int = 0) -> dict:
     """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and statistics."""
     import webdataset as wds
 
@@ -90,7 +91,7 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
     source = options.open()
     max_bytes = int(options.max_shard_mb * 1e6) if options.max_shard_mb else None
     rng = np.random.default_rng([seed, task])
-    keep_prob = min(1.0, DISTANCE_SAMPLE / max(source.count(split), 1))
+    keep_prob = min(1.0, DISTANCE_SAMPLE / max(split_count, 1))
     shards: list[dict] = []
     shape = None
     pix_sum = pix_sq = None
@@ -143,6 +144,19 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
     }
 
 
+def _plan_tasks(source: Source, shard_size: int, workers: int) -> list[tuple[str, int, int, int]]:
+    """(split, start, stop, task) ranges: whole shards, at most 4 tasks per worker, so that each task opens
+    its input once (a gzip tarball is read from the start) while a lost task still costs little."""
+    counts = {split: source.count(split) for split in SPLITS}
+    n_shards = sum(math.ceil(n / shard_size) for n in counts.values())
+    shards_per_task = max(1, math.ceil(n_shards / (4 * workers)))
+    plan = []
+    for split in SPLITS:
+        step = shards_per_task * shard_size
+        plan += [(split, lo, min(lo + step, counts[split]), i) for i, lo in enumerate(range(0, counts[split], step))]
+    return plan
+
+
 def _fingerprint(options: ShardOptions, source: Source) -> dict:
     fields = {k: v for k, v in options.__dict__.items() if k != "input"}
     return {"format": FORMAT, "options": fields, "input": source.fingerprint()}
@@ -184,8 +198,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         ray.init(log_to_driver=False)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task_fn = ray.remote(num_cpus=1, max_retries=2)(write_shard_range)
-    plan = [(split, lo, min(lo + options.shard_size, source.count(split)), i)
-            for split in SPLITS for i, lo in enumerate(range(0, source.count(split), options.shard_size))]
+    plan = _plan_tasks(source, options.shard_size, workers)
     total = sum(stop - lo for _, lo, stop, _ in plan)
     pending, results, queue = {}, {}, list(plan)
     bar = tqdm(total=total, unit="img", desc=f"shard {options.source}", disable=not progress)
@@ -193,7 +206,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         while queue or pending:
             while queue and len(pending) < workers:
                 split, lo, stop, task = queue.pop(0)
-                pending[task_fn.remote(options, split, lo, stop, task, output)] = (split, task, stop - lo)
+                pending[task_fn.remote(options, split, lo, stop, task, output, source.count(split))] = (split, task, stop - lo)
             done, _ = ray.wait(list(pending), num_returns=1)
             split, task, n = pending.pop(done[0])
             try:

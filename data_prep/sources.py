@@ -141,31 +141,45 @@ class Cifar10Source(Source):
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # one batch at a time: 30 MB
         self._counts: dict[str, int] = {}
 
+    def _members(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of the wanted batch members, in archive order, stopping after the last one."""
+        left = set(wanted)
+        try:
+            with tarfile.open(self.path, "r:*") as tar:
+                for member in tar:  # a gzip stream is read from the start: no index scan, stop early
+                    name = member.name.rsplit("/", 1)[-1]
+                    if name in left:
+                        left.discard(name)
+                        yield name, tar.extractfile(member).read()
+                        if not left:
+                            return
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise SourceError(f"{self.path} is not a readable tar archive: {err}") from None
+        if left:
+            raise SourceError(f"{self.path} has no member {sorted(left)[0]}: is it cifar-10-python.tar.gz?")
+
+    def _parse(self, name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+        origin = f"{self.path}:{name}"
+        batch = restricted_unpickle(raw, origin)
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise SourceError(f"{origin}: expected a dict with b'data' and b'labels'")
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise SourceError(f"{origin}: expected uint8 data of shape (N, 3072) and N labels, got {data.dtype} {data.shape}, {len(labels)} labels")
+        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(int)
+
     def _batch(self, member_name: str) -> tuple[np.ndarray, np.ndarray]:
         if member_name not in self._cache:
-            origin = f"{self.path}:{member_name}"
-            try:
-                with tarfile.open(self.path, "r:*") as tar:
-                    member = next((m for m in tar.getmembers() if m.name.rsplit("/", 1)[-1] == member_name), None)
-                    if member is None:
-                        raise SourceError(f"{self.path} has no member {member_name}: is it cifar-10-python.tar.gz?")
-                    raw = tar.extractfile(member).read()
-            except (tarfile.TarError, OSError, EOFError) as err:
-                raise SourceError(f"{self.path} is not a readable tar archive: {err}") from None
-            batch = restricted_unpickle(raw, origin)
-            if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-                raise SourceError(f"{origin}: expected a dict with b'data' and b'labels'")
-            data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-                raise SourceError(f"{origin}: expected uint8 data of shape (N, 3072) and N labels, got {data.dtype} {data.shape}, {len(labels)} labels")
-            self._cache = {member_name: (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(int))}
+            ((name, raw),) = self._members({member_name})
+            self._cache = {member_name: self._parse(name, raw)}
         return self._cache[member_name]
 
     def count(self, split: str) -> int:
         _check_split(split)
-        if split not in self._counts:
-            self._counts[split] = sum(len(self._batch(b)[1]) for b in _CIFAR_BATCHES[split])
-        return self._counts[split]
+        if not self._counts:  # one pass over the archive, keeping only the sizes
+            for name, raw in self._members(set(_CIFAR_BATCHES["train"] + _CIFAR_BATCHES["test"])):
+                self._counts[name] = len(self._parse(name, raw)[1])
+        return sum(self._counts[b] for b in _CIFAR_BATCHES[split])
 
     def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
         _check_split(split)
