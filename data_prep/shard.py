@@ -15,12 +15,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import torch
 
-from data_prep.sources import SPLITS, Record, Source, open_source
+from data_prep.sources import SPLITS, Source, open_source
 from data_prep.storage import Storage, sha256_and_size
+from ncsn.sigmas import max_pairwise_distance
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,6 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
 
 
 def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict) -> dict:
-    from ncsn.sigmas import max_pairwise_distance
-    import torch
-
     splits: dict[str, dict] = {}
     shape = next((r["shape"] for r in results.values() if r["shape"] is not None), None)
     for split in SPLITS:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ncsn.experiments import lower_left_fraction, mixture_experiment, paper_mixture
+from ncsn.experiments import lower_left_fraction, mixture_experiment
 from ncsn.sampling import annealed_langevin_dynamics, inpaint, langevin_dynamics
 from ncsn.sigmas import geometric_sigmas
 from ncsn.toy import GaussianMixture
