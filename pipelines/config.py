@@ -1,0 +1,241 @@
+"""The pipeline's configuration: typed dataclasses loaded from YAML, with dotted overrides
+(`--set train.lr=2e-4`), validated once here with errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ncsn.models import ModelConfig
+from ncsn.sigmas import geometric_sigmas
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are read."""
+
+    source: str = "digits"  # digits | cifar10 | mnist | image-folder
+    input: str | None = None  # tarball, idx directory or image folder (not for digits)
+    shards: str | None = None  # shard directory/URL; default: <run_dir>/shards/<source>
+    shard_size: int = 1000
+    crop: int | None = None
+    resize: int | None = None
+    loader_workers: int = 2
+    shuffle_buffer: int = 1000
+    dequantize: bool = True  # uniform dequantisation (NCSN §5)
+    random_flip: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """The σ schedule; with recommend: true, NCSNv2's rules from the shard manifest's statistics."""
+
+    recommend: bool = False
+    sigma_max: float = 1.0
+    sigma_min: float = 0.01
+    num_levels: int = 10
+
+
+@dataclass
+class OptimConfig:
+    """Adam, as in the paper."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200_000
+    batch_size: int = 128
+    ema_decay: float = 0.999
+    checkpoint_every: int = 5000
+    log_every: int = 100
+    sample_every: int = 5000
+    seed: int = 0
+    amp: bool = True  # used on GPU only
+
+
+@dataclass
+class SamplingConfig:
+    """Annealed Langevin dynamics (Algorithm 1: x + (α/2) s + √α z, α = ε σ_i²/σ_L²)."""
+
+    num_samples: int = 1000
+    steps_per_level: int = 100
+    eps: float = 4e-5
+    denoise: bool = True
+    workers: int = 2
+    chunk_size: int = 100
+
+
+@dataclass
+class EvaluationConfig:
+    """FID / IS / KID through torch-fidelity."""
+
+    feature_extractor: str = "classifier"  # classifier | inception
+    inception_weights: str | None = None  # a local weights file for air-gapped clusters
+    kid_subset_size: int = 100
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow; tracking_uri null means $MLFLOW_TRACKING_URI, else sqlite under the run directory."""
+
+    tracking_uri: str | None = None
+    experiment: str = "ncsn"
+
+
+@dataclass
+class ClusterConfig:
+    """Ray Train scaling and storage."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None  # default: <run_dir>/ray; shared or cloud storage on multi-node clusters
+    max_failures: int = 2
+
+
+@dataclass
+class Config:
+    """The whole pipeline configuration."""
+
+    name: str = "ncsn"
+    run_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def sigmas(self):
+        """The fixed σ schedule (when not recommended from data)."""
+        return geometric_sigmas(self.schedule.sigma_max, self.schedule.sigma_min, self.schedule.num_levels)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, tp, key: str):
+    """``value`` as type ``tp`` (int → float allowed, None only for optional fields), else ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if value is None:
+        raise ConfigError(f"{key} must not be null")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _set_dotted(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _validate(cfg: Config) -> None:
+    d, s, o, t, smp = cfg.data, cfg.schedule, cfg.optim, cfg.train, cfg.sampling
+    checks = [  # (key, value, valid, what a valid value is)
+        ("data.source", d.source, d.source in ("digits", "cifar10", "mnist", "image-folder"), "one of digits, cifar10, mnist, image-folder"),
+        ("data.input", d.input, d.source == "digits" or d.input is not None, f"a path for source {d.source!r}"),
+        ("data.shard_size", d.shard_size, d.shard_size >= 1, ">= 1"),
+        ("schedule.sigma_min", s.sigma_min, s.recommend or 0 < s.sigma_min < s.sigma_max, "> 0 and < schedule.sigma_max"),
+        ("schedule.num_levels", s.num_levels, s.num_levels >= 1, ">= 1"),
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null"),
+        ("train.steps", t.steps, t.steps >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1)"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, ">= 1"),
+        ("sampling.num_samples", smp.num_samples, smp.num_samples >= 1, ">= 1"),
+        ("sampling.steps_per_level", smp.steps_per_level, smp.steps_per_level >= 1, ">= 1"),
+        ("sampling.eps", smp.eps, smp.eps > 0, "> 0"),
+        ("sampling.workers", smp.workers, smp.workers >= 1, ">= 1"),
+        ("evaluation.feature_extractor", cfg.evaluation.feature_extractor, cfg.evaluation.feature_extractor in ("classifier", "inception"), "classifier or inception"),
+        ("cluster.num_workers", cfg.cluster.num_workers, cfg.cluster.num_workers >= 1, ">= 1"),
+        ("cluster.max_failures", cfg.cluster.max_failures, cfg.cluster.max_failures >= 0, ">= 0"),
+    ]
+    for key, value, valid, expected in checks:
+        if not valid:
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read the YAML at ``path`` (defaults when None), apply ``key=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    for assignment in overrides:
+        _set_dotted(tree, assignment)
+    where = f" (in {path})" if path else ""
+    try:
+        cfg = _build(Config, tree, "")
+        _validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{where}") from None
+    return cfg
+
