@@ -231,11 +231,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
     for assignment in overrides:
         _set_dotted(tree, assignment)
-    where = f" (in {path})" if path else ""
     try:
-        cfg = _build(Config, tree, "")
-        _validate(cfg)
+        return config_from_dict(tree)
     except ConfigError as err:
-        raise ConfigError(f"{err}{where}") from None
+        raise ConfigError(f"{err}{f' (in {path})' if path else ''}") from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A validated Config from a plain dict (YAML contents, or Config.to_dict() sent to a worker)."""
+    cfg = _build(Config, tree, "")
+    _validate(cfg)
     return cfg
 

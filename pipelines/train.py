@@ -1,0 +1,192 @@
+"""NCSN training as a Ray Train job: TorchTrainer (Train V2), DDP over gloo (CPU) or nccl (GPU),
+checkpoints reported by rank 0, every worker reporting in lockstep, restored after worker loss.
+Rank 0 also appends each report to <run_dir>/metrics.jsonl on its node."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.loader import make_loader
+from data_prep.shard import load_manifest
+from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ncsn.data import random_hflip, to_unit_interval
+from ncsn.ema import EMA
+from ncsn.models import ScoreNetwork
+from ncsn.sigmas import recommend_schedule
+from ncsn.train import train_steps
+from pipelines.config import Config, ConfigError, config_from_dict
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_schedule(cfg: Config, manifest: dict) -> tuple[torch.Tensor, float]:
+    """The σ schedule and Langevin ε: fixed from the config, or NCSNv2's rules on the manifest's statistics."""
+    if not cfg.schedule.recommend:
+        return cfg.sigmas(), cfg.sampling.eps
+    stats = manifest["splits"]["train"].get("statistics")
+    if not stats:
+        raise ConfigError("schedule.recommend needs the training statistics in the shard manifest; re-run `ncsn-pipeline shard`")
+    h, w, c = manifest["image_shape"]
+    rec = recommend_schedule(None, cfg.sampling.steps_per_level, cfg.schedule.sigma_min,
+                             sigma_max=stats["max_pairwise_distance"], dim=h * w * c)
+    return rec.sigmas(), rec.eps
+
+
+def _check_shapes(cfg: Config, manifest: dict) -> None:
+    h, w, c = manifest["image_shape"]
+    if (h, w, c) != (cfg.model.image_size, cfg.model.image_size, cfg.model.channels):
+        raise ConfigError(f"model.image_size/model.channels ({cfg.model.image_size}, {cfg.model.channels}) do not match "
+                          f"the shards' images {h}×{w}×{c}; set them to match or re-shard with --resize")
+
+
+FAULT_ENV = "NCSN_INJECT_WORKER_FAILURE"
+
+
+def _maybe_inject_failure(step: int, rank: int) -> None:
+    """For fault-tolerance tests: NCSN_INJECT_WORKER_FAILURE="STEP:RANK:MARKER" kills that worker process at
+    STEP once (the MARKER file records that it happened), as a lost node would."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fail_step, fail_rank, marker = spec.split(":", 2)
+    if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
+        Path(marker).touch()
+        log.warning("injected failure: worker rank %d exits at step %d", rank, step)
+        os._exit(1)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep each step once in metrics.jsonl: rows logged after the checkpoint a restart resumes from are replayed."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: restore, then train_steps over this rank's shards, reporting in lockstep."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = config_from_dict(loop_config["config"])
+    sigmas = torch.tensor(loop_config["sigmas"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = ScoreNetwork(cfg.model, sigmas).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                 weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad)
+    ema = EMA(model, cfg.train.ema_decay)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        optimizer.load_state_dict(ckpt.optimizer)
+        start = ckpt.step
+        if rank == 0:
+            _drop_metrics_after(Path(cfg.run_dir) / "metrics.jsonl", start)
+            log.info("resumed from step %d", start)
+    torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
+    ddp_model = ray.train.torch.prepare_model(model)
+    amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    per_rank_batch = cfg.train.batch_size // world
+    loader = make_loader(loop_config["shards"], per_rank_batch, rank, world, resampled=True,
+                         num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + start)
+
+    def batches():
+        while True:
+            for images, _ in loader:
+                yield images
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        x = to_unit_interval(x, dequantize=cfg.data.dequantize)
+        return random_hflip(x) if cfg.data.random_flip else x
+
+    level_sum = torch.zeros(len(sigmas), device=device)
+    level_count = torch.zeros(len(sigmas), device=device)
+    loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    for stats in train_steps(ddp_model, batches(), sigmas, optimizer, num_steps=cfg.train.steps, start_step=start, ema=ema,
+                             grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp, scaler=scaler):
+        level_sum += stats.per_level_sum.to(device)
+        level_count += stats.per_level_count.to(device)
+        loss_sum, grad_sum, n_steps, images = loss_sum + stats.loss, grad_sum + stats.grad_norm, n_steps + 1, images + stats.images
+        step = stats.step
+        _maybe_inject_failure(step, rank)
+        checkpoint_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+        if step % cfg.train.log_every != 0 and not checkpoint_now:
+            continue
+        totals = torch.tensor([loss_sum, float(images), float(loader.skipped)], device=device)
+        if world > 1:
+            for t in (level_sum, level_count, totals):
+                dist.all_reduce(t)
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "step": step,
+            "loss": totals[0].item() / (n_steps * world),
+            "grad_norm": grad_sum / n_steps,
+            "images_per_s": totals[1].item() / elapsed,
+            "skipped_samples": int(totals[2].item()),
+        }
+        for i in range(len(sigmas)):
+            if level_count[i] > 0:
+                metrics[f"loss_sigma_{i:03d}"] = (level_sum[i] / level_count[i]).item()
+        if checkpoint_now:  # DDP keeps replicas equal; a spread above 0 means they diverged
+            checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+            if world > 1:
+                gathered = [torch.zeros_like(checksum) for _ in range(world)]
+                dist.all_gather(gathered, checksum)
+                checksum = torch.cat(gathered)
+            metrics["replica_divergence"] = (checksum.max() - checksum.min()).item()
+        if rank == 0:
+            with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            eta = (cfg.train.steps - step) * elapsed / n_steps
+            log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
+                     metrics["images_per_s"], eta // 60, eta % 60)
+        with tempfile.TemporaryDirectory() as tmp:
+            report_ckpt = None
+            if checkpoint_now and rank == 0:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, sigmas.cpu(), model.state_dict(), ema.state_dict(),
+                                                                        optimizer.state_dict(), step, extra={"run": cfg.name}))
+                report_ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=report_ckpt)
+        level_sum.zero_()
+        level_count.zero_()
+        loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+
+
+def run_training(cfg: Config, shards: str, storage_path: str | None = None):
+    """Fit the TorchTrainer for ``cfg`` on the shards; returns Ray Train's Result (its checkpoint is the last one)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = load_manifest(shards)
+    _check_shapes(cfg, manifest)
+    if cfg.train.batch_size % cfg.cluster.num_workers:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
+    sigmas, _ = resolve_schedule(cfg, manifest)
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "shards": str(shards)},
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}}),
+    )
+    return trainer.fit()
