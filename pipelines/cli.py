@@ -45,6 +45,28 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from data_prep.shard import ShardError, ShardOptions, shard_dataset
+    from data_prep.sources import SourceError
+    from pipelines.config import ConfigError, load_config
+    from pipelines.train import run_training
+
+    try:
+        cfg = load_config(args.config, args.set)
+        shards = cfg.data.shards or str(Path(cfg.run_dir) / "shards" / cfg.data.source)
+        if not cfg.data.shards:  # shard into the run directory; a no-op when up to date
+            options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
+                                   resize=cfg.data.resize, channels=cfg.model.channels)
+            print(shard_dataset(options, shards, progress=not args.no_progress).line())
+        result = run_training(cfg, shards)
+    except (ConfigError, ShardError, SourceError) as err:
+        print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
+        return 1
+    print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result.checkpoint.path if result.checkpoint else 'none'}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncsn-pipeline", description="NCSN score-based generative models on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--verify", metavar="DIR", help="re-hash the shards in DIR against its manifest and report mismatches")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(func=_shard)
+
+    train = sub.add_parser("train", help="train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)")
+    train.add_argument("--config", required=True, help="YAML config, e.g. configs/digits.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
+    train.set_defaults(func=_train)
     return parser
 
 

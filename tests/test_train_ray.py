@@ -66,3 +66,14 @@ def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, sha
         run_training(load_config(CONFIGS / "digits.yaml", ["model.image_size=32", f"run_dir={tmp_path}"]), shards)
     with pytest.raises(ConfigError, match=r"train.batch_size \(30\) must be divisible by cluster.num_workers \(4\)"):
         run_training(load_config(CONFIGS / "digits.yaml", ["train.batch_size=30", "cluster.num_workers=4", f"run_dir={tmp_path}"]), shards)
+
+
+def test_train_cli_reports_bad_config_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).parent / "ncsn-pipeline"
+    out = subprocess.run([str(cli), "train", "--config", str(CONFIGS / "digits.yaml"), "--set", "train.lrr=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("ncsn-pipeline train: error: unknown key train.lrr")
