@@ -25,18 +25,22 @@ def _read_back(out: Path, split: str) -> dict:
     return samples
 
 
+def _assert_exact(out: Path, truth: dict, prefix: str) -> None:
+    """Every shard sample equals the source's image (HWC) and label, key by key."""
+    for split, (images, labels) in truth.items():
+        got = _read_back(out, split)
+        assert len(got) == len(labels)
+        for i in range(len(labels)):
+            pixels, label = got[f"{prefix}-{split}-{i:05d}"]
+            assert np.array_equal(pixels, images[i]) and label == labels[i]
+
+
 def test_cifar10_tarball_shards_back_exactly(tmp_path, ray_local):
     truth = write_cifar10_tarball(tmp_path / "cifar-10-python.tar.gz", per_batch=6)
     out = tmp_path / "shards"
     summary = shard_dataset(ShardOptions("cifar10", str(tmp_path / "cifar-10-python.tar.gz"), shard_size=7), str(out), progress=False)
     assert summary.images == 36 and not summary.up_to_date
-    for split in ("train", "test"):
-        images, labels = truth[split]
-        got = _read_back(out, split)
-        assert len(got) == len(labels)
-        for i in range(len(labels)):
-            pixels, label = got[f"cifar10-{split}-{i:05d}"]
-            assert np.array_equal(pixels, images[i]) and label == labels[i]
+    _assert_exact(out, truth, "cifar10")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["image_shape"] == [32, 32, 3] and manifest["splits"]["train"]["count"] == 30
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7, 2]
@@ -59,13 +63,7 @@ def test_mnist_idx_shards_back_exactly(tmp_path, ray_local, gz):
     truth = write_mnist(tmp_path / "mnist", gz=gz)
     out = tmp_path / "shards"
     shard_dataset(ShardOptions("mnist", str(tmp_path / "mnist"), shard_size=5), str(out), progress=False)
-    for split in ("train", "test"):
-        images, labels = truth[split]
-        got = _read_back(out, split)
-        assert len(got) == len(labels)
-        for i in range(len(labels)):
-            pixels, label = got[f"mnist-{split}-{i:05d}"]
-            assert np.array_equal(pixels[..., 0], images[i]) and label == labels[i]
+    _assert_exact(out, {split: (images[..., None], labels) for split, (images, labels) in truth.items()}, "mnist")
 
 
 def test_bad_mnist_file_names_the_file(tmp_path):
