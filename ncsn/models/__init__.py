@@ -43,9 +43,9 @@ class ModelConfig:
 class ScoreNetwork(nn.Module):
     """s_θ(x, σ) for images in [0, 1]; owns the σ schedule it was trained on.
 
-    CIFAR-10 configuration (arch="ncsn", image_size=32, channels=3, ngf=128, L=10): 29.7 M parameters,
-    the size of the paper's CondRefineNetDilated (ermongroup/ncsn); arch="ncsnv2" drops the
-    per-level embeddings (29.6 M).
+    CIFAR-10 configuration (arch="ncsn", image_size=32, channels=3, ngf=128, L=10): 30,117,635 parameters,
+    in the layer layout of the paper's CondRefineNetDilated (ermongroup/ncsn); arch="ncsnv2" drops the
+    per-level norm embeddings: 29,727,107.
     """
 
     def __init__(self, config: ModelConfig, sigmas: torch.Tensor):
