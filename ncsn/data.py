@@ -5,19 +5,21 @@ import torch
 
 
 def to_unit_interval(images: torch.Tensor, dequantize: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images (any layout) → float32 in [0, 1]; ``dequantize`` adds U(0, 1) before dividing by 256."""
+    """uint8 images (any layout, any device) → float32 in [0, 1]; ``dequantize`` adds U(0, 1) before dividing by 256.
+
+    A ``generator`` must be on the images' device."""
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
     x = images.float()
     if dequantize:
-        return (x + torch.rand(x.shape, generator=generator)) / 256.0
+        return (x + torch.rand(x.shape, generator=generator, device=x.device)) / 256.0  # noise where the images are
     return x / 255.0
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of an NCHW batch left–right with probability ½."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
