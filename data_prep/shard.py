@@ -129,7 +129,7 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
             pix_sq += (pixels**2).sum(0)
             if split == "train" and rng.random() < keep_prob:
                 sample.append(rec.image)
-            if writer is not None and (count >= options.shard_size or (max_bytes and writer.tarstream.fileobj.tell() >= max_bytes)):
+            if count >= options.shard_size or (max_bytes and writer.tarstream.fileobj.tell() >= max_bytes):
                 close()
         if writer is not None:
             close()

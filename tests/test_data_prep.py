@@ -206,3 +206,13 @@ def test_missing_shard_is_a_clear_error(tmp_path, digit_shards):
         make_loader(str(out), 10)
     with pytest.raises(ShardError, match="no manifest.json"):
         make_loader(str(tmp_path), 10)
+
+
+def test_max_shard_mb_starts_new_shards_by_size(tmp_path, ray_local):
+    out = tmp_path / "shards"
+    shard_dataset(ShardOptions("digits", shard_size=1000, max_shard_mb=0.2), str(out), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["splits"]["train"]["shards"]
+    assert sum(s["count"] for s in train) == 1500 and len(train) > 2  # by count alone it would be 2
+    assert all(s["bytes"] <= 0.2e6 + 10_000 for s in train)  # the limit, plus at most one sample and the tar trailer
+    assert verify_shards(str(out)) == []
