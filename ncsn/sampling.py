@@ -121,3 +121,22 @@ def inpaint(
             x = x + 0.5 * alpha * score_fn(x, sigma_b) + math.sqrt(alpha) * _noise(x, generator)
             x = mask * known + (1 - mask) * x
     return mask * image + (1 - mask) * x
+
+
+def sample_images(
+    score_fn: NoiseScoreFn,
+    shape: tuple[int, ...],
+    sigmas: torch.Tensor,
+    eps: float,
+    steps_per_level: int,
+    denoise: bool = True,
+    trajectory_every: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> AnnealedLangevinResult:
+    """Images from Algorithm 1 started at uniform noise in [0, 1] (NCSN §5), clamped to [0, 1] at the end."""
+    x = torch.rand(shape, generator=generator, device=device)
+    result = annealed_langevin_dynamics(score_fn, x, sigmas.to(device), eps, steps_per_level, denoise=denoise,
+                                        trajectory_every=trajectory_every, generator=generator)
+    result.samples = result.samples.clamp(0, 1)
+    return result

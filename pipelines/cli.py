@@ -64,6 +64,34 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint.path if result.checkpoint else 'none'}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
+    print(f"MLflow run {result.run_id} in {result.tracking_uri} — open it with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
+def ui_command(uri: str) -> str:
+    """How to look at a tracking store in the MLflow UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _sync_metrics(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.tracking import METRICS_FILE, RUN_FILE, sync_metrics
+
+    run_file = Path(args.run_dir) / RUN_FILE
+    if not run_file.exists():
+        print(f"ncsn-pipeline sync-metrics: error: {run_file} not found (is {args.run_dir} a training run directory?)", file=sys.stderr)
+        return 1
+    saved = json.loads(run_file.read_text())
+    uri = args.tracking_uri or saved["tracking_uri"]
+    try:
+        sent = sync_metrics(uri, saved["run_id"], Path(args.run_dir) / METRICS_FILE)
+    except Exception as err:  # noqa: BLE001 — report the server problem in one line
+        print(f"ncsn-pipeline sync-metrics: error: MLflow at {uri}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+    print(f"sent {sent} metric rows missing from MLflow run {saved['run_id']} ({uri})")
     return 0
 
 
@@ -95,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
     train.set_defaults(func=_train)
+
+    sync = sub.add_parser("sync-metrics", help="send metrics.jsonl rows that an unreachable MLflow server missed")
+    sync.add_argument("run_dir", help="the training run directory (holds metrics.jsonl and mlflow_run.json)")
+    sync.add_argument("--tracking-uri", help="send to this server instead of the one the run was started with")
+    sync.set_defaults(func=_sync_metrics)
     return parser
 
 

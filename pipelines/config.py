@@ -97,6 +97,8 @@ class TrackingConfig:
 
     tracking_uri: str | None = None
     experiment: str = "ncsn"
+    system_metrics: bool = True  # CPU, memory, GPU of rank 0's node, every 10 s
+    flush_timeout: float = 60.0  # seconds to wait at the end for an unreachable server before leaving it to sync-metrics
 
 
 @dataclass
@@ -107,6 +109,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     storage_path: str | None = None  # default: <run_dir>/ray; shared or cloud storage on multi-node clusters
+    shared_filesystem: bool = False  # true: a local storage_path is mounted on every node (NFS, …)
     max_failures: int = 2
 
 
@@ -205,6 +208,9 @@ def _validate(cfg: Config) -> None:
         ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
         ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1)"),
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, ">= 1"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.sample_every", t.sample_every, t.sample_every >= 1, ">= 1"),
+        ("tracking.flush_timeout", cfg.tracking.flush_timeout, cfg.tracking.flush_timeout >= 0, ">= 0"),
         ("sampling.num_samples", smp.num_samples, smp.num_samples >= 1, ">= 1"),
         ("sampling.steps_per_level", smp.steps_per_level, smp.steps_per_level >= 1, ">= 1"),
         ("sampling.eps", smp.eps, smp.eps > 0, "> 0"),

@@ -1,14 +1,17 @@
 """NCSN training as a Ray Train job: TorchTrainer (Train V2), DDP over gloo (CPU) or nccl (GPU),
 checkpoints reported by rank 0, every worker reporting in lockstep, restored after worker loss.
-Rank 0 also appends each report to <run_dir>/metrics.jsonl on its node."""
+Rank 0 logs each report to <run_dir>/metrics.jsonl and to MLflow (pipelines.tracking), with sample grids."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -17,9 +20,12 @@ from data_prep.shard import load_manifest
 from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_unit_interval
 from ncsn.ema import EMA
+from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
+from ncsn.sampling import sample_images
 from ncsn.sigmas import recommend_schedule
 from ncsn.train import train_steps
+from pipelines import tracking
 from pipelines.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,35 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
         os._exit(1)
 
 
+def state_digest(state: dict) -> str:
+    """SHA-256 over the tensors and numbers of a (nested) state dict, e.g. an optimiser's: equal digests, equal state."""
+    h = hashlib.sha256()
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node, key=str):
+                h.update(str(key).encode())
+                visit(node[key])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+        elif isinstance(node, torch.Tensor):
+            h.update(node.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(node).encode())
+    visit(state)
+    return h.hexdigest()
+
+
+def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, step: int, device: torch.device) -> Path:
+    """A 10×10 grid from the EMA model (fixed seed, so grids of different steps compare), under <run_dir>/samples."""
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    shape = (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    images = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
+                           generator=gen, device=device).samples
+    return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10, scale=max(1, 64 // cfg.model.image_size))
+
+
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Keep each step once in metrics.jsonl: rows logged after the checkpoint a restart resumes from are replayed."""
     if path.exists():
@@ -95,8 +130,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(ckpt.optimizer)
         start = ckpt.step
         if rank == 0:
-            _drop_metrics_after(Path(cfg.run_dir) / "metrics.jsonl", start)
+            _drop_metrics_after(Path(cfg.run_dir) / tracking.METRICS_FILE, start)
+            with open(Path(cfg.run_dir) / "restores.jsonl", "a") as f:  # the audit trail of restores
+                f.write(json.dumps({"step": start, "optimizer_sha256": state_digest(optimizer.state_dict()), "time": time.time()}) + "\n")
             log.info("resumed from step %d", start)
+    run_log = None
+    if rank == 0:
+        run_log = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], Path(cfg.run_dir), resumed_step=start,
+                                     system_metrics=cfg.tracking.system_metrics)
+        if start:
+            run_log.set_tag("restored_from_step", str(start))
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
     ddp_model = ray.train.torch.prepare_model(model)
     amp = cfg.train.amp and device.type == "cuda"
@@ -150,8 +193,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checksum = torch.cat(gathered)
             metrics["replica_divergence"] = (checksum.max() - checksum.min()).item()
         if rank == 0:
-            with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            run_log.log_metrics(metrics)
+            if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
+                run_log.log_artifact(_sample_grid(ema.model, sigmas, loop_config["eps"], cfg, step, device), "samples")
             eta = (cfg.train.steps - step) * elapsed / n_steps
             log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
                      metrics["images_per_s"], eta // 60, eta % 60)
@@ -165,10 +209,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
         level_sum.zero_()
         level_count.zero_()
         loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    if rank == 0:
+        if start < cfg.train.steps:
+            run_log.log_model(ema.model.cpu())
+        run_log.close(timeout=cfg.tracking.flush_timeout)
 
 
-def run_training(cfg: Config, shards: str, storage_path: str | None = None):
-    """Fit the TorchTrainer for ``cfg`` on the shards; returns Ray Train's Result (its checkpoint is the last one)."""
+@dataclass
+class TrainRun:
+    """What a training run leaves: Ray's last checkpoint and metrics, the MLflow run, the schedule it used."""
+
+    checkpoint: object  # ray.train.Checkpoint (its directory holds checkpoint.pt), or None
+    metrics: dict
+    tracking_uri: str
+    run_id: str
+    sigmas: torch.Tensor
+    eps: float
+
+
+def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> None:
+    """A local storage path works on one host only: checkpoints written on one node must be readable on the others."""
+    if urlparse(storage).scheme not in ("", "file") or shared_filesystem:
+        return
+    hosts = sorted({n["NodeManagerAddress"] for n in nodes if n.get("Alive")})
+    if len(hosts) > 1:
+        raise ConfigError(f"cluster.storage_path {storage!r} is a local path, but the Ray cluster spans {len(hosts)} hosts "
+                          f"({', '.join(hosts[:4])}); use shared or cloud storage (s3://…, gs://…) or set "
+                          "cluster.shared_filesystem: true if the path is mounted on every node")
+
+
+def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None):
+    """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -176,17 +248,29 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None):
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
-    sigmas, _ = resolve_schedule(cfg, manifest)
+    sigmas, eps = resolve_schedule(cfg, manifest)
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
+    if not ray.is_initialized():
+        ray.init()
+    check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
+    uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
+                                          "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards)}, parent_run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "shards": str(shards)},
+        train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
+                           "tracking_uri": uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3),
                              worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}}),
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    tracking.finish_run(uri, run_id)
+    return TrainRun(result.checkpoint, result.metrics, uri, run_id, sigmas, eps)

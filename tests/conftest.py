@@ -5,6 +5,11 @@ import torch
 
 # Two cores: keep torch from oversubscribing them when Ray workers run beside the test process.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# No usage telemetry from MLflow in tests (Ray workers inherit this through the local Ray started below).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Ray on Linux advertises the host's network address even for a local instance; this setting (meant for
+# single-host Ray on macOS/Windows) keeps every Ray node, worker and client of the tests on 127.0.0.1.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture

@@ -1,13 +1,16 @@
-"""Ray Train DDP training on the digits shards: 2 workers on a local Ray (issue 5, first part)."""
+"""Ray Train DDP training on the digits shards: 2 workers on a local Ray and on a 2-node Ray cluster, tracked in MLflow."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from data_prep.shard import ShardOptions, load_manifest, shard_dataset
 from ncsn.checkpoint import load_checkpoint
-from pipelines.config import load_config
-from pipelines.train import CHECKPOINT_FILE, resolve_schedule, run_training
+from pipelines.config import ConfigError, load_config
+from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training, state_digest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,11 +25,15 @@ def shards(tmp_path_factory, ray_local):
 def _config(run_dir: Path, steps: int):
     return load_config(CONFIGS / "digits.yaml", [f"run_dir={run_dir}", f"train.steps={steps}", "train.batch_size=32",
                                                  "train.log_every=5", "train.checkpoint_every=10", "cluster.num_workers=2",
-                                                 "data.loader_workers=0"])
+                                                 "train.sample_every=20", "data.loader_workers=0", "tracking.system_metrics=false"])
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def _mlflow_steps(result, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, key))
 
 
 def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
@@ -42,9 +49,25 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
         ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas)
     assert ckpt.step == 20 and ckpt.ema is not None and ckpt.optimizer["state"]
 
-    # Same name, more steps: continues from step 20 with the saved optimiser state instead of starting over.
+    # The MLflow run, read back through the client: the whole config, per-σ losses at every logged step,
+    # the sample grid, the config file and the final model.
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.002" and run.data.params["cluster.num_workers"] == "2"
+    assert _mlflow_steps(result) == [5, 10, 15, 20]
+    assert _mlflow_steps(result, f"loss_sigma_{len(sigmas) - 1:03d}") == [5, 10, 15, 20]
+    assert client.get_metric_history(result.run_id, "loss_sigma_000")[-1].value == pytest.approx(rows[-1]["loss_sigma_000"])
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"config.yaml", "samples"}
+    assert [a.path for a in client.list_artifacts(result.run_id, "samples")] == ["samples/step_0000020.png"]
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
+    assert [m.name for m in models] == ["model"]
+
+    # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run.
     resumed = run_training(_config(tmp_path, 30), shards)
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20, 25, 30]
+    assert [(r["step"], r["optimizer_sha256"]) for r in _metrics(tmp_path, "restores.jsonl")] == [(20, state_digest(ckpt.optimizer))]
+    assert resumed.run_id == result.run_id and _mlflow_steps(resumed) == [5, 10, 15, 20, 25, 30]
+    assert MlflowClient(resumed.tracking_uri).get_run(resumed.run_id).data.tags["resumed.train.steps"] == "30"
     with resumed.checkpoint.as_directory() as directory:
         assert load_checkpoint(Path(directory) / CHECKPOINT_FILE).step == 30
 
@@ -55,13 +78,34 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
     result = run_training(_config(tmp_path, 20), shards)
     assert marker.exists()  # the failure happened
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20]  # step 15 replayed after restore, logged once
+    assert [r["step"] for r in _metrics(tmp_path, "restores.jsonl")] == [10]
+    assert _mlflow_steps(result) == [5, 10, 15, 20]  # and once in MLflow
     with result.checkpoint.as_directory() as directory:
         assert load_checkpoint(Path(directory) / CHECKPOINT_FILE).step == 20
 
 
-def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, shards):
-    from pipelines.config import ConfigError
+def test_two_node_cluster_one_worker_per_node_trains(tmp_path, shards):
+    script = Path(__file__).parent / "scripts" / "two_node_train.py"
+    out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["step"] == 10
+    assert len(result["cluster_nodes"]) == 2 and result["worker_nodes"] == result["cluster_nodes"]  # one worker on each node
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [5, 10]
 
+
+def test_local_storage_on_a_multi_host_cluster_is_an_error():
+    nodes = [{"NodeManagerAddress": "10.0.0.1", "Alive": True}, {"NodeManagerAddress": "10.0.0.2", "Alive": True}]
+    with pytest.raises(ConfigError, match=r"cluster.storage_path '/data/runs' is a local path, but the Ray cluster spans 2 hosts"):
+        check_storage("/data/runs", nodes, shared_filesystem=False)
+    check_storage("/data/runs", nodes, shared_filesystem=True)  # NFS mounted everywhere: the user says so
+    check_storage("s3://bucket/runs", nodes, shared_filesystem=False)
+    check_storage("/data/runs", [{"NodeManagerAddress": "127.0.0.1", "Alive": True}] * 2, shared_filesystem=False)  # one host
+
+
+def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, shards):
     with pytest.raises(ConfigError, match="do not match the shards' images 8×8×1"):
         run_training(load_config(CONFIGS / "digits.yaml", ["model.image_size=32", f"run_dir={tmp_path}"]), shards)
     with pytest.raises(ConfigError, match=r"train.batch_size \(30\) must be divisible by cluster.num_workers \(4\)"):

@@ -1,0 +1,266 @@
+"""MLflow tracking. The driver opens (or finds again) the run and logs the resolved config; rank 0 logs
+metrics, sample grids and the final model from a background thread, so a tracking server that goes away
+slows nothing and kills nothing: every metric row is first appended to ``metrics.jsonl`` beside the
+checkpoints, and rows MLflow has not acknowledged are re-sent when it answers again (or by
+``ncsn-pipeline sync-metrics RUN_DIR`` afterwards)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from pipelines.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+RUN_FILE = "mlflow_run.json"  # {tracking_uri, run_id} in the run directory
+METRICS_FILE = "metrics.jsonl"
+RUN_TAG = "ncsn.run_name"
+# MLflow's HTTP client retries for minutes by default; a training job should notice an outage sooner.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def tracking_uri(cfg: Config) -> str:
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the run directory."""
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 1e-3}} → {"optim.lr": "0.001"}: the config as MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None) -> tuple[str, str]:
+    """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume).
+
+    Logs the resolved config as params and as ``config.yaml``; returns (tracking URI, run id).
+    """
+    import yaml
+    from mlflow.entities import Param
+
+    uri = tracking_uri(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    try:
+        run_id = _existing_run(client, run_dir / RUN_FILE, uri)
+        if run_id is None:
+            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+            tags = {RUN_TAG: cfg.name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+            run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
+            (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+        else:
+            client.update_run(run_id, status="RUNNING")
+        params = {**flatten(cfg.to_dict()), **(extra_params or {})}
+        logged = client.get_run(run_id).data.params
+        changed = sorted(k for k in params if k in logged and logged[k] != params[k])
+        if changed:  # MLflow params are immutable; a resumed run with new values records them as tags
+            log.warning("resumed run %s with changed settings: %s", run_id, ", ".join(changed))
+            for key in changed:
+                client.set_tag(run_id, f"resumed.{key}", params[key])
+        new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+        for i in range(0, len(new), 100):
+            client.log_batch(run_id, params=new[i:i + 100])
+        client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 — any client error here means the store cannot be used
+        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {str(err).splitlines()[0][:300]}; "
+                          "start the server, or unset tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local sqlite store") from None
+    return uri, run_id
+
+
+def _existing_run(client, run_file: Path, uri: str) -> str | None:
+    if not run_file.exists():
+        return None
+    saved = json.loads(run_file.read_text())
+    if saved.get("tracking_uri") != uri:
+        log.warning("%s names a run in %s; tracking now goes to %s, so a new run is created there", run_file, saved.get("tracking_uri"), uri)
+        return None
+    try:
+        client.get_run(saved["run_id"])
+    except Exception:  # noqa: BLE001 — deleted or unknown run: start a new one
+        log.warning("MLflow run %s from %s no longer exists; creating a new run", saved["run_id"], run_file)
+        return None
+    return saved["run_id"]
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run finished (or FAILED); a tracking outage here is logged, not raised."""
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+def logged_metric_steps(client, run_id: str, key: str = "loss") -> set[int]:
+    """The steps at which ``key`` is already recorded in the run."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def sync_metrics(uri: str, run_id: str, metrics_file: Path, up_to_step: int | None = None) -> int:
+    """Send the rows of ``metrics_file`` whose step MLflow does not have yet; returns how many were sent."""
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    have = logged_metric_steps(client, run_id)
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line] if metrics_file.exists() else []
+    rows = [r for r in rows if r["step"] not in have and (up_to_step is None or r["step"] <= up_to_step)]
+    for row in rows:
+        client.log_batch(run_id, metrics=_as_metrics(row, Metric))
+    return len(rows)
+
+
+def _as_metrics(row: dict, metric_cls) -> list:
+    now = int(time.time() * 1000)
+    return [metric_cls(k, float(v), now, row["step"]) for k, v in row.items() if k != "step"]
+
+
+class RunLogger:
+    """Rank 0's MLflow logger: calls queue up and a thread sends them in order, retrying while the server is away.
+
+    ``metrics.jsonl`` is written at once (it is the record); MLflow gets each step once, the first time it is
+    logged: after a restore, steps between the checkpoint and the failure keep the values first sent.
+    """
+
+    def __init__(self, uri: str, run_id: str, run_dir: Path, resumed_step: int = 0, system_metrics: bool = True,
+                 retry_seconds: float = 10.0):
+        self.uri, self.run_id, self.metrics_file = uri, run_id, Path(run_dir) / METRICS_FILE
+        self.retry_seconds = retry_seconds
+        self._queue: queue.Queue = queue.Queue()
+        self._sent: set[int] | None = None  # steps MLflow has; fetched by the thread
+        self._down_since: float | None = None
+        self._client = _client(uri)
+        self._monitor = None
+        if system_metrics:
+            self._start_system_metrics()
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+        self._submit(lambda: self._resync(resumed_step))
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as err:  # noqa: BLE001 — system metrics are a nicety
+            log.warning("system metrics are off: %s", err)
+
+    def log_metrics(self, row: dict) -> None:
+        """Append ``row`` (with its "step") to metrics.jsonl now, and queue it for MLflow."""
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._submit(lambda: self._send_row(row))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._submit(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._submit(lambda: self._client.set_tag(self.run_id, key, value))
+
+    def log_model(self, model, name: str = "model") -> None:
+        """The final model as an MLflow PyTorch model (loadable with ``mlflow.pytorch.load_model``)."""
+        def send() -> None:
+            import mlflow
+            import mlflow.pytorch
+
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                # pickle: the 'pt2' format needs a TensorSpec signature and torch.export of the network; loading
+                # the pickle needs this package installed, which the pinned requirements say.
+                mlflow.pytorch.log_model(model, name=name, pip_requirements=_requirements(), serialization_format="pickle")
+        self._submit(send)
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Wait up to ``timeout`` s for queued calls; returns False (and says how to re-sync) if some remain."""
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as err:  # noqa: BLE001
+                log.warning("system metrics monitor: %s", err)
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive() or not self._queue.empty():
+            log.warning("MLflow at %s did not take everything before shutdown; metrics are in %s — run "
+                        "`ncsn-pipeline sync-metrics %s` when it is back", self.uri, self.metrics_file, self.metrics_file.parent)
+            return False
+        return True
+
+    def _submit(self, call: Callable[[], None]) -> None:
+        self._queue.put(call)
+
+    def _resync(self, resumed_step: int) -> None:
+        self._sent = logged_metric_steps(self._client, self.run_id)
+        if resumed_step:  # rows up to the checkpoint that MLflow missed (e.g. the server was down before a failure)
+            sync_metrics(self.uri, self.run_id, self.metrics_file, up_to_step=resumed_step)
+            self._sent = logged_metric_steps(self._client, self.run_id)
+
+    def _send_row(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        if row["step"] in self._sent:
+            return
+        self._client.log_batch(self.run_id, metrics=_as_metrics(row, Metric))
+        self._sent.add(row["step"])
+
+    def _run(self) -> None:
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            while True:
+                try:
+                    call()
+                    if self._down_since is not None:
+                        log.warning("MLflow at %s is reachable again after %.0f s; queued records sent", self.uri, time.time() - self._down_since)
+                        self._down_since = None
+                    break
+                except Exception as err:  # noqa: BLE001 — keep training; retry until it answers
+                    if not _unreachable(err):
+                        log.error("MLflow call failed and is skipped (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
+                        break
+                    if self._down_since is None:
+                        self._down_since = time.time()
+                        log.warning("MLflow at %s failed (%s: %s); training continues, metrics stay in %s and are re-sent "
+                                    "when it answers", self.uri, type(err).__name__, str(err).splitlines()[0][:200], self.metrics_file)
+                    time.sleep(self.retry_seconds)
+
+
+_OUTAGE_SIGNS = ("max retries exceeded", "connection refused", "connection aborted", "timed out", "temporarily unavailable",
+                 "database is locked", "bad gateway", "service unavailable", "gateway timeout", "name or service not known")
+
+
+def _unreachable(err: BaseException) -> bool:
+    """A failure worth retrying (the store is away or busy), as opposed to a call that can never succeed."""
+    while err is not None:
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(s in str(err).lower() for s in _OUTAGE_SIGNS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _requirements() -> list[str]:
+    """Pinned from the running environment, so log_model does not spend time inferring them."""
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch')}", f"ncsn-pipeline=={version('ncsn-pipeline')}"]
