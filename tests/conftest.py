@@ -26,3 +26,13 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory, ray_local) -> str:
+    """The digits data set as shards of 300 images, written once per session."""
+    from data_prep.shard import ShardOptions, shard_dataset
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)
+    return str(out)

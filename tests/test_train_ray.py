@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_prep.shard import ShardOptions, load_manifest, shard_dataset
+from data_prep.shard import load_manifest
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training, state_digest
@@ -15,11 +15,9 @@ from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, ru
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("train") / "shards"
-    shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)
-    return str(out)
+@pytest.fixture
+def shards(digits_shards):
+    return digits_shards
 
 
 def _config(run_dir: Path, steps: int):
