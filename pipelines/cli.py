@@ -95,6 +95,81 @@ def _sync_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from pipelines.sample import SamplingError, SamplingOptions, run_sampling
+    from pipelines.tracking import log_to_run
+
+    options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
+                              eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise, trajectory_samples=args.trajectory)
+    try:
+        summary = run_sampling(args.checkpoint, args.output, options, workers=args.workers, use_gpu=args.gpu, progress=not args.no_progress)
+    except SamplingError as err:
+        print(f"ncsn-pipeline sample: error: {err}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    print(f"grid: {summary.output / 'grid.png'}")
+    settings = summary.settings
+    if settings.get("mlflow_run_id") and not args.no_mlflow:
+        artifacts = {"samples": summary.output / "grid.png"}
+        if (summary.output / "trajectory.png").exists():
+            artifacts["trajectory"] = summary.output / "trajectory.png"
+        metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_langevin_steps_per_s": summary.langevin_steps_per_s} if summary.chunks_done else {}
+        if log_to_run(settings["tracking_uri"], settings["mlflow_run_id"], metrics, artifacts, step=settings["checkpoint_step"]):
+            print(f"logged to MLflow run {settings['mlflow_run_id']}")
+    return 0
+
+
+def _inpaint(args: argparse.Namespace) -> int:
+    import torch
+
+    from data_prep.shard import ShardError
+    from pipelines.evaluate import read_split
+    from pipelines.sample import SamplingError, run_inpainting
+
+    try:
+        images, _ = read_split(args.shards, args.split)
+        x = torch.from_numpy(images[: args.num_images]).permute(0, 3, 1, 2).float() / 255
+        out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
+                             steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu)
+    except (SamplingError, ShardError) as err:
+        print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
+        return 1
+    print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from data_prep.shard import ShardError
+    from pipelines.evaluate import EvaluationError, Evaluator
+    from pipelines.sample import SETTINGS_FILE, SamplingError, load_samples
+    from pipelines.tracking import log_to_run
+
+    try:
+        samples = load_samples(args.samples)
+        evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
+                              Path(args.cache_dir) if args.cache_dir else None, args.kid_subset_size, use_gpu=args.gpu)
+        metrics = {**evaluator.metrics(samples), **evaluator.extra}
+        if not args.no_baselines:
+            metrics.update(evaluator.baselines(len(samples)))
+    except (EvaluationError, SamplingError, ShardError) as err:
+        print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.samples) / f"metrics_{args.feature_extractor}.json"
+    out.write_text(json.dumps(metrics, indent=1))
+    width = max(len(k) for k in metrics)
+    print(f"{len(samples)} samples vs the {args.split} split of {args.reference} ({args.feature_extractor} features):")
+    for key, value in metrics.items():
+        print(f"  {key:<{width}}  {value:.4f}")
+    settings_file = Path(args.samples) / SETTINGS_FILE
+    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    uri, run_id = args.tracking_uri or settings.get("tracking_uri"), args.run_id or settings.get("mlflow_run_id")
+    if uri and run_id and log_to_run(uri, run_id, metrics, {"evaluation": out}, step=settings.get("checkpoint_step", 0)):
+        print(f"logged to MLflow run {run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncsn-pipeline", description="NCSN score-based generative models on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +198,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
     train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="annealed Langevin samples from a checkpoint on parallel Ray actors (resumable)")
+    sample.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training")
+    sample.add_argument("--num-samples", type=int, required=True)
+    sample.add_argument("--output", required=True, help="directory: images/NNNNNN.png, chunks/*.npz, grid.png, sampling.json")
+    sample.add_argument("--workers", type=int, default=2, help="Ray actors, each holding the model once (default 2)")
+    sample.add_argument("--seed", type=int, default=0, help="samples depend on (seed, chunk) only, not on --workers")
+    sample.add_argument("--chunk-size", type=int, default=100, help="samples per chunk: the unit of work and of resumption")
+    sample.add_argument("--steps-per-level", type=int, help="Langevin steps T per σ level (default: the training config's)")
+    sample.add_argument("--eps", type=float, help="Langevin step ε (default: the training run's)")
+    sample.add_argument("--sigmas", type=float, nargs="+", help="sample with this σ schedule instead of the checkpoint's")
+    sample.add_argument("--no-denoise", action="store_true", help="skip the final denoising step x + σ_L² s(x, σ_L)")
+    sample.add_argument("--trajectory", type=int, default=8, metavar="K", help="write trajectory.png for K samples (0: none)")
+    sample.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    sample.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
+    sample.add_argument("--no-progress", action="store_true")
+    sample.set_defaults(func=_sample)
+
+    paint = sub.add_parser("inpaint", help="complete occluded test images (NCSN Figure 6)")
+    paint.add_argument("--checkpoint", required=True)
+    paint.add_argument("--shards", required=True, help="shard directory whose images to occlude")
+    paint.add_argument("--split", default="test")
+    paint.add_argument("--mask", choices=["centre", "half", "random"], default="centre")
+    paint.add_argument("--num-images", type=int, default=8)
+    paint.add_argument("--completions", type=int, default=4, help="completions per image (different seeds)")
+    paint.add_argument("--output", required=True)
+    paint.add_argument("--seed", type=int, default=0)
+    paint.add_argument("--steps-per-level", type=int)
+    paint.add_argument("--eps", type=float)
+    paint.add_argument("--gpu", action="store_true")
+    paint.set_defaults(func=_inpaint)
+
+    ev = sub.add_parser("evaluate", help="FID / Inception Score / KID of a sample directory with torch-fidelity")
+    ev.add_argument("--samples", required=True, help="a directory written by `ncsn-pipeline sample`")
+    ev.add_argument("--reference", required=True, help="shard directory (its test split is the reference)")
+    ev.add_argument("--split", default="test", help="reference split (default test)")
+    ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier")
+    ev.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights file, for machines without internet")
+    ev.add_argument("--kid-subset-size", type=int, default=100)
+    ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the train/test floor and the Gaussian baseline")
+    ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
+    ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")
+    ev.add_argument("--gpu", action="store_true")
+    ev.set_defaults(func=_evaluate)
 
     sync = sub.add_parser("sync-metrics", help="send metrics.jsonl rows that an unreachable MLflow server missed")
     sync.add_argument("run_dir", help="the training run directory (holds metrics.jsonl and mlflow_run.json)")

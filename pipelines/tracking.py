@@ -112,6 +112,25 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
+def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, artifacts: dict[str, Path] | None = None,
+               step: int = 0) -> bool:
+    """Add metrics and files ({artifact dir: local path}) to an existing run, e.g. the training run of a checkpoint.
+    Returns False (with a warning naming the problem) when the store cannot take them; the caller's files stay."""
+    from mlflow.entities import Metric
+
+    try:
+        client = _client(uri)
+        if metrics:
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        for directory, path in (artifacts or {}).items():
+            client.log_artifact(run_id, str(path), directory)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not log to MLflow run %s at %s: %s: %s", run_id, uri, type(err).__name__, str(err).splitlines()[0][:200])
+        return False
+    return True
+
+
 def logged_metric_steps(client, run_id: str, key: str = "loss") -> set[int]:
     """The steps at which ``key`` is already recorded in the run."""
     return {m.step for m in client.get_metric_history(run_id, key)}

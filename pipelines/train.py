@@ -203,7 +203,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report_ckpt = None
             if checkpoint_now and rank == 0:
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, sigmas.cpu(), model.state_dict(), ema.state_dict(),
-                                                                        optimizer.state_dict(), step, extra={"run": cfg.name}))
+                                                                        optimizer.state_dict(), step, extra={
+                    "run": cfg.name, "eps": loop_config["eps"], "steps_per_level": cfg.sampling.steps_per_level,
+                    "tracking_uri": loop_config["tracking_uri"], "mlflow_run_id": loop_config["run_id"]}))
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt)
         level_sum.zero_()

@@ -36,3 +36,23 @@ def digits_shards(tmp_path_factory, ray_local) -> str:
     out = tmp_path_factory.mktemp("digits") / "shards"
     shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """The digits NCSN of examples/digits.py (2500 steps, about 4 minutes), trained once per session.
+    Returns (EMA model, schedule, checkpoint path); the checkpoint records ε and T for the sampler."""
+    import sys
+    from pathlib import Path
+
+    from ncsn.checkpoint import Checkpoint, save_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from digits import train_digits
+
+    torch.set_num_threads(2)
+    model, schedule = train_digits(seed=0)
+    path = tmp_path_factory.mktemp("digits_model") / "checkpoint.pt"
+    save_checkpoint(path, Checkpoint(model.config, schedule.sigmas(), model.state_dict(), model.state_dict(), None, 2500,
+                                     extra={"eps": schedule.eps, "steps_per_level": schedule.steps_per_level}))
+    return model, schedule, path

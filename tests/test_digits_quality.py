@@ -5,9 +5,7 @@ mean max-probability ≥ 0.8 and at least 8 of 10 classes with ≥ 3% each. For 
 gives the 1500 real training digits a mean max-probability of about 0.92, and 500 samples of a Gaussian
 fitted to the data about 0.74, which fails.
 """
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,6 @@ from sklearn.linear_model import LogisticRegressionCV
 
 from data_prep.sources import DigitsSource
 from ncsn.sampling import annealed_langevin_dynamics
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import train_digits  # noqa: E402
 
 
 def _judge(samples: np.ndarray, clf) -> tuple[float, int]:
@@ -49,9 +44,8 @@ def test_gaussian_baseline_fails_the_criterion(classifier):
 
 
 @pytest.mark.slow
-def test_trained_ncsn_samples_are_recognisable_digits(classifier):
-    torch.set_num_threads(2)
-    model, schedule = train_digits(seed=0)
+def test_trained_ncsn_samples_are_recognisable_digits(classifier, trained_digits):
+    model, schedule, _ = trained_digits
     gen = torch.Generator().manual_seed(0)
     samples = annealed_langevin_dynamics(model, torch.rand(500, 1, 8, 8, generator=gen), schedule.sigmas(), schedule.eps,
                                          schedule.steps_per_level, denoise=True, generator=gen).samples

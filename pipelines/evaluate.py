@@ -1,0 +1,257 @@
+"""FID, Inception Score and KID of a sample set against a shard split, with torch-fidelity.
+
+Two feature extractors: torch-fidelity's Inception-v3 (downloaded, or a weights file given by path for air-gapped
+clusters) and a small CNN classifier trained once on the labelled training shards ("classifier FID/IS", as LeNet
+features are used for MNIST). Metric names say which one: fid_inception, fid_classifier, … Baselines per data set:
+the training split against the test split (the floor) and a Gaussian fitted to the training split (a weak model)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from data_prep.loader import make_loader
+from data_prep.shard import load_manifest
+
+log = logging.getLogger(__name__)
+CLASSIFIER = "ncsn-classifier"
+_FIDELITY_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is", "inception_score_std": "is_std",
+                  "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std"}
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (samples, reference shards, weights file), with a message that names it."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NCSN_CACHE", Path.home() / ".cache" / "ncsn-pipeline"))
+
+
+class UInt8Images(Dataset):
+    """uint8 (N, H, W, C) images as torch-fidelity wants them: uint8 (3, H, W), grey repeated to RGB."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def read_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8 NHWC) and labels of one split of a shard set, in shard order."""
+    images, labels = [], []
+    for x, y in make_loader(shards, 256, split=split, num_workers=0, shuffle_buffer=0):
+        images.append(x.permute(0, 2, 3, 1).numpy())
+        labels.append(y.numpy())
+    if not images:
+        raise EvaluationError(f"{shards}: split {split!r} has no images")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class Classifier(nn.Module):
+    """A small CNN for 8–64 px images: three conv blocks, a 128-d feature layer, class logits."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16 * width, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return features, self.head(features)
+
+
+def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(images)
+    return (x.permute(0, 3, 1, 2) if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3) else x).float() / 255
+
+
+def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int = 64, seed: int = 0) -> dict:
+    """Train the classifier on the labelled training split; save it with its test accuracy; return that record."""
+    manifest = load_manifest(shards)
+    x_train, y_train = read_split(shards, "train")
+    x_test, y_test = read_split(shards, "test")
+    num_classes = len(manifest.get("classes") or []) or int(y_train.max()) + 1
+    if (y_train < 0).any():
+        raise EvaluationError(f"{shards}: the classifier extractor needs labelled training images (some labels are missing)")
+    channels = x_train.shape[-1]
+    torch.manual_seed(seed)
+    model = Classifier(channels, num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = _to_input(x_train), torch.from_numpy(y_train).long()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(xt), (batch_size,), generator=gen)
+        loss = nn.functional.cross_entropy(model(xt[idx])[1], yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(_to_input(x_test))[1].argmax(1).numpy() == y_test).mean().item()
+    record = {"state_dict": model.state_dict(), "channels": channels, "num_classes": num_classes, "image_size": x_train.shape[1],
+              "test_accuracy": accuracy}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, out.with_suffix(".tmp"))
+    os.replace(out.with_suffix(".tmp"), out)
+    log.info("classifier for %s: test accuracy %.3f (%s)", shards, accuracy, out)
+    return record
+
+
+def _load_classifier(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _make_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class ClassifierFeatures(FeatureExtractorBase):
+        """torch-fidelity feature extractor over our classifier: "features" (128-d) for FID/KID, "logits" for IS."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise EvaluationError("the classifier feature extractor needs its weights file")
+            record = _load_classifier(feature_extractor_weights_path)
+            self.channels, self.size = record["channels"], record["image_size"]
+            self.net = Classifier(record["channels"], record["num_classes"])
+            self.net.load_state_dict(record["state_dict"])
+            self.eval().requires_grad_(False)
+
+        def forward(self, x: torch.Tensor):
+            x = x.float() / 255
+            if self.channels == 1:
+                x = x.mean(1, keepdim=True)
+            if x.shape[-1] != self.size:
+                x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            features, logits = self.net(x)
+            found = {"features": features, "logits": logits}
+            return tuple(found[f] for f in self.features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return "features", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+    return ClassifierFeatures
+
+
+def register_classifier_extractor() -> None:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(CLASSIFIER, _make_extractor_class())
+
+
+def check_inception_weights(path: str) -> None:
+    """torch-fidelity loads the file with weights_only=False (it may run code); refuse anything but plain tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EvaluationError(f"--inception-weights {path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 — unpickling refused or not a torch file
+        raise EvaluationError(f"--inception-weights {path}: not a plain PyTorch state dict that loads with weights_only=True "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EvaluationError(f"--inception-weights {path}: expected a state dict of tensors (torch-fidelity's pt_inception-2015-12-05 file)")
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Evaluator:
+    """FID/IS/KID of uint8 sample arrays against one split of a shard set, with one feature extractor."""
+
+    def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | None = None,
+                 reference_split: str = "test", cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False):
+        if extractor not in ("classifier", "inception"):
+            raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
+        self.shards, self.extractor, self.split = shards, extractor, reference_split
+        self.kid_subset_size, self.cuda = kid_subset_size, use_gpu and torch.cuda.is_available()
+        self.manifest = load_manifest(shards)
+        data_id = hashlib.sha256(json.dumps(self.manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
+        self.cache = (cache_dir or default_cache_dir()) / data_id
+        self.reference, _ = read_split(shards, reference_split)
+        self.extra: dict = {}
+        if extractor == "classifier":
+            register_classifier_extractor()
+            self.weights = str(self.cache / "classifier.pt")
+            if not Path(self.weights).exists():
+                train_classifier(shards, Path(self.weights))
+            self.extra["classifier_test_accuracy"] = float(_load_classifier(self.weights)["test_accuracy"])
+            self.fidelity_name = CLASSIFIER
+        else:
+            if inception_weights:
+                check_inception_weights(inception_weights)
+            self.weights, self.fidelity_name = inception_weights, "inception-v3-compat"
+        self.weights_id = _file_digest(self.weights) if self.weights else "download"
+
+    def metrics(self, samples: np.ndarray) -> dict[str, float]:
+        """fid_<extractor>, is_<extractor>, is_std_…, kid_…, kid_std_… of ``samples`` (uint8 NHWC) vs the reference split."""
+        import torch_fidelity
+
+        if samples.ndim != 4 or samples.dtype != np.uint8 or samples.shape[1:] != self.reference.shape[1:]:
+            raise EvaluationError(f"samples of shape {samples.shape} ({samples.dtype}) do not match the reference images "
+                                  f"{self.reference.shape[1:]} (uint8)")
+        raw = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(samples), input2=UInt8Images(self.reference), fid=True, isc=True, kid=True, cuda=self.cuda,
+            feature_extractor=self.fidelity_name, feature_extractor_weights_path=self.weights, verbose=False,
+            kid_subset_size=min(self.kid_subset_size, len(samples), len(self.reference)), batch_size=64,
+            save_cpu_ram=True, cache=True, cache_root=str(self.cache / "torch-fidelity"), input1_cache_name=None,
+            input2_cache_name=f"{self.split}-{self.extractor}-{self.weights_id}")
+        return {f"{short}_{self.extractor}": float(raw[key]) for key, short in _FIDELITY_KEYS.items() if key in raw}
+
+    def baselines(self, num_samples: int, seed: int = 0) -> dict[str, float]:
+        """The same metrics for the training split (the floor) and a fitted Gaussian, at ``num_samples``; cached."""
+        path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.weights_id}-{num_samples}-{seed}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        train, _ = read_split(self.shards, "train")
+        rng = np.random.default_rng(seed)
+        floor = train[rng.choice(len(train), size=min(num_samples, len(train)), replace=False)]
+        out = {f"train_floor_{k}": v for k, v in self.metrics(floor).items()}
+        out.update({f"gaussian_{k}": v for k, v in self.metrics(fitted_gaussian_samples(train, num_samples, rng)).items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
+        return out
+
+
+def fitted_gaussian_samples(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Samples of N(mean, covariance) of the images (full covariance through the data's SVD), as uint8."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    z = rng.standard_normal((n, len(s)))
+    draws = mean + (z * s / np.sqrt(len(x) - 1)) @ vt
+    return np.clip(np.rint(draws), 0, 255).astype(np.uint8).reshape((n,) + images.shape[1:])

@@ -1,0 +1,281 @@
+"""Annealed Langevin sampling on a pool of Ray actors. N samples are cut into fixed chunks; chunk k draws its noise
+from a seed derived from (seed, k) alone, so the images do not depend on how many actors there are. A chunk is
+written atomically (its PNGs, then its .npz last, which marks it complete); a re-run redoes only missing chunks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ncsn.checkpoint import Checkpoint, load_checkpoint
+from ncsn.data import to_uint8
+from ncsn.figures import save_image_grid, save_trajectory_strip
+from ncsn.models import ScoreNetwork
+from ncsn.sampling import inpaint, sample_images
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE = "sampling.json"
+FAULT_ENV = "NCSN_INJECT_SAMPLER_FAILURE"  # "CHUNK:MARKER": the actor sampling CHUNK exits once, as a lost node would
+
+
+class SamplingError(ValueError):
+    """Bad sampling input (checkpoint, options or output directory), with a message that names it."""
+
+
+@dataclass
+class SamplingOptions:
+    """What a sample set depends on; stored in <output>/sampling.json so a re-run can only complete the same set."""
+
+    num_samples: int
+    seed: int = 0
+    chunk_size: int = 100
+    steps_per_level: int | None = None  # default: the checkpoint's training config
+    eps: float | None = None  # default: the checkpoint's training config
+    sigmas: list[float] | None = None  # a sub-schedule to sample with (ncsnv2 models take any σ)
+    denoise: bool = True
+    trajectory_samples: int = 0  # with > 0, chunk 0 also records the Langevin trajectory of this many samples
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A seed that depends on (seed, chunk) only: the same samples whatever the number of workers."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def resolve_options(ckpt: Checkpoint, options: SamplingOptions) -> dict:
+    """The options with the checkpoint's defaults filled in, checked; the dict written to sampling.json."""
+    extra = ckpt.extra or {}
+    steps = options.steps_per_level or extra.get("steps_per_level")
+    eps = options.eps or extra.get("eps")
+    if steps is None or eps is None:
+        raise SamplingError("the checkpoint does not record the sampler settings; pass --steps-per-level and --eps")
+    sigmas = options.sigmas or ckpt.sigmas.tolist()
+    if options.sigmas and ckpt.model_config.arch == "ncsn" and not set(np.round(options.sigmas, 8)) <= set(np.round(ckpt.sigmas.tolist(), 8)):
+        raise SamplingError("--sigmas: a conditional (arch ncsn) model only takes σ levels it was trained on; use a subset of them")
+    if options.num_samples < 1 or options.chunk_size < 1:
+        raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
+    if options.trajectory_samples > options.chunk_size:
+        raise SamplingError(f"trajectory_samples ({options.trajectory_samples}) must be <= chunk_size ({options.chunk_size})")
+    return {**asdict(options), "steps_per_level": int(steps), "eps": float(eps), "sigmas": [float(s) for s in sigmas]}
+
+
+def plan_chunks(num_samples: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(chunk index, first sample index, count) covering 0 … num_samples − 1."""
+    return [(k, start, min(chunk_size, num_samples - start)) for k, start in enumerate(range(0, num_samples, chunk_size))]
+
+
+def chunk_complete(output: Path, chunk: int, count: int) -> bool:
+    path = output / "chunks" / f"chunk_{chunk:05d}.npz"
+    if not path.exists():
+        return False
+    try:
+        with np.load(path) as data:
+            return data["images"].shape[0] == count
+    except Exception:  # noqa: BLE001 — a damaged chunk is redone
+        return False
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_chunk(output: Path, chunk: int, start: int, images: np.ndarray) -> None:
+    """PNGs (one per sample, named by global index) then the chunk's .npz; each file appears whole or not at all."""
+    for i, image in enumerate(images):
+        _atomic_write(output / "images" / f"{start + i:06d}.png", lambda p: Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(p, format="PNG"))
+    _atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz",
+                  lambda p: np.savez(open(p, "wb"), images=images, indices=np.arange(start, start + len(images))))
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[ScoreNetwork, Checkpoint]:
+    """The EMA weights of a training checkpoint (the raw weights if it has no EMA), in eval mode."""
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    return ckpt.build_model().to(device).eval().requires_grad_(False), ckpt
+
+
+class Sampler:
+    """Holds one model; samples chunks and inpaints. Used as a Ray actor (one per worker) or directly."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool = False):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, self.ckpt = load_model(checkpoint, self.device)
+
+    def sample_chunk(self, output: str, settings: dict, chunk: int, start: int, count: int) -> tuple[int, int, float]:
+        """Sample chunk ``chunk`` and write it; returns (chunk, count, seconds)."""
+        _maybe_inject_failure(chunk)
+        t = time.perf_counter()
+        cfg = self.model.config
+        gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings["seed"], chunk))
+        sigmas = torch.tensor(settings["sigmas"])
+        trajectory_every = None
+        if chunk == 0 and settings["trajectory_samples"]:
+            trajectory_every = max(1, len(sigmas) * settings["steps_per_level"] // 10)
+        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), sigmas, settings["eps"],
+                               settings["steps_per_level"], denoise=settings["denoise"], trajectory_every=trajectory_every,
+                               generator=gen, device=self.device)
+        out = Path(output)
+        if trajectory_every:
+            save_trajectory_strip([t.clamp(0, 1) for t in result.trajectory], out / "trajectory.png",
+                                  num_samples=settings["trajectory_samples"], scale=max(1, 32 // cfg.image_size))
+        write_chunk(out, chunk, start, to_uint8(result.samples).permute(0, 2, 3, 1).cpu().numpy())
+        return chunk, count, time.perf_counter() - t
+
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: dict, seed: int) -> torch.Tensor:
+        """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return inpaint(self.model, images.to(self.device), mask.to(self.device), torch.tensor(settings["sigmas"]).to(self.device),
+                       settings["eps"], settings["steps_per_level"], generator=gen).clamp(0, 1).cpu()
+
+
+def _maybe_inject_failure(chunk: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec:
+        fail_chunk, marker = spec.split(":", 1)
+        if chunk == int(fail_chunk) and not os.path.exists(marker):
+            Path(marker).touch()
+            log.warning("injected failure: sampler actor exits at chunk %d", chunk)
+            os._exit(1)
+
+
+@dataclass
+class SampleSummary:
+    output: Path
+    num_samples: int
+    chunks_done: int
+    chunks_skipped: int
+    seconds: float
+    samples_per_s: float  # over the chunks sampled in this run
+    langevin_steps_per_s: float  # samples × (L·T) per second: comparable across schedules
+    settings: dict
+
+    def line(self) -> str:
+        return (f"{self.num_samples} samples in {self.output} ({self.chunks_done} chunks sampled, {self.chunks_skipped} already complete); "
+                f"{self.samples_per_s:.1f} samples/s, {self.langevin_steps_per_s:.0f} image-Langevin-steps/s")
+
+
+def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOptions, workers: int = 2, use_gpu: bool = False,
+                 progress: bool = True) -> SampleSummary:
+    """Sample ``options.num_samples`` images from a checkpoint on ``workers`` Ray actors into ``output``."""
+    import ray
+    from ray.util import ActorPool
+
+    checkpoint, output = str(Path(checkpoint).resolve()), Path(output).resolve()
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except Exception as err:  # noqa: BLE001 — CheckpointError or OSError: name the file
+        raise SamplingError(f"{checkpoint}: {err}") from None
+    settings = resolve_options(ckpt, options)
+    settings.update(checkpoint=checkpoint, checkpoint_step=ckpt.step, tracking_uri=(ckpt.extra or {}).get("tracking_uri"),
+                    mlflow_run_id=(ckpt.extra or {}).get("mlflow_run_id"))
+    _claim_output(output, settings)
+    chunks = plan_chunks(options.num_samples, options.chunk_size)
+    pending = [c for c in chunks if not chunk_complete(output, c[0], c[2])]
+    t0 = time.perf_counter()
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
+        env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if FAULT_ENV in os.environ else None
+        pool = ActorPool([actor_cls.options(runtime_env=env).remote(checkpoint, use_gpu) for _ in range(min(workers, len(pending)))])
+        bar = _progress(len(pending), progress)
+        for _chunk, _count, _seconds in pool.map_unordered(lambda a, c: a.sample_chunk.remote(str(output), settings, *c), pending):
+            bar.update(1)
+        bar.close()
+    seconds = time.perf_counter() - t0
+    sampled = sum(c[2] for c in pending)
+    steps = len(settings["sigmas"]) * settings["steps_per_level"]
+    summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
+                            sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
+    save_image_grid(torch.from_numpy(load_samples(output, min(100, options.num_samples))).permute(0, 3, 1, 2).float() / 255,
+                    output / "grid.png", nrow=10, scale=max(1, 32 // ckpt.model_config.image_size))
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sampling chunks", unit="chunk", disable=not enabled)
+
+
+def _claim_output(output: Path, settings: dict) -> None:
+    """Create the output directory, or check that the samples already in it were made with the same settings."""
+    path = output / SETTINGS_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if diff:
+            raise SamplingError(f"{output} holds samples made with other settings ({', '.join(f'{k}: {before.get(k)!r} → {settings.get(k)!r}' for k in diff[:3])}); "
+                                "use a new --output or the same settings")
+        return
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    (output / "chunks").mkdir(exist_ok=True)
+    _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+
+
+def load_samples(output: str | Path, limit: int | None = None) -> np.ndarray:
+    """The samples of a sample directory as uint8 (N, H, W, C), in index order, from the chunk files."""
+    files = sorted(Path(output, "chunks").glob("chunk_*.npz"))
+    if not files:
+        raise SamplingError(f"{output} has no sample chunks (expected {output}/chunks/chunk_*.npz from `ncsn-pipeline sample`)")
+    parts, n = [], 0
+    for f in files:
+        with np.load(f) as data:
+            parts.append(data["images"])
+        n += len(parts[-1])
+        if limit is not None and n >= limit:
+            break
+    images = np.concatenate(parts)
+    return images[:limit] if limit is not None else images
+
+
+def sample_set_digest(output: str | Path) -> str:
+    """SHA-256 over all sample PNG bytes in index order: equal digests, identical sample sets."""
+    h = hashlib.sha256()
+    for f in sorted(Path(output, "images").glob("*.png")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+MASKS = ("centre", "half", "random")
+
+
+def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+    """1 = known pixel, 0 = to fill: the centre square (half the side), the right half, or 50% random pixels."""
+    c, h, w = shape
+    mask = torch.ones(1, h, w)
+    if kind == "centre":
+        mask[:, h // 4: h - h // 4, w // 4: w - w // 4] = 0
+    elif kind == "half":
+        mask[:, :, w // 2:] = 0
+    elif kind == "random":
+        mask = (torch.rand(1, h, w, generator=generator) < 0.5).float()
+    else:
+        raise SamplingError(f"mask must be one of {', '.join(MASKS)}, got {kind!r}")
+    return mask.expand(c, h, w)
+
+
+def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str, output: str | Path, completions: int = 4,
+                   seed: int = 0, steps_per_level: int | None = None, eps: float | None = None, use_gpu: bool = False) -> Path:
+    """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
+    import ray
+
+    ckpt = load_checkpoint(checkpoint)
+    settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps))
+    mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
+    if not ray.is_initialized():
+        ray.init()
+    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(str(checkpoint), use_gpu)
+    filled = ray.get([actor.inpaint.remote(images, mask, settings, seed + k) for k in range(completions)])
+    occluded = images * mask + 0.5 * (1 - mask)
+    rows = torch.stack([occluded, *filled, images], dim=1)  # (n, completions + 2, C, H, W)
+    out = Path(output) / f"inpainting_{mask_kind}.png"
+    return save_image_grid(rows.flatten(0, 1), out, nrow=completions + 2, scale=max(1, 32 // images.shape[-1]))

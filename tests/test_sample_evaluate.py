@@ -1,0 +1,142 @@
+"""Parallel sampling (reproducible whatever the worker count, resumable after a lost actor), inpainting,
+and FID / IS / KID with the classifier and the Inception feature extractors (issue 6)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from ncsn.checkpoint import Checkpoint, save_checkpoint
+from ncsn.models import ModelConfig, ScoreNetwork
+from ncsn.sigmas import geometric_sigmas
+from pipelines.evaluate import EvaluationError, Evaluator
+from pipelines.sample import SamplingError, SamplingOptions, load_samples, run_sampling, sample_set_digest
+
+CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """An untrained digits-sized model: sampling with it costs little and is just as deterministic."""
+    sigmas = geometric_sigmas(1.0, 0.01, 5)
+    torch.manual_seed(0)
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 16), sigmas)
+    path = tmp_path_factory.mktemp("small") / "checkpoint.pt"
+    save_checkpoint(path, Checkpoint(model.config, sigmas, model.state_dict(), model.state_dict(), None, 7,
+                                     extra={"eps": 1e-4, "steps_per_level": 2}))
+    return path
+
+
+def _options(n: int = 40) -> SamplingOptions:
+    return SamplingOptions(num_samples=n, seed=3, chunk_size=10, trajectory_samples=4)
+
+
+def test_same_seed_gives_identical_samples_with_one_or_two_workers(tmp_path, small_checkpoint, ray_local):
+    one = run_sampling(small_checkpoint, tmp_path / "one", _options(), workers=1, progress=False)
+    two = run_sampling(small_checkpoint, tmp_path / "two", _options(), workers=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "one" / "images").iterdir()) == [f"{i:06d}.png" for i in range(40)]
+    assert sample_set_digest(tmp_path / "one") == sample_set_digest(tmp_path / "two")
+    assert (one.chunks_done, two.chunks_done) == (4, 4)
+    assert (tmp_path / "two" / "grid.png").exists() and (tmp_path / "two" / "trajectory.png").exists()
+    other_seed = run_sampling(small_checkpoint, tmp_path / "seed4", SamplingOptions(40, seed=4, chunk_size=10), workers=2, progress=False)
+    assert sample_set_digest(other_seed.output) != sample_set_digest(tmp_path / "one")
+
+
+def test_lost_actor_and_unfinished_chunk_are_redone_exactly(tmp_path, small_checkpoint, ray_local, monkeypatch):
+    reference = run_sampling(small_checkpoint, tmp_path / "ref", _options(), workers=2, progress=False)
+    # An actor dies while sampling chunk 2: Ray restarts it and retries the chunk; the run completes.
+    monkeypatch.setenv("NCSN_INJECT_SAMPLER_FAILURE", f"2:{tmp_path / 'died'}")
+    run_sampling(small_checkpoint, tmp_path / "out", _options(), workers=2, progress=False)
+    assert (tmp_path / "died").exists()
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 40
+    assert sample_set_digest(tmp_path / "out") == sample_set_digest(reference.output)
+    # A sampler killed mid-chunk leaves some PNGs and no .npz: a re-run redoes that chunk only.
+    (tmp_path / "out" / "chunks" / "chunk_00001.npz").unlink()
+    (tmp_path / "out" / "images" / "000013.png").unlink()
+    again = run_sampling(small_checkpoint, tmp_path / "out", _options(), workers=2, progress=False)
+    assert (again.chunks_done, again.chunks_skipped) == (1, 3)
+    assert sample_set_digest(tmp_path / "out") == sample_set_digest(reference.output)
+    assert load_samples(tmp_path / "out").shape == (40, 8, 8, 1)
+    with pytest.raises(SamplingError, match=r"holds samples made with other settings \(seed: 3 → 5\)"):
+        run_sampling(small_checkpoint, tmp_path / "out", SamplingOptions(40, seed=5, chunk_size=10, trajectory_samples=4), progress=False)
+
+
+def test_inpaint_cli_writes_the_occluded_completed_original_grid(tmp_path, small_checkpoint, digits_shards):
+    out = subprocess.run([CLI, "inpaint", "--checkpoint", str(small_checkpoint), "--shards", digits_shards, "--mask", "half",
+                          "--num-images", "3", "--completions", "2", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "inpainting_half.png")
+    assert grid.size == (4 * (32 + 4) + 4, 3 * (32 + 4) + 4)  # 4 columns (occluded, 2 completions, original) × 3 rows, 4× scale
+
+
+@pytest.mark.slow
+def test_classifier_fid_of_the_trained_model_lies_between_the_floor_and_the_gaussian(tmp_path, trained_digits, digits_shards, ray_local):
+    _, _, checkpoint = trained_digits
+    run_sampling(checkpoint, tmp_path / "samples", SamplingOptions(500, seed=0, chunk_size=125), workers=2, progress=False)
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "cache")
+    model = evaluator.metrics(load_samples(tmp_path / "samples"))
+    base = evaluator.baselines(500)
+    print(f"classifier test accuracy {evaluator.extra['classifier_test_accuracy']:.3f}; FID: train floor "
+          f"{base['train_floor_fid_classifier']:.1f}, model {model['fid_classifier']:.1f}, Gaussian {base['gaussian_fid_classifier']:.1f}; "
+          f"IS: floor {base['train_floor_is_classifier']:.2f}, model {model['is_classifier']:.2f}, Gaussian {base['gaussian_is_classifier']:.2f}")
+    assert evaluator.extra["classifier_test_accuracy"] > 0.9
+    assert base["train_floor_fid_classifier"] < model["fid_classifier"] < 0.5 * base["gaussian_fid_classifier"]
+    assert model["is_classifier"] > base["gaussian_is_classifier"]
+    assert set(model) == {"fid_classifier", "is_classifier", "is_std_classifier", "kid_classifier", "kid_std_classifier"}
+
+
+def _random_inception_weights(path: Path) -> Path:
+    """An Inception-v3 of torch-fidelity's architecture with random weights: the offline code path, not a meaningful number."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch("torch.load", lambda *a, **k: {}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_metrics_from_a_weights_file_given_by_path(tmp_path, digits_shards):
+    weights = _random_inception_weights(tmp_path / "inception.pt")
+    evaluator = Evaluator(digits_shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", kid_subset_size=20)
+    samples = np.random.default_rng(0).integers(0, 256, size=(24, 8, 8, 1), dtype=np.uint8)
+    metrics = evaluator.metrics(samples)
+    assert set(metrics) == {"fid_inception", "is_inception", "is_std_inception", "kid_inception", "kid_std_inception"}
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_unsafe_or_wrong_inception_weights_are_refused_before_torch_fidelity_loads_them(tmp_path, digits_shards):
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")  # needs weights_only=False: could run code
+    with pytest.raises(EvaluationError, match="pickled_module.pt: not a plain PyTorch state dict that loads with weights_only=True"):
+        Evaluator(digits_shards, "inception", inception_weights=str(tmp_path / "pickled_module.pt"), cache_dir=tmp_path)
+    with pytest.raises(EvaluationError, match="missing.pt: no such file"):
+        Evaluator(digits_shards, "inception", inception_weights=str(tmp_path / "missing.pt"), cache_dir=tmp_path)
+
+
+def test_evaluate_cli_errors_name_the_problem(tmp_path, digits_shards):
+    out = subprocess.run([CLI, "evaluate", "--samples", str(tmp_path), "--reference", digits_shards], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == f"ncsn-pipeline evaluate: error: {tmp_path} has no sample chunks (expected {tmp_path}/chunks/chunk_*.npz from `ncsn-pipeline sample`)"
+
+
+def test_sample_cli_logs_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("s")).info.run_id
+    ckpt = torch.load(small_checkpoint, weights_only=True)
+    ckpt["extra"].update(tracking_uri=uri, mlflow_run_id=run_id)
+    torch.save(ckpt, tmp_path / "tracked.pt")
+    out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "10",
+                          "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"logged to MLflow run {run_id}" in out.stdout
+    assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory"}
+    assert "sampling_samples_per_s" in client.get_run(run_id).data.metrics
+    assert json.loads((tmp_path / "s" / "sampling.json").read_text())["mlflow_run_id"] == run_id
