@@ -45,26 +45,60 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from data_prep.shard import ShardError, ShardOptions, shard_dataset
+def shards_for(cfg, progress: bool = True) -> str:
+    """cfg.data.shards, or shard the configured source into <run_dir>/shards/<source> (a no-op when up to date)."""
+    from data_prep.shard import ShardOptions, shard_dataset
+
+    if cfg.data.shards:
+        return cfg.data.shards
+    shards = str(Path(cfg.run_dir) / "shards" / cfg.data.source)
+    options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
+                           resize=cfg.data.resize, channels=cfg.model.channels)
+    print(shard_dataset(options, shards, progress=progress).line())
+    return shards
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input (printed as one line), not a bug."""
+    from data_prep.shard import ShardError
     from data_prep.sources import SourceError
-    from pipelines.config import ConfigError, load_config
+    from pipelines.config import ConfigError
+    from pipelines.evaluate import EvaluationError
+    from pipelines.sample import SamplingError
+
+    return ConfigError, ShardError, SourceError, SamplingError, EvaluationError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
     from pipelines.train import run_training
 
     try:
         cfg = load_config(args.config, args.set)
-        shards = cfg.data.shards or str(Path(cfg.run_dir) / "shards" / cfg.data.source)
-        if not cfg.data.shards:  # shard into the run directory; a no-op when up to date
-            options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
-                                   resize=cfg.data.resize, channels=cfg.model.channels)
-            print(shard_dataset(options, shards, progress=not args.no_progress).line())
-        result = run_training(cfg, shards)
-    except (ConfigError, ShardError, SourceError) as err:
+        result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress))
+    except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
         return 1
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint.path if result.checkpoint else 'none'}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
     print(f"MLflow run {result.run_id} in {result.tracking_uri} — open it with: {ui_command(result.tracking_uri)}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.tune import run_tuning
+
+    try:
+        cfg = load_config(args.config, args.set)
+        summary = run_tuning(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), checkpoint=args.checkpoint)
+    except _user_errors() as err:
+        print(f"ncsn-pipeline tune: error: {err}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    print(f"results: {summary.best_config.parent / 'tune_results.csv'}; MLflow parent run {summary.parent_run_id} — "
+          f"{ui_command(summary.tracking_uri)}")
+    print(f"train with the best schedule: ncsn-pipeline train --config {summary.best_config}")
     return 0
 
 
@@ -196,8 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)")
     train.add_argument("--config", required=True, help="YAML config, e.g. configs/digits.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
+    train.add_argument("--shards", help="train on this shard directory instead of the configured source")
     train.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
     train.set_defaults(func=_train)
+
+    tune = sub.add_parser("tune", help="tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
+    tune.add_argument("--config", required=True, help="YAML config; its `tune:` section holds the ranges and the budget")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    tune.add_argument("--shards", help="use this shard directory instead of the configured source")
+    tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained checkpoint")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
+    tune.set_defaults(func=_tune)
 
     sample = sub.add_parser("sample", help="annealed Langevin samples from a checkpoint on parallel Ray actors (resumable)")
     sample.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training")

@@ -102,6 +102,26 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Ray Tune over the σ schedule and the sampler. Ranges are [low, high]; the *_scale ones multiply the
+    NCSNv2 recommendation for the data set, which is always trial 0 ("recommended")."""
+
+    trials: int = 16
+    sigma_max_scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # log-uniform × recommended σ_1
+    sigma_min: list[float] = field(default_factory=lambda: [0.005, 0.05])  # log-uniform
+    num_levels_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # × recommended L, rounded
+    eps_scale: list[float] = field(default_factory=lambda: [0.3, 3.0])  # log-uniform × recommended ε
+    steps_per_level: list[int] = field(default_factory=lambda: [5, 10, 20])  # choices for T
+    eval_every: int = 500  # training steps between objective evaluations (ASHA's rungs)
+    eval_samples: int = 250  # samples per evaluation of the objective
+    metric: str = "fid_classifier"
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int | None = None  # default: cluster CPUs (or GPUs) / resources per trial
+    seed: int = 0
+
+
+@dataclass
 class ClusterConfig:
     """Ray Train scaling and storage."""
 
@@ -128,6 +148,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def sigmas(self):
         """The fixed σ schedule (when not recommended from data)."""
@@ -146,6 +167,13 @@ def _coerce(value, tp, key: str):
         (tp,) = [a for a in args if a is not type(None)]
     if value is None:
         raise ConfigError(f"{key} must not be null")
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):  # --set tune.steps_per_level=[5,10]
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
@@ -216,6 +244,14 @@ def _validate(cfg: Config) -> None:
         ("sampling.eps", smp.eps, smp.eps > 0, "> 0"),
         ("sampling.workers", smp.workers, smp.workers >= 1, ">= 1"),
         ("evaluation.feature_extractor", cfg.evaluation.feature_extractor, cfg.evaluation.feature_extractor in ("classifier", "inception"), "classifier or inception"),
+        ("tune.trials", cfg.tune.trials, cfg.tune.trials >= 1, ">= 1"),
+        ("tune.eval_every", cfg.tune.eval_every, cfg.tune.eval_every >= 1, ">= 1"),
+        ("tune.eval_samples", cfg.tune.eval_samples, cfg.tune.eval_samples >= 2, ">= 2"),
+        ("tune.metric", cfg.tune.metric, cfg.tune.metric in ("fid_classifier", "kid_classifier", "fid_inception", "kid_inception"),
+         "one of fid_classifier, kid_classifier, fid_inception, kid_inception"),
+        ("tune.steps_per_level", cfg.tune.steps_per_level, bool(cfg.tune.steps_per_level) and min(cfg.tune.steps_per_level) >= 1, "a non-empty list of T >= 1"),
+        *[(f"tune.{k}", getattr(cfg.tune, k), len(getattr(cfg.tune, k)) == 2 and 0 < getattr(cfg.tune, k)[0] <= getattr(cfg.tune, k)[1],
+           "[low, high] with 0 < low <= high") for k in ("sigma_max_scale", "sigma_min", "num_levels_scale", "eps_scale")],
         ("cluster.num_workers", cfg.cluster.num_workers, cfg.cluster.num_workers >= 1, ">= 1"),
         ("cluster.max_failures", cfg.cluster.max_failures, cfg.cluster.max_failures >= 0, ">= 0"),
     ]

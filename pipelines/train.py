@@ -18,7 +18,7 @@ import torch
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest
 from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ncsn.data import random_hflip, to_unit_interval
+from ncsn.data import random_hflip, to_uint8, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
@@ -97,6 +97,16 @@ def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: 
     return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10, scale=max(1, 64 // cfg.model.image_size))
 
 
+def _objective(evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, num_samples: int,
+               device: torch.device) -> dict[str, float]:
+    """FID/IS/KID of ``num_samples`` EMA samples (fixed seed) against the reference split: Tune's objective."""
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+    shape = (num_samples, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    samples = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
+                            generator=gen, device=device).samples
+    return evaluator.metrics(to_uint8(samples).permute(0, 2, 3, 1).cpu().numpy())
+
+
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Keep each step once in metrics.jsonl: rows logged after the checkpoint a restart resumes from are replayed."""
     if path.exists():
@@ -134,7 +144,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with open(Path(cfg.run_dir) / "restores.jsonl", "a") as f:  # the audit trail of restores
                 f.write(json.dumps({"step": start, "optimizer_sha256": state_digest(optimizer.state_dict()), "time": time.time()}) + "\n")
             log.info("resumed from step %d", start)
-    run_log = None
+    run_log, evaluator, evaluation = None, None, loop_config.get("evaluation")
+    if rank == 0 and evaluation:
+        from pipelines.evaluate import Evaluator
+
+        evaluator = Evaluator(loop_config["shards"], evaluation["extractor"], evaluation.get("inception_weights"),
+                              cache_dir=Path(evaluation["cache_dir"]), kid_subset_size=cfg.evaluation.kid_subset_size)
     if rank == 0:
         run_log = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], Path(cfg.run_dir), resumed_step=start,
                                      system_metrics=cfg.tracking.system_metrics)
@@ -192,6 +207,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 dist.all_gather(gathered, checksum)
                 checksum = torch.cat(gathered)
             metrics["replica_divergence"] = (checksum.max() - checksum.min()).item()
+        if evaluator is not None and (step % evaluation["every"] == 0 or step == cfg.train.steps):
+            metrics.update(_objective(evaluator, ema.model, sigmas, loop_config["eps"], cfg, evaluation["num_samples"], device))
         if rank == 0:
             run_log.log_metrics(metrics)
             if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
@@ -240,8 +257,12 @@ def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> N
                           "cluster.shared_filesystem: true if the path is mounted on every node")
 
 
-def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None):
-    """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given)."""
+def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None,
+                 evaluation: dict | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None) -> TrainRun:
+    """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given).
+
+    ``evaluation`` ({every, num_samples, extractor, cache_dir[, inception_weights]}) adds FID/IS/KID to rank 0's reports
+    every ``every`` steps (Tune's objective); ``callbacks`` go to Ray Train (e.g. Tune's TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -258,15 +279,16 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         ray.init()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
     uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
-                                          "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards)}, parent_run_id)
+                                          "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
+                                   parent_run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
-                           "tracking_uri": uri, "run_id": run_id},
+                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks or [],
                              worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}}),
     )
     try:

@@ -1,0 +1,286 @@
+"""σ-schedule and sampler tuning with Ray Tune (Train V2 pattern: each trial is a function that builds and fits a
+TorchTrainer, whose reports reach Tune through TuneReportCallback). ASHA stops weak trials at the objective's
+evaluations; Optuna proposes the next ones, starting from NCSNv2's recommended schedule (trial "recommended").
+One MLflow parent run for the job, a child run per trial; restarting the same job resumes it."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_prep.shard import load_manifest
+from ncsn.figures import save_image_grid
+from pipelines import tracking
+from pipelines.config import Config, ConfigError, config_from_dict
+from pipelines.evaluate import Evaluator
+from pipelines.sample import load_model
+from pipelines.train import resolve_schedule, run_training
+
+log = logging.getLogger(__name__)
+FAULT_ENV = "NCSN_INJECT_TUNE_DRIVER_EXIT"  # "N:MARKER": the driver exits after N trials completed (once), as a lost head would
+PARAMS = ("sigma_max", "sigma_min", "num_levels", "eps", "steps_per_level")
+
+
+def recommended_point(cfg: Config, manifest: dict) -> dict:
+    """NCSNv2's recommended schedule and ε for the data set (from the shard statistics), as a trial config."""
+    rec_cfg = config_from_dict(cfg.to_dict())
+    rec_cfg.schedule.recommend = True
+    sigmas, eps = resolve_schedule(rec_cfg, manifest)
+    return {"sigma_max": float(sigmas[0]), "sigma_min": float(sigmas[-1]), "num_levels": len(sigmas), "eps": float(eps),
+            "steps_per_level": cfg.sampling.steps_per_level}
+
+
+def search_space(cfg: Config, rec: dict) -> dict:
+    """Ranges from cfg.tune around the recommended point (widened to contain it)."""
+    from ray import tune
+
+    t = cfg.tune
+    lo_min, hi_min = min(t.sigma_min[0], rec["sigma_min"]), max(t.sigma_min[1], rec["sigma_min"])
+    levels = (max(2, math.floor(rec["num_levels"] * t.num_levels_scale[0])), max(2, math.ceil(rec["num_levels"] * t.num_levels_scale[1])))
+    return {
+        "sigma_max": tune.loguniform(rec["sigma_max"] * t.sigma_max_scale[0], rec["sigma_max"] * t.sigma_max_scale[1] * (1 + 1e-9)),
+        "sigma_min": tune.loguniform(lo_min, hi_min * (1 + 1e-9)),
+        "num_levels": tune.randint(min(levels[0], rec["num_levels"]), max(levels[1], rec["num_levels"]) + 1),
+        "eps": tune.loguniform(rec["eps"] * t.eps_scale[0], rec["eps"] * t.eps_scale[1] * (1 + 1e-9)),
+        "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]})),
+    }
+
+
+def apply_point(cfg: Config, point: dict) -> Config:
+    """A copy of ``cfg`` with a trial's schedule and sampler settings (the schedule then fixed, not recommended)."""
+    out = config_from_dict(cfg.to_dict())
+    out.schedule.recommend = False
+    out.schedule.sigma_max, out.schedule.sigma_min = float(point["sigma_max"]), float(point["sigma_min"])
+    out.schedule.num_levels = int(point["num_levels"])
+    out.sampling.eps, out.sampling.steps_per_level = float(point["eps"]), int(point["steps_per_level"])
+    if out.schedule.sigma_min >= out.schedule.sigma_max:
+        raise ConfigError(f"trial σ_min {out.schedule.sigma_min:.4g} >= σ_max {out.schedule.sigma_max:.4g}; narrow tune.sigma_min")
+    return out
+
+
+def _label(point: dict, rec: dict) -> str:
+    return "recommended" if all(point.get(k) == rec[k] for k in PARAMS) else "search"
+
+
+def _train_trial(point: dict, *, base: dict, shards: str, uri: str, parent_run_id: str, rec: dict, evaluation: dict) -> None:
+    """One trial: train with the trial's schedule, reporting the objective every tune.eval_every steps."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = tune.get_context().get_trial_id()
+    cfg = apply_point(config_from_dict(base), point)
+    cfg.name, cfg.run_dir = f"{cfg.name}-{trial}", str(Path(base["run_dir"]) / "trials" / trial)
+    cfg.tracking.tracking_uri = uri
+    cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.sample_every = cfg.tune.eval_every
+    cfg.schedule.recommend = False
+    run_training(cfg, shards, parent_run_id=parent_run_id, evaluation=evaluation, callbacks=[TuneReportCallback()],
+                 extra_params={"tune.label": _label(point, rec), "tune.trial_id": trial})
+
+
+def _sampler_trial(point: dict, *, checkpoint: str, shards: str, rec: dict, evaluation: dict, seed: int) -> None:
+    """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule; one report."""
+    from ray import tune
+
+    from ncsn.data import to_uint8
+    from ncsn.sampling import sample_images
+
+    model, ckpt = load_model(checkpoint)
+    sigmas = ckpt.sigmas[int(point["start_level"]):]
+    evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]))
+    c, s = ckpt.model_config.channels, ckpt.model_config.image_size
+    samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, float(point["eps"]), int(point["steps_per_level"]),
+                            generator=torch.Generator().manual_seed(seed)).samples
+    metrics = evaluator.metrics(to_uint8(samples).permute(0, 2, 3, 1).numpy())
+    grid = Path(tune.get_context().get_trial_dir()) / "samples.png"
+    save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // s))
+    tune.report({**metrics, "label": _label(point, rec), "grid": str(grid)})
+
+
+class _ExitAfterTrials:
+    """Tune callback for the driver-restart test: FAULT_ENV="N:MARKER" exits the driver after N completed trials, once."""
+
+    def __new__(cls, spec: str):
+        from ray.tune import Callback
+
+        class ExitAfterTrials(Callback):
+            def __init__(self):
+                n, self.marker = spec.split(":", 1)
+                self.n, self.done = int(n), 0
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                if self.done >= self.n and not os.path.exists(self.marker):
+                    Path(self.marker).touch()
+                    log.warning("injected failure: tune driver exits after %d completed trials", self.done)
+                    os._exit(3)
+        return ExitAfterTrials()
+
+
+@dataclass
+class TuneSummary:
+    """What a tuning job leaves: the table, the best trial and where its YAML is."""
+
+    rows: list[dict]
+    best: dict
+    best_config: Path
+    parent_run_id: str
+    tracking_uri: str
+    stopped_early: int
+
+    def line(self) -> str:
+        rec = next((r for r in self.rows if r["label"] == "recommended"), None)
+        vs = f"; recommended schedule: {rec['objective']:.4g}" if rec and rec["objective"] is not None else ""
+        return (f"{len(self.rows)} trials ({self.stopped_early} stopped early by ASHA); best {self.best['trial_id']} "
+                f"({self.best['label']}): {self.best['objective']:.4g}{vs}; best config: {self.best_config}")
+
+
+def _max_concurrent(cfg: Config, cpus_per_trial: float) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    res = ray.cluster_resources()
+    if cfg.cluster.use_gpu:
+        return max(1, int(res.get("GPU", 0) // max(1, cfg.cluster.num_workers)))
+    return max(1, int(res.get("CPU", 1) // cpus_per_trial))
+
+
+def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneSummary:
+    """Tune the schedule by training (default) or, with ``checkpoint``, the sampler of a trained model."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    if not ray.is_initialized():
+        ray.init()
+    job = config_from_dict(cfg.to_dict())  # the job's own run (parent of the trials) in <run_dir>/tune, same MLflow store
+    job.tracking.tracking_uri = tracking.tracking_uri(cfg)
+    job.name, job.run_dir = f"{cfg.name}-tune", str(Path(cfg.run_dir).resolve() / "tune")
+    cfg = job
+    manifest = load_manifest(shards)
+    t = cfg.tune
+    evaluation = {"every": t.eval_every, "num_samples": t.eval_samples, "extractor": t.metric.split("_", 1)[1],
+                  "inception_weights": cfg.evaluation.inception_weights, "cache_dir": str(Path(cfg.run_dir) / "eval_cache")}
+    if evaluation["extractor"] == "classifier":  # train the judge once, before trials start in parallel
+        Evaluator(shards, "classifier", cache_dir=Path(evaluation["cache_dir"]))
+    uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
+    if checkpoint:
+        model_ckpt = load_model(checkpoint)[1]
+        eps0 = float((model_ckpt.extra or {}).get("eps", cfg.sampling.eps))
+        rec = {"start_level": 0, "eps": eps0, "steps_per_level": int((model_ckpt.extra or {}).get("steps_per_level", cfg.sampling.steps_per_level))}
+        space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
+                 "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
+                 "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}
+        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, checkpoint=str(Path(checkpoint).resolve()), shards=shards,
+                                                             rec=rec, evaluation=evaluation, seed=t.seed), {"CPU": 1})
+        scheduler, cpus_per_trial, rungs = FIFOScheduler(), 1.0, None
+    else:
+        rec = recommended_point(cfg, manifest)
+        space = search_space(cfg, rec)
+        trainable = tune.with_resources(tune.with_parameters(_train_trial, base=cfg.to_dict(), shards=shards, uri=uri, parent_run_id=parent,
+                                                             rec=rec, evaluation=evaluation), {"CPU": 0})
+        rungs = max(1, math.ceil(cfg.train.steps / t.eval_every))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=min(t.grace_period, rungs),
+                                  reduction_factor=t.reduction_factor)
+        cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    storage, name = str(Path(cfg.run_dir) / "ray"), cfg.name
+    callbacks = [_ExitAfterTrials(os.environ[FAULT_ENV])] if os.environ.get(FAULT_ENV) else []
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks)
+    if tune.Tuner.can_restore(str(Path(storage) / name)):
+        log.info("resuming the tuning job in %s", Path(storage) / name)
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        searcher = OptunaSearch(metric=t.metric, mode="min", points_to_evaluate=[rec], seed=t.seed)
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=scheduler,
+                                                       num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
+    results = tuner.fit()
+    return _summarise(cfg, results, rec, uri, parent, checkpoint is not None, rungs)
+
+
+def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler_mode: bool, max_t: int | None) -> TuneSummary:
+    """Results table, plots, best YAML; all logged to the parent run; children of stopped trials marked KILLED."""
+    metric, run_dir = cfg.tune.metric, Path(cfg.run_dir)
+    keys = ("start_level", "eps", "steps_per_level") if sampler_mode else PARAMS
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        iterations = m.get("training_iteration", 0)
+        rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec) if not sampler_mode else m.get("label", "search"),
+                     **{k: r.config.get(k) for k in keys}, "objective": m.get(metric), "iterations": iterations,
+                     "stopped_early": bool(max_t and r.error is None and iterations < max_t), "error": str(r.error)[:200] if r.error else "",
+                     "grid": m.get("grid", "")})
+    done = [r for r in rows if r["objective"] is not None]
+    if not done:
+        raise ConfigError(f"no trial reported {metric}; see the trial errors in {run_dir / 'ray'}")
+    best = min(done, key=lambda r: r["objective"])
+    with open(run_dir / "tune_results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot = _plot(rows, keys, metric, run_dir / "tune_objective.png")
+    best_cfg = config_from_dict(cfg.to_dict())
+    if sampler_mode:
+        best_cfg.sampling.eps, best_cfg.sampling.steps_per_level = float(best["eps"]), int(best["steps_per_level"])
+        grid = Path(best["grid"]) if best["grid"] else None
+    else:
+        best_cfg = apply_point(cfg, best)
+        grids = sorted((run_dir / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
+        grid = grids[-1] if grids else None
+    best_yaml = run_dir / "best_config.yaml"
+    best_cfg.name, best_cfg.run_dir = cfg.name.removesuffix("-tune") + "-best", str(run_dir.parent / "best")
+    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} ({metric} {best['objective']:.4g}, trial {best['trial_id']}, "
+                         f"{best['label']})\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    rec_row = next((r for r in rows if r["label"] == "recommended"), None)
+    metrics = {f"best_{metric}": best["objective"], "trials": len(rows), "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
+    if rec_row and rec_row["objective"] is not None:
+        metrics[f"recommended_{metric}"] = rec_row["objective"]
+    artifacts = {"tune": run_dir / "tune_results.csv", "tune/plots": plot, "tune/best": best_yaml}
+    if grid and grid.exists():
+        artifacts["tune/best_samples"] = grid
+    tracking.log_to_run(uri, parent, metrics, artifacts)
+    _close_children(uri, parent)
+    tracking.finish_run(uri, parent)
+    return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"])
+
+
+def _close_children(uri: str, parent: str) -> None:
+    """Trials ASHA stopped were killed mid-run: mark their MLflow runs KILLED rather than leave them RUNNING."""
+    try:
+        client = tracking._client(uri)
+        experiment = client.get_run(parent).info.experiment_id
+        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not close the trial runs of %s: %s", parent, err)
+
+
+def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [k for k in keys if k in ("sigma_max", "sigma_min", "num_levels", "eps", "start_level", "steps_per_level")][:3]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], shown):
+        for label, colour in (("search", "tab:blue"), ("recommended", "tab:red")):
+            pts = [(r[key], r["objective"]) for r in rows if r["label"] == label and r["objective"] is not None]
+            if pts:
+                ax.scatter(*zip(*pts), c=colour, label=label, s=30)
+        if key in ("sigma_max", "sigma_min", "eps"):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
