@@ -29,6 +29,14 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside it (<its directory>/mlartifacts), so a run's files stay under its run
+    directory instead of ./mlruns of whatever directory the job started in; a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def _client(uri: str):
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -64,7 +72,8 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
         run_id = _existing_run(client, run_dir / RUN_FILE, uri)
         if run_id is None:
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+                cfg.tracking.experiment, artifact_location=artifact_location(uri))
             tags = {RUN_TAG: cfg.name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
             (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))

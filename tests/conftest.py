@@ -19,11 +19,12 @@ def gen() -> torch.Generator:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the session (2 CPUs, no dashboard), shut down at the end."""
+    """One local Ray instance for the session (2 CPUs), shut down at the end; see tests.servers.start_local_ray."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from tests.servers import start_local_ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
 

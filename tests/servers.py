@@ -1,4 +1,5 @@
-"""Servers tests start on loopback and stop themselves: an MLflow tracking server (sqlite backend)."""
+"""Servers tests start on loopback and stop themselves: the in-process local Ray, an MLflow tracking server (sqlite
+backend)."""
 from __future__ import annotations
 
 import socket
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,6 +15,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_local_ray() -> None:
+    """The tests' in-process local Ray (2 CPUs). Its dashboard (on 127.0.0.1) serves the state API, which Ray Train V2
+    uses to clean up the placement groups of runs whose controller was killed (Tune's stopped trials)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                 log_to_driver=False, configure_logging=False)
+
+
+@contextmanager
+def only_ray_instance():
+    """Shut down the in-process Ray while a subprocess runs its own, then start it again. Ray Train's placement-group
+    cleaner finds its cluster as the machine's only one; with two, it fails and Tune's stopped trials keep their CPUs."""
+    import ray
+
+    running = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield
+    finally:
+        if running:
+            start_local_ray()
 
 
 class MlflowServer:

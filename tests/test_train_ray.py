@@ -11,6 +11,7 @@ from data_prep.shard import load_manifest
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training, state_digest
+from tests.servers import only_ray_instance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -59,6 +60,8 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     assert [a.path for a in client.list_artifacts(result.run_id, "samples")] == ["samples/step_0000020.png"]
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
     assert [m.name for m in models] == ["model"]
+    artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()  # beside mlflow.db, not in ./mlruns
+    assert run.info.artifact_uri.startswith(artifacts) and models[0].artifact_location.startswith(artifacts)
 
     # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run.
     resumed = run_training(_config(tmp_path, 30), shards)
@@ -84,8 +87,9 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
 
 def test_two_node_cluster_one_worker_per_node_trains(tmp_path, shards):
     script = Path(__file__).parent / "scripts" / "two_node_train.py"
-    out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, str(tmp_path / "run")], capture_output=True, text=True,
-                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    with only_ray_instance():
+        out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, str(tmp_path / "run")], capture_output=True,
+                             text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
