@@ -85,6 +85,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.run import run_pipeline
+
+    try:
+        cfg = load_config(args.config, args.set)
+        result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress)
+    except _user_errors() as err:
+        print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
+        return 1
+    print(f"pipeline {cfg.name} done; everything is under {result.run_dir}")
+    print(result.table())
+    print(f"sample grid: {result.samples / 'grid.png'}")
+    print(f"inpainting:  {result.inpainting}")
+    print(f"checkpoint:  {result.checkpoint}")
+    print(f"MLflow: parent run {result.parent_run_id}, training run {result.train_run_id} — {ui_command(result.tracking_uri)}")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.tune import run_tuning
@@ -98,7 +117,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(summary.line())
     print(f"results: {summary.best_config.parent / 'tune_results.csv'}; MLflow parent run {summary.parent_run_id} — "
           f"{ui_command(summary.tracking_uri)}")
-    print(f"train with the best schedule: ncsn-pipeline train --config {summary.best_config}")
+    print(f"next: {summary.next_command}")
     return 0
 
 
@@ -158,9 +177,11 @@ def _inpaint(args: argparse.Namespace) -> int:
 
     from data_prep.shard import ShardError
     from pipelines.evaluate import read_split
-    from pipelines.sample import SamplingError, run_inpainting
+    from pipelines.sample import SamplingError, read_checkpoint, run_inpainting
+    from pipelines.tracking import log_to_run
 
     try:
+        extra = read_checkpoint(args.checkpoint).extra or {}
         images, _ = read_split(args.shards, args.split)
         x = torch.from_numpy(images[: args.num_images]).permute(0, 3, 1, 2).float() / 255
         out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
@@ -169,6 +190,8 @@ def _inpaint(args: argparse.Namespace) -> int:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1
     print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
+    if extra.get("mlflow_run_id") and not args.no_mlflow and log_to_run(extra["tracking_uri"], extra["mlflow_run_id"], artifacts={"inpainting": out}):
+        print(f"logged to MLflow run {extra['mlflow_run_id']}")
     return 0
 
 
@@ -204,6 +227,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A subcommand that runs a YAML config: --config, --set overrides, --shards, --no-progress."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/digits.yaml (tuning ranges: its `tune:` section)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
+    parser.add_argument("--shards", help="use this shard directory instead of sharding the configured source")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncsn-pipeline", description="NCSN score-based generative models on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -227,20 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(func=_shard)
 
-    train = sub.add_parser("train", help="train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)")
-    train.add_argument("--config", required=True, help="YAML config, e.g. configs/digits.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
-    train.add_argument("--shards", help="train on this shard directory instead of the configured source")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
-    train.set_defaults(func=_train)
-
-    tune = sub.add_parser("tune", help="tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
-    tune.add_argument("--config", required=True, help="YAML config; its `tune:` section holds the ranges and the budget")
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
-    tune.add_argument("--shards", help="use this shard directory instead of the configured source")
+    _config_command(sub, "train", _train, "train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)")
+    _config_command(sub, "run", _run, "the whole pipeline: shard → train → sample → inpaint → evaluate, tracked in MLflow")
+    tune = _config_command(sub, "tune", _tune, "tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
     tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained checkpoint")
-    tune.add_argument("--no-progress", action="store_true", help="no progress bar while sharding")
-    tune.set_defaults(func=_tune)
 
     sample = sub.add_parser("sample", help="annealed Langevin samples from a checkpoint on parallel Ray actors (resumable)")
     sample.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training")
@@ -271,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--steps-per-level", type=int)
     paint.add_argument("--eps", type=float)
     paint.add_argument("--gpu", action="store_true")
+    paint.add_argument("--no-mlflow", action="store_true", help="do not log the grid to the checkpoint's MLflow run")
     paint.set_defaults(func=_inpaint)
 
     ev = sub.add_parser("evaluate", help="FID / Inception Score / KID of a sample directory with torch-fidelity")

@@ -102,6 +102,14 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     return ckpt.build_model().to(device).eval().requires_grad_(False), ckpt
 
 
+def read_checkpoint(checkpoint: str | Path) -> Checkpoint:
+    """The checkpoint at ``checkpoint``, or a SamplingError naming the file and what is wrong with it."""
+    try:
+        return load_checkpoint(checkpoint)
+    except Exception as err:  # noqa: BLE001 — CheckpointError or OSError: name the file
+        raise SamplingError(f"{checkpoint}: {err}") from None
+
+
 class Sampler:
     """Holds one model; samples chunks and inpaints. Used as a Ray actor (one per worker) or directly."""
 
@@ -169,10 +177,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     from ray.util import ActorPool
 
     checkpoint, output = str(Path(checkpoint).resolve()), Path(output).resolve()
-    try:
-        ckpt = load_checkpoint(checkpoint)
-    except Exception as err:  # noqa: BLE001 — CheckpointError or OSError: name the file
-        raise SamplingError(f"{checkpoint}: {err}") from None
+    ckpt = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, options)
     settings.update(checkpoint=checkpoint, checkpoint_step=ckpt.step, tracking_uri=(ckpt.extra or {}).get("tracking_uri"),
                     mlflow_run_id=(ckpt.extra or {}).get("mlflow_run_id"))
@@ -268,7 +273,7 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
     import ray
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps))
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     if not ray.is_initialized():

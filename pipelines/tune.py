@@ -32,7 +32,9 @@ def recommended_point(cfg: Config, manifest: dict) -> dict:
     rec_cfg = config_from_dict(cfg.to_dict())
     rec_cfg.schedule.recommend = True
     sigmas, eps = resolve_schedule(rec_cfg, manifest)
-    return {"sigma_max": float(sigmas[0]), "sigma_min": float(sigmas[-1]), "num_levels": len(sigmas), "eps": float(eps),
+    def round6(x) -> float:  # the schedule is float32; keep the YAML free of float32 digits
+        return float(f"{float(x):.6g}")
+    return {"sigma_max": round6(sigmas[0]), "sigma_min": round6(sigmas[-1]), "num_levels": len(sigmas), "eps": round6(eps),
             "steps_per_level": cfg.sampling.steps_per_level}
 
 
@@ -65,7 +67,15 @@ def apply_point(cfg: Config, point: dict) -> Config:
 
 
 def _label(point: dict, rec: dict) -> str:
-    return "recommended" if all(point.get(k) == rec[k] for k in PARAMS) else "search"
+    return "recommended" if all(point.get(k) == v for k, v in rec.items()) else "search"
+
+
+def _trial_config(base: dict, trial: str, uri: str) -> Config:
+    """The config of one trial: its own name and directory under <run_dir>/trials, the job's MLflow store."""
+    cfg = config_from_dict(base)
+    cfg.name, cfg.run_dir = f"{cfg.name}-{trial}", str(Path(base["run_dir"]) / "trials" / trial)
+    cfg.tracking.tracking_uri = uri
+    return cfg
 
 
 def _train_trial(point: dict, *, base: dict, shards: str, uri: str, parent_run_id: str, rec: dict, evaluation: dict) -> None:
@@ -74,32 +84,40 @@ def _train_trial(point: dict, *, base: dict, shards: str, uri: str, parent_run_i
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = tune.get_context().get_trial_id()
-    cfg = apply_point(config_from_dict(base), point)
-    cfg.name, cfg.run_dir = f"{cfg.name}-{trial}", str(Path(base["run_dir"]) / "trials" / trial)
-    cfg.tracking.tracking_uri = uri
+    cfg = apply_point(_trial_config(base, trial, uri), point)
     cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.sample_every = cfg.tune.eval_every
     cfg.schedule.recommend = False
     run_training(cfg, shards, parent_run_id=parent_run_id, evaluation=evaluation, callbacks=[TuneReportCallback()],
                  extra_params={"tune.label": _label(point, rec), "tune.trial_id": trial})
 
 
-def _sampler_trial(point: dict, *, checkpoint: str, shards: str, rec: dict, evaluation: dict, seed: int) -> None:
-    """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule; one report."""
+def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri: str, parent_run_id: str, rec: dict,
+                   evaluation: dict) -> None:
+    """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule (the levels
+    from start_level on), evaluate, log a child MLflow run and report once."""
     from ray import tune
 
     from ncsn.data import to_uint8
     from ncsn.sampling import sample_images
 
+    trial = tune.get_context().get_trial_id()
+    cfg = _trial_config(base, trial, uri)
+    cfg.sampling.eps, cfg.sampling.steps_per_level = float(point["eps"]), int(point["steps_per_level"])
+    label = _label(point, rec)
+    _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
+                                        "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(checkpoint)
     sigmas = ckpt.sigmas[int(point["start_level"]):]
     evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]))
     c, s = ckpt.model_config.channels, ckpt.model_config.image_size
-    samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, float(point["eps"]), int(point["steps_per_level"]),
-                            generator=torch.Generator().manual_seed(seed)).samples
+    samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, cfg.sampling.eps, cfg.sampling.steps_per_level,
+                            generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
     metrics = evaluator.metrics(to_uint8(samples).permute(0, 2, 3, 1).numpy())
-    grid = Path(tune.get_context().get_trial_dir()) / "samples.png"
+    grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // s))
-    tune.report({**metrics, "label": _label(point, rec), "grid": str(grid)})
+    tracking.log_to_run(uri, run_id, metrics, {"samples": grid})
+    tracking.finish_run(uri, run_id)
+    tune.report({**metrics, "label": label, "grid": str(grid)})
 
 
 class _ExitAfterTrials:
@@ -132,6 +150,7 @@ class TuneSummary:
     parent_run_id: str
     tracking_uri: str
     stopped_early: int
+    next_command: str  # train with the best schedule, or (sampler-only mode) sample with the best settings
 
     def line(self) -> str:
         rec = next((r for r in self.rows if r["label"] == "recommended"), None)
@@ -178,14 +197,16 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
         space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
                  "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
                  "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}
-        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, checkpoint=str(Path(checkpoint).resolve()), shards=shards,
-                                                             rec=rec, evaluation=evaluation, seed=t.seed), {"CPU": 1})
+        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg.to_dict(), checkpoint=str(Path(checkpoint).resolve()),
+                                                             shards=shards, uri=uri, parent_run_id=parent, rec=rec, evaluation=evaluation),
+                                        {"CPU": 1})
         scheduler, cpus_per_trial, rungs = FIFOScheduler(), 1.0, None
     else:
         rec = recommended_point(cfg, manifest)
         space = search_space(cfg, rec)
         trainable = tune.with_resources(tune.with_parameters(_train_trial, base=cfg.to_dict(), shards=shards, uri=uri, parent_run_id=parent,
-                                                             rec=rec, evaluation=evaluation), {"CPU": 0})
+                                                             rec=rec, evaluation=evaluation),
+                                        {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
         rungs = max(1, math.ceil(cfg.train.steps / t.eval_every))
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=min(t.grace_period, rungs),
                                   reduction_factor=t.reduction_factor)
@@ -202,18 +223,21 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                            tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=scheduler,
                                                        num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
     results = tuner.fit()
-    return _summarise(cfg, results, rec, uri, parent, checkpoint is not None, rungs)
+    sampler = (str(Path(checkpoint).resolve()), model_ckpt.sigmas.tolist()) if checkpoint else None
+    return _summarise(cfg, results, rec, uri, parent, sampler, rungs)
 
 
-def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler_mode: bool, max_t: int | None) -> TuneSummary:
-    """Results table, plots, best YAML; all logged to the parent run; children of stopped trials marked KILLED."""
+def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: tuple[str, list[float]] | None,
+               max_t: int | None) -> TuneSummary:
+    """Results table, plots, best YAML; all logged to the parent run; children of stopped trials marked KILLED.
+    ``sampler``: (checkpoint, its σ levels) in sampler-only mode."""
     metric, run_dir = cfg.tune.metric, Path(cfg.run_dir)
-    keys = ("start_level", "eps", "steps_per_level") if sampler_mode else PARAMS
+    keys = ("start_level", "eps", "steps_per_level") if sampler else PARAMS
     rows = []
     for r in results:
         m = r.metrics or {}
         iterations = m.get("training_iteration", 0)
-        rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec) if not sampler_mode else m.get("label", "search"),
+        rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec),
                      **{k: r.config.get(k) for k in keys}, "objective": m.get(metric), "iterations": iterations,
                      "stopped_early": bool(max_t and r.error is None and iterations < max_t), "error": str(r.error)[:200] if r.error else "",
                      "grid": m.get("grid", "")})
@@ -227,17 +251,22 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler_m
         writer.writerows(rows)
     plot = _plot(rows, keys, metric, run_dir / "tune_objective.png")
     best_cfg = config_from_dict(cfg.to_dict())
-    if sampler_mode:
+    best_yaml = run_dir / "best_config.yaml"
+    if sampler:
         best_cfg.sampling.eps, best_cfg.sampling.steps_per_level = float(best["eps"]), int(best["steps_per_level"])
         grid = Path(best["grid"]) if best["grid"] else None
+        sigmas = sampler[1][int(best["start_level"]):]
+        next_command = (f"ncsn-pipeline sample --checkpoint {sampler[0]} --num-samples {cfg.sampling.num_samples} "
+                        f"--output {run_dir.parent / 'best' / 'samples'} --eps {best['eps']:.6g} --steps-per-level {best['steps_per_level']}"
+                        + (f" --sigmas {' '.join(f'{x:.6g}' for x in sigmas)}" if best["start_level"] else ""))
     else:
         best_cfg = apply_point(cfg, best)
         grids = sorted((run_dir / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
         grid = grids[-1] if grids else None
-    best_yaml = run_dir / "best_config.yaml"
+        next_command = f"ncsn-pipeline train --config {best_yaml}"
     best_cfg.name, best_cfg.run_dir = cfg.name.removesuffix("-tune") + "-best", str(run_dir.parent / "best")
     best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} ({metric} {best['objective']:.4g}, trial {best['trial_id']}, "
-                         f"{best['label']})\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+                         f"{best['label']})\n# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     rec_row = next((r for r in rows if r["label"] == "recommended"), None)
     metrics = {f"best_{metric}": best["objective"], "trials": len(rows), "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
     if rec_row and rec_row["objective"] is not None:
@@ -246,18 +275,21 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler_m
     if grid and grid.exists():
         artifacts["tune/best_samples"] = grid
     tracking.log_to_run(uri, parent, metrics, artifacts)
-    _close_children(uri, parent)
+    _close_children(uri, parent, {r["trial_id"]: "FAILED" if r["error"] else "KILLED" if r["stopped_early"] else "FINISHED" for r in rows})
     tracking.finish_run(uri, parent)
-    return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"])
+    return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command)
 
 
-def _close_children(uri: str, parent: str) -> None:
-    """Trials ASHA stopped were killed mid-run: mark their MLflow runs KILLED rather than leave them RUNNING."""
+def _close_children(uri: str, parent: str, outcome: dict[str, str]) -> None:
+    """Give each trial's MLflow run the status Tune's result says ({trial id: FINISHED | KILLED | FAILED}). A trial
+    that Tune stops (ASHA, or at max_t) is killed mid-call, so its run may have recorded FAILED or nothing (RUNNING)."""
     try:
         client = tracking._client(uri)
         experiment = client.get_run(parent).info.experiment_id
-        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-            client.set_terminated(run.info.run_id, "KILLED")
+        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
+            status = outcome.get(run.data.params.get("tune.trial_id"), "KILLED")
+            if run.info.status != status:
+                client.set_terminated(run.info.run_id, status)
     except Exception as err:  # noqa: BLE001
         log.warning("could not close the trial runs of %s: %s", parent, err)
 

@@ -124,7 +124,7 @@ def test_evaluate_cli_errors_name_the_problem(tmp_path, digits_shards):
     assert out.stderr.strip().splitlines()[-1] == f"ncsn-pipeline evaluate: error: {tmp_path} has no sample chunks (expected {tmp_path}/chunks/chunk_*.npz from `ncsn-pipeline sample`)"
 
 
-def test_sample_cli_logs_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoint):
+def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoint, digits_shards):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -140,3 +140,15 @@ def test_sample_cli_logs_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoin
     assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory"}
     assert "sampling_samples_per_s" in client.get_run(run_id).data.metrics
     assert json.loads((tmp_path / "s" / "sampling.json").read_text())["mlflow_run_id"] == run_id
+    paint = subprocess.run([CLI, "inpaint", "--checkpoint", str(tmp_path / "tracked.pt"), "--shards", digits_shards, "--num-images", "2",
+                            "--completions", "1", "--output", str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
+    assert paint.returncode == 0 and f"logged to MLflow run {run_id}" in paint.stdout, paint.stderr[-2000:]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory", "inpainting"}
+
+
+def test_inpaint_cli_names_an_unreadable_checkpoint(tmp_path, digits_shards):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    out = subprocess.run([CLI, "inpaint", "--checkpoint", str(tmp_path / "bad.pt"), "--shards", digits_shards, "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith(f"ncsn-pipeline inpaint: error: {tmp_path / 'bad.pt'}:"), out.stderr
+    assert "Traceback" not in out.stderr

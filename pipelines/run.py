@@ -1,0 +1,87 @@
+"""The whole pipeline for one config: shard (skipped when up to date) → train → sample → inpaint → evaluate.
+Every output lands under the run directory; MLflow gets a parent run "<name>-pipeline" whose child is the
+training run (which also holds the samples and the metrics), and a summary table."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines import tracking
+from pipelines.config import Config, config_from_dict
+from pipelines.evaluate import Evaluator, read_split
+from pipelines.sample import SamplingOptions, run_inpainting, run_sampling
+from pipelines.train import CHECKPOINT_FILE, run_training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    checkpoint: Path
+    samples: Path
+    inpainting: Path
+    metrics: dict[str, float]
+    tracking_uri: str
+    parent_run_id: str
+    train_run_id: str
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.metrics)
+        return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in self.metrics.items())
+
+
+def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineResult:
+    """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring."""
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg.run_dir = str(run_dir)
+    pipeline_cfg = config_from_dict(cfg.to_dict())  # the parent run's own record, beside (not in) the training run's
+    pipeline_cfg.name, pipeline_cfg.run_dir = f"{cfg.name}-pipeline", str(run_dir / "pipeline")
+    pipeline_cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
+    uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards})
+    cfg.tracking.tracking_uri = uri
+    try:
+        log.info("stage 1/4: training %s", cfg.name)
+        trained = run_training(cfg, shards, parent_run_id=parent)
+        checkpoint = run_dir / "model" / CHECKPOINT_FILE
+        checkpoint.parent.mkdir(exist_ok=True)
+        with trained.checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
+            shutil.copyfile(Path(directory) / CHECKPOINT_FILE, checkpoint)
+
+        log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
+        options = SamplingOptions(cfg.sampling.num_samples, seed=cfg.train.seed, chunk_size=cfg.sampling.chunk_size,
+                                  denoise=cfg.sampling.denoise, trajectory_samples=min(8, cfg.sampling.chunk_size))
+        samples = run_sampling(checkpoint, run_dir / "samples", options, workers=cfg.sampling.workers, use_gpu=cfg.cluster.use_gpu,
+                               progress=progress)
+
+        log.info("stage 3/4: inpainting")
+        test_images, _ = read_split(shards, "test")
+        inpainting = run_inpainting(checkpoint, torch.from_numpy(test_images[:8]).permute(0, 3, 1, 2).float() / 255, "centre",
+                                    run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu)
+
+        log.info("stage 4/4: evaluating with %s features", cfg.evaluation.feature_extractor)
+        evaluator = Evaluator(shards, cfg.evaluation.feature_extractor, cfg.evaluation.inception_weights,
+                              cache_dir=run_dir / "eval_cache", kid_subset_size=cfg.evaluation.kid_subset_size, use_gpu=cfg.cluster.use_gpu)
+        from pipelines.sample import load_samples
+
+        metrics = {**evaluator.metrics(load_samples(samples.output)), **evaluator.extra,
+                   **evaluator.baselines(cfg.sampling.num_samples, seed=cfg.train.seed),
+                   "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
+    except BaseException:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise
+    (run_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
+    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, uri, parent, trained.run_id)
+    (run_dir / "summary.txt").write_text(result.table() + "\n")
+    artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
+    if (samples.output / "trajectory.png").exists():
+        artifacts["trajectory"] = samples.output / "trajectory.png"
+    tracking.log_to_run(uri, trained.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)))
+    tracking.log_to_run(uri, parent, metrics, artifacts)
+    tracking.finish_run(uri, parent)
+    return result
