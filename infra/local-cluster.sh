@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster and an MLflow server on this machine, loopback only, for trying `ray job submit`:
+#   infra/local-cluster.sh up     # head (1 CPU) + worker (1 CPU) on 127.0.0.1, dashboard :8265, MLflow :5000
+#   RAY_AUTH_MODE=token .venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+#       ncsn-pipeline run --config configs/digits.yaml --set tracking.tracking_uri=http://127.0.0.1:5000
+#   infra/local-cluster.sh down
+# Ray's token authentication stays on (token in ~/.ray/auth_token); clients present it with RAY_AUTH_MODE=token.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STATE=.local-cluster
+BIN=.venv/bin
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # keep every Ray process on 127.0.0.1 instead of the host's address
+export RAY_AUTH_MODE=token                   # the worker node joins the head with its token (~/.ray/auth_token)
+
+case "${1:-}" in
+  up)
+    mkdir -p "$STATE"
+    "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port 6380 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
+      --num-cpus 1
+    "$BIN/ray" start --address 127.0.0.1:6380 --node-ip-address 127.0.0.1 --num-cpus 1
+    nohup "$BIN/mlflow" server --host 127.0.0.1 --port 5000 --workers 1 \
+      --backend-store-uri "sqlite:///$PWD/$STATE/mlflow.db" --artifacts-destination "$PWD/$STATE/mlartifacts" \
+      > "$STATE/mlflow.log" 2>&1 &
+    echo $! > "$STATE/mlflow.pid"
+    echo "Ray dashboard: http://127.0.0.1:8265   MLflow: http://127.0.0.1:5000"
+    ;;
+  down)
+    "$BIN/ray" stop   # stops every Ray process of this user on the machine
+    if [ -f "$STATE/mlflow.pid" ]; then kill "$(cat "$STATE/mlflow.pid")" 2>/dev/null || true; rm -f "$STATE/mlflow.pid"; fi
+    ;;
+  *)
+    echo "usage: $0 up|down" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,93 @@
+"""The deployment files, validated offline (no Kubernetes or cloud here): they parse, carry the fields KubeRay / the
+cluster launcher / compose need, pin the same Ray as pyproject.toml, and their pipeline commands load as configs."""
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+
+
+def _pinned(package: str) -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(rf"{package}(\[|=|>|$)", d)]
+    return re.search(r"[=>]=([\d.]+)", spec).group(1)
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == _pinned("ray")
+    head = spec["headGroupSpec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    gpu_limits = _containers(groups["gpu"]["template"])[0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1"
+    for template in [head["template"]] + [g["template"] for g in groups.values()]:
+        for container in _containers(template):
+            assert container["image"].startswith("ncsn-pipeline:")
+            assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]  # checkpoints on shared storage
+        assert template["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ncsn-shared"
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests(name):
+    doc = yaml.safe_load((INFRA / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    if doc["kind"] == "RayCluster":
+        _check_ray_cluster_spec(doc["spec"])
+    else:
+        assert doc["kind"] == "RayJob" and doc["spec"]["shutdownAfterJobFinishes"] is True
+        _check_ray_cluster_spec(doc["spec"]["rayClusterSpec"])
+
+
+def test_rayjob_entrypoint_is_a_valid_pipeline_command():
+    entry = shlex.split(yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())["spec"]["entrypoint"])
+    assert entry[:2] == ["ncsn-pipeline", "run"]
+    config = entry[entry.index("--config") + 1]
+    overrides = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
+    cfg = load_config(ROOT / config, overrides)  # every key exists and every value is valid
+    assert cfg.cluster.storage_path.startswith("/mnt/shared") and cfg.cluster.shared_filesystem
+
+
+def test_dockerfile_uses_the_pinned_ray_image():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+    assert base == f"rayproject/ray:{_pinned('ray')}-py311-${{VARIANT}}"
+    for path in re.findall(r"^COPY --chown=\S+ (\S+)", text, re.M):
+        assert (ROOT / path).exists(), path
+
+
+def test_cluster_launcher_config():
+    doc = yaml.safe_load((INFRA / "cluster" / "cluster.yaml").read_text())
+    assert doc["head_node_type"] in doc["available_node_types"]
+    assert {"cluster_name", "provider", "docker", "head_start_ray_commands", "worker_start_ray_commands"} <= set(doc)
+    assert doc["docker"]["image"].startswith("ncsn-pipeline:")
+    assert any("--dashboard-host=127.0.0.1" in c for c in doc["head_start_ray_commands"])
+
+
+def test_compose_mlflow_server_is_loopback_bound_with_postgres_and_allowed_hosts():
+    doc = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    mlflow, postgres = doc["services"]["mlflow"], doc["services"]["postgres"]
+    assert mlflow["ports"] == ["127.0.0.1:5000:5000"] and "ports" not in postgres
+    assert "--backend-store-uri postgresql://" in mlflow["command"] and "--artifacts-destination" in mlflow["command"]
+    assert re.search(r"--allowed-hosts \S*127\.0\.0\.1", mlflow["command"])
+    version = mlflow["image"].rsplit(":v", 1)[1]
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, _pinned("mlflow").split(".")))
+
+
+def test_local_cluster_script_is_valid_bash_and_loopback_only():
+    script = INFRA / "local-cluster.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "0.0.0.0" not in text and text.count("--node-ip-address 127.0.0.1") == 2
+    assert subprocess.run(["bash", str(script)], capture_output=True).returncode == 2  # usage error without up|down
