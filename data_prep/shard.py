@@ -196,7 +196,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
             return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
         log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        ray.init()  # with worker logs shown: later stages (training's progress lines) may use this same instance
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task_fn = ray.remote(num_cpus=1, max_retries=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)

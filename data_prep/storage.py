@@ -13,6 +13,12 @@ def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+def absolute_location(location: str | os.PathLike) -> str:
+    """A URL as it is, a local path made absolute: Ray workers and trials run in directories of their own."""
+    location = str(location)
+    return location if is_url(location) else str(Path(location.removeprefix("file://")).resolve())
+
+
 def sha256_and_size(f: BinaryIO) -> tuple[str, int]:
     """sha256 hex digest and byte count of an open binary file, read to its end."""
     h, size = hashlib.sha256(), 0

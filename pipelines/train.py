@@ -17,6 +17,7 @@ import torch
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest
+from data_prep.storage import absolute_location
 from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_uint8, to_unit_interval
 from ncsn.ema import EMA
@@ -267,6 +268,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    shards = absolute_location(shards)
     manifest = load_manifest(shards)
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size % cfg.cluster.num_workers:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from data_prep.shard import load_manifest
+from data_prep.storage import absolute_location
 from ncsn.figures import save_image_grid
 from pipelines import tracking
 from pipelines.config import Config, ConfigError, config_from_dict
@@ -182,7 +183,7 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     job = config_from_dict(cfg.to_dict())  # the job's own run (parent of the trials) in <run_dir>/tune, same MLflow store
     job.tracking.tracking_uri = tracking.tracking_uri(cfg)
     job.name, job.run_dir = f"{cfg.name}-tune", str(Path(cfg.run_dir).resolve() / "tune")
-    cfg = job
+    cfg, shards = job, absolute_location(shards)
     manifest = load_manifest(shards)
     t = cfg.tune
     evaluation = {"every": t.eval_every, "num_samples": t.eval_samples, "extractor": t.metric.split("_", 1)[1],

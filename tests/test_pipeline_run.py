@@ -23,9 +23,11 @@ SMALL = ["train.steps=30", "train.batch_size=32", "train.log_every=10", "train.c
          "data.loader_workers=0", "tracking.system_metrics=false", "sampling.num_samples=60", "sampling.chunk_size=30",
          "sampling.steps_per_level=2"]
 
+PROGRESS = re.compile(r"step 30/30 +loss [\d.]+ +\d+ img/s +ETA 0m00s")
 
-def _run_args(run_dir: Path) -> list[str]:
-    return ["ncsn-pipeline", "run", "--config", "configs/digits.yaml", "--no-progress", "--set", f"run_dir={run_dir}",
+
+def _run_args(run_dir: Path | str, config: str = "configs/digits.yaml") -> list[str]:
+    return ["ncsn-pipeline", "run", "--config", config, "--no-progress", "--set", f"run_dir={run_dir}",
             *[a for s in SMALL for a in ("--set", s)]]
 
 
@@ -46,11 +48,13 @@ def _check_outputs(run_dir: Path) -> None:
 
 
 def test_run_pipeline_end_to_end_with_a_small_config(tmp_path):
+    # As `make demo` runs it: a run directory relative to the working directory (the Ray workers have their own).
     with only_ray_instance():
-        out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args(tmp_path / "run")[1:]], capture_output=True, text=True,
-                             timeout=900, cwd=ROOT)
+        out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", str(ROOT / "configs" / "digits.yaml"))[1:]],
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sample grid:" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+    assert PROGRESS.search(out.stderr), out.stderr[-3000:]  # rank 0's progress line reaches the console
     _check_outputs(tmp_path / "run")
 
 
@@ -81,6 +85,7 @@ def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path):
                                      *_run_args(run_dir)], env=env, capture_output=True, text=True, timeout=900)
             job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
             assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
+            assert PROGRESS.search(submit.stdout)  # and the job's log
             status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
                                     capture_output=True, text=True, timeout=120)
             assert f"Job '{job.group(1)}' succeeded" in status.stdout, status.stdout + status.stderr  # as the Jobs API records it
