@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A two-node Ray cluster and an MLflow server on this machine, loopback only, for trying `ray job submit`:
-#   infra/local-cluster.sh up     # head (1 CPU) + worker (1 CPU) on 127.0.0.1, dashboard :8265, MLflow :5000
+# A Ray head and an MLflow server on this machine, loopback only, for trying `ray job submit`:
+#   infra/local-cluster.sh up     # Ray head (all CPUs) on 127.0.0.1, dashboard :8265, MLflow :5000
 #   RAY_AUTH_MODE=token .venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 #       ncsn-pipeline run --config configs/digits.yaml --set tracking.tracking_uri=http://127.0.0.1:5000
 #   infra/local-cluster.sh down
@@ -9,15 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=.local-cluster
 BIN=.venv/bin
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # keep every Ray process on 127.0.0.1 instead of the host's address
-export RAY_AUTH_MODE=token                   # the worker node joins the head with its token (~/.ray/auth_token)
+# Keep every Ray process and client on 127.0.0.1 instead of the host's address. The price: Ray 2.60 then refuses
+# `ray start --address` (a second node), and without this setting it rewrites 127.0.0.1 to the host's address, so a
+# loopback-only cluster here has one node. Two nodes on one machine: see tests/scripts/two_node_train.py
+# (ray.cluster_utils.Cluster), which the tests run; a real second machine joins with `ray start --address HEAD:6380`.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 case "${1:-}" in
   up)
     mkdir -p "$STATE"
-    "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port 6380 --dashboard-host 127.0.0.1 --dashboard-port 8265 \
-      --num-cpus 1
-    "$BIN/ray" start --address 127.0.0.1:6380 --node-ip-address 127.0.0.1 --num-cpus 1
+    export PATH="$PWD/$BIN:$PATH"   # job entrypoints (`ncsn-pipeline …`) run with the head's PATH
+    "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port 6380 --dashboard-host 127.0.0.1 --dashboard-port 8265
     nohup "$BIN/mlflow" server --host 127.0.0.1 --port 5000 --workers 1 \
       --backend-store-uri "sqlite:///$PWD/$STATE/mlflow.db" --artifacts-destination "$PWD/$STATE/mlartifacts" \
       > "$STATE/mlflow.log" 2>&1 &

@@ -89,5 +89,5 @@ def test_local_cluster_script_is_valid_bash_and_loopback_only():
     script = INFRA / "local-cluster.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "0.0.0.0" not in text and text.count("--node-ip-address 127.0.0.1") == 2
+    assert "0.0.0.0" not in text and "--node-ip-address 127.0.0.1 --port 6380 --dashboard-host 127.0.0.1" in text
     assert subprocess.run(["bash", str(script)], capture_output=True).returncode == 2  # usage error without up|down
