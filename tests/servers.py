@@ -2,11 +2,11 @@
 backend)."""
 from __future__ import annotations
 
+import http.client
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loopback_status(port: int, path: str) -> int | None:
+    """The HTTP status of GET http://127.0.0.1:<port><path> (a server the test started), or None while none answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
 
 
 def start_local_ray() -> None:
@@ -61,12 +73,9 @@ class MlflowServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+            if loopback_status(self.port, "/health") == 200:
+                return self
+            time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"mlflow server on {self.uri} did not answer within {timeout} s")
 

@@ -9,13 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.servers import free_port, only_ray_instance
+from tests.servers import free_port, loopback_status, only_ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,15 +69,9 @@ def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path):
         try:
             address = f"http://127.0.0.1:{dashboard}"
             deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                    break
-                except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
-                    break
-                except OSError:
-                    assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-                    time.sleep(1)
+            while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
+                assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+                time.sleep(1)
             run_dir = tmp_path / "run"
             submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                                      *_run_args(run_dir)], env=env, capture_output=True, text=True, timeout=900)
