@@ -37,8 +37,6 @@ def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads
     torch.set_num_threads(threads)
     sampler = Sampler(str(checkpoint))
     settings = resolve_options(sampler.ckpt, options)
-    for sub in ("images", "chunks"):
-        (output / sub).mkdir(parents=True)
     t = time.perf_counter()
     for chunk in plan_chunks(options.num_samples, options.chunk_size):
         sampler.sample_chunk(str(output), settings, *chunk)

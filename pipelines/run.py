@@ -14,7 +14,7 @@ import torch
 from pipelines import tracking
 from pipelines.config import Config, config_from_dict
 from pipelines.evaluate import Evaluator, read_split
-from pipelines.sample import SamplingOptions, run_inpainting, run_sampling
+from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
 from pipelines.train import CHECKPOINT_FILE, run_training
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,6 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineRes
         log.info("stage 4/4: evaluating with %s features", cfg.evaluation.feature_extractor)
         evaluator = Evaluator(shards, cfg.evaluation.feature_extractor, cfg.evaluation.inception_weights,
                               cache_dir=run_dir / "eval_cache", kid_subset_size=cfg.evaluation.kid_subset_size, use_gpu=cfg.cluster.use_gpu)
-        from pipelines.sample import load_samples
-
         metrics = {**evaluator.metrics(load_samples(samples.output)), **evaluator.extra,
                    **evaluator.baselines(cfg.sampling.num_samples, seed=cfg.train.seed),
                    "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}

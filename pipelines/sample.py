@@ -90,6 +90,8 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_chunk(output: Path, chunk: int, start: int, images: np.ndarray) -> None:
     """PNGs (one per sample, named by global index) then the chunk's .npz; each file appears whole or not at all."""
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    (output / "chunks").mkdir(exist_ok=True)
     for i, image in enumerate(images):
         _atomic_write(output / "images" / f"{start + i:06d}.png", lambda p: Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(p, format="PNG"))
     _atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz",
@@ -221,8 +223,7 @@ def _claim_output(output: Path, settings: dict) -> None:
             raise SamplingError(f"{output} holds samples made with other settings ({', '.join(f'{k}: {before.get(k)!r} → {settings.get(k)!r}' for k in diff[:3])}); "
                                 "use a new --output or the same settings")
         return
-    (output / "images").mkdir(parents=True, exist_ok=True)
-    (output / "chunks").mkdir(exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
 
 
