@@ -11,10 +11,11 @@ _C = math.pi / (2 * math.sqrt(3))  # makes the logistic density below have unit 
 
 
 def logistic_G(s: torch.Tensor) -> torch.Tensor:
-    """G(s) = −2 log cosh(π s/(2√3)) − log 4, the log-density of the ICA sources (Hyvärinen 2005, §3.2)."""
+    """G(s) = −2 log cosh(π s/(2√3)) − log(4√3/π), the unit-variance logistic log-density of the ICA sources
+    (Hyvärinen 2005, §3.2)."""
     a = _C * s
     log_cosh = a.abs() + torch.log1p(torch.exp(-2 * a.abs())) - math.log(2.0)  # stable for large |a|
-    return -2 * log_cosh - math.log(4.0)
+    return -2 * log_cosh - math.log(2.0 / _C)
 
 
 def logistic_g(s: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,8 @@ def sliced_score_matching_loss(
 
 
 @dataclass
-class DSMLoss:
-    """The denoising score-matching loss of a batch and its break-down by noise level.
+class LevelLoss:
+    """A noise-conditional loss of a batch and its break-down by noise level (DSM or sliced).
 
     loss: the scalar to minimise, mean over the batch of λ(σ)ℓ(θ;σ) for each sample's level.
     per_level_sum: (L,) sum of the per-sample losses that fell on each level (detached).
@@ -76,18 +76,9 @@ class DSMLoss:
         return self.per_level_sum / self.per_level_count.to(self.per_level_sum.dtype)
 
 
-def dsm_loss(
-    score_fn: NoiseScoreFn,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    levels: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> DSMLoss:
-    """NCSN's objective: ½ E‖s(x̃,σ) + (x̃−x)/σ²‖² weighted by λ(σ)=σ² (Song & Ermon 2019, eqs. 5–6).
-
-    Each sample gets one level drawn uniformly (or ``levels``, (B,) indices into ``sigmas``).
-    With x̃ = x + σz the weighted per-sample loss is ½‖σ s(x̃,σ) + z‖².
-    """
+def _draw_levels(x: torch.Tensor, sigmas: torch.Tensor, levels: torch.Tensor | None,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σs on x's device and dtype, one level index per sample: uniform, or the given ``levels``)."""
     if sigmas.dim() != 1 or sigmas.numel() < 1:
         raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
@@ -95,14 +86,56 @@ def dsm_loss(
         levels = torch.randint(0, sigmas.numel(), (x.shape[0],), device=x.device, generator=generator)
     elif levels.shape != (x.shape[0],):
         raise ValueError(f"levels must have shape ({x.shape[0]},), got {tuple(levels.shape)}")
+    return sigmas, levels
+
+
+def _level_loss(per_sample: torch.Tensor, levels: torch.Tensor, num_levels: int) -> LevelLoss:
+    detached = per_sample.detach().float()
+    per_level_sum = torch.zeros(num_levels, device=per_sample.device).index_add_(0, levels, detached)
+    return LevelLoss(per_sample.mean(), per_level_sum, torch.bincount(levels, minlength=num_levels))
+
+
+def dsm_loss(
+    score_fn: NoiseScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    levels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LevelLoss:
+    """NCSN's objective: ½ E‖s(x̃,σ) + (x̃−x)/σ²‖² weighted by λ(σ)=σ² (Song & Ermon 2019, eqs. 5–6).
+
+    Each sample gets one level drawn uniformly (or ``levels``, (B,) indices into ``sigmas``).
+    With x̃ = x + σz the weighted per-sample loss is ½‖σ s(x̃,σ) + z‖².
+    """
+    sigmas, levels = _draw_levels(x, sigmas, levels, generator)
     sigma = sigmas[levels]
     sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
     z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
     score = score_fn(x + sigma_b * z, sigma)
     _check_score_shape(score, x)
     per_sample = 0.5 * (sigma_b * score + z).flatten(1).pow(2).sum(dim=1)
-    num_levels = sigmas.numel()
-    detached = per_sample.detach().float()
-    per_level_sum = torch.zeros(num_levels, device=x.device).index_add_(0, levels, detached)
-    per_level_count = torch.bincount(levels, minlength=num_levels)
-    return DSMLoss(per_sample.mean(), per_level_sum, per_level_count)
+    return _level_loss(per_sample, levels, sigmas.numel())
+
+
+def sliced_level_loss(
+    score_fn: NoiseScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    levels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LevelLoss:
+    """Noise-conditional sliced score matching with variance reduction on x̃ = x + σz, weighted by λ(σ)=σ²:
+    σ²[vᵀ∇_x̃(vᵀs(x̃,σ)) + ½‖s(x̃,σ)‖²], v ~ N(0, I) (Song et al. 2019, eq. 8; NCSN §3.2, eq. 6's weighting)."""
+    sigmas, levels = _draw_levels(x, sigmas, levels, generator)
+    sigma = sigmas[levels]
+    sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
+    noisy = (x + sigma_b * torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)).detach().requires_grad_(True)
+    v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    score = score_fn(noisy, sigma)
+    _check_score_shape(score, x)
+    (grad_v,) = torch.autograd.grad((score * v).sum(), noisy, create_graph=True)
+    per_sample = ((grad_v * v).flatten(1).sum(dim=1) + 0.5 * score.flatten(1).pow(2).sum(dim=1)) * sigma**2
+    return _level_loss(per_sample, levels, sigmas.numel())
+
+
+LEVEL_LOSSES = {"dsm": dsm_loss, "ssm": sliced_level_loss}

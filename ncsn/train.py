@@ -11,7 +11,7 @@ from torch import nn
 
 from ncsn.data import to_unit_interval
 from ncsn.ema import EMA
-from ncsn.losses import dsm_loss
+from ncsn.losses import LEVEL_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,17 @@ def train_steps(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    objective: str = "dsm",
 ) -> Iterator[StepStats]:
     """Run DSM steps start_step+1 … num_steps over ``batches`` (cycled), yielding StepStats after each.
 
     ``model`` is a score network taking (x, σ) (it may be DDP-wrapped); ``transform`` maps a batch as
     loaded to the model's input (e.g. dequantisation). ``amp`` uses autocast (and ``scaler``) on CUDA.
+    ``objective``: "dsm" (denoising score matching) or "ssm" (sliced score matching), both per noise level.
     """
+    if objective not in LEVEL_LOSSES:
+        raise ValueError(f"objective must be one of {', '.join(LEVEL_LOSSES)}, got {objective!r}")
+    loss_fn = LEVEL_LOSSES[objective]
     device = next(model.parameters()).device
     sigmas = sigmas.to(device)
     step = start_step
@@ -68,7 +73,7 @@ def train_steps(
             if not x.is_floating_point():
                 raise ValueError(f"batch of dtype {x.dtype} reached the model: pass a transform such as to_unit_interval")
             with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
-                out = dsm_loss(model, x, sigmas)
+                out = loss_fn(model, x, sigmas)
             loss = out.loss.float()
             if not torch.isfinite(loss):
                 bad = [f"{i} (σ={sigmas[i].item():.4g})" for i in range(sigmas.numel())
@@ -115,6 +120,7 @@ def fit(
     grad_clip: float | None = None,
     seed: int = 0,
     log_every: int = 0,
+    objective: str = "dsm",
 ) -> EMA:
     """Train ``model`` on in-memory uint8 images (N, C, H, W) with Adam and dequantisation; return its EMA.
 
@@ -126,7 +132,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches = infinite_batches(images, batch_size, gen)
     for stats in train_steps(model, batches, sigmas, optimizer, num_steps=num_steps, ema=ema, grad_clip=grad_clip,
-                             transform=lambda b: to_unit_interval(b, dequantize=True, generator=gen)):
+                             transform=lambda b: to_unit_interval(b, dequantize=True, generator=gen), objective=objective):
         if log_every and stats.step % log_every == 0:
             log.info("step %d/%d  loss %.4f  grad-norm %.3g", stats.step, num_steps, stats.loss, stats.grad_norm)
     return ema

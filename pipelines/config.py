@@ -68,6 +68,7 @@ class TrainConfig:
     sample_every: int = 5000
     seed: int = 0
     amp: bool = True  # used on GPU only
+    objective: str = "dsm"  # dsm (denoising score matching) | ssm (sliced score matching, variance-reduced), per σ level
 
 
 @dataclass
@@ -238,6 +239,7 @@ def _validate(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, ">= 1"),
         ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
         ("train.sample_every", t.sample_every, t.sample_every >= 1, ">= 1"),
+        ("train.objective", t.objective, t.objective in ("dsm", "ssm"), "dsm or ssm"),
         ("tracking.flush_timeout", cfg.tracking.flush_timeout, cfg.tracking.flush_timeout >= 0, ">= 0"),
         ("sampling.num_samples", smp.num_samples, smp.num_samples >= 1, ">= 1"),
         ("sampling.steps_per_level", smp.steps_per_level, smp.steps_per_level >= 1, ">= 1"),

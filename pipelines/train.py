@@ -177,7 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     level_count = torch.zeros(len(sigmas), device=device)
     loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     for stats in train_steps(ddp_model, batches(), sigmas, optimizer, num_steps=cfg.train.steps, start_step=start, ema=ema,
-                             grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp, scaler=scaler):
+                             grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp, scaler=scaler, objective=cfg.train.objective):
         level_sum += stats.per_level_sum.to(device)
         level_count += stats.per_level_count.to(device)
         loss_sum, grad_sum, n_steps, images = loss_sum + stats.loss, grad_sum + stats.grad_norm, n_steps + 1, images + stats.images

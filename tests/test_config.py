@@ -7,11 +7,29 @@ from pipelines.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "celeba"])
+@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "celeba", "cifar10-ncsnv2", "celeba64-ncsnv2"])
 def test_presets_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name
-    assert cfg.model.image_size in (8, 28, 32)
+    assert cfg.model.image_size in (8, 28, 32, 64)
+
+
+@pytest.mark.parametrize("name, size, sigma_1, levels, step_lr, steps", [
+    ("cifar10-ncsnv2", 32, 50.0, 232, 6.2e-6, 300_001),   # ermongroup/ncsnv2 configs/cifar10.yml
+    ("celeba64-ncsnv2", 64, 90.0, 500, 3.3e-6, 210_001),  # ermongroup/ncsnv2 configs/celeba.yml
+])
+def test_ncsnv2_presets_have_the_published_numbers(name, size, sigma_1, levels, step_lr, steps):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert (cfg.model.arch, cfg.model.image_size, cfg.model.channels, cfg.model.ngf) == ("ncsnv2", size, 3, 128)
+    assert not cfg.schedule.recommend
+    sigmas = cfg.sigmas()
+    assert len(sigmas) == levels and sigmas[0].item() == pytest.approx(sigma_1) and sigmas[-1].item() == pytest.approx(0.01)
+    assert sigmas[1].item() / sigmas[0].item() == pytest.approx(sigmas[-1].item() / sigmas[-2].item(), rel=1e-4)  # geometric
+    assert cfg.sampling.eps == pytest.approx(2 * step_lr)  # official step_lr in Algorithm 1's convention
+    assert (cfg.sampling.steps_per_level, cfg.sampling.denoise) == (5, True)
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.weight_decay, cfg.optim.amsgrad) == (1e-4, 0.9, 0.0, False)
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.train.ema_decay, cfg.train.objective) == (128, steps, 0.999, "dsm")
+    assert cfg.data.random_flip and not cfg.data.dequantize
 
 
 def test_cifar10_preset_has_the_paper_hyper_parameters():

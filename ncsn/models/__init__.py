@@ -18,7 +18,7 @@ class ModelConfig:
     """Architecture of an image score network.
 
     arch: "ncsn" (noise level by conditional instance norm++, NCSN 2019) or "ncsnv2" (unconditional
-      body whose output is divided by σ, NCSNv2 technique 3).
+      body whose output is divided by σ, NCSNv2 technique 3; its RefineNet blocks have no norms and max-pool).
     image_size: height = width in pixels (8, 28, 32 or 64). channels: 1 or 3. ngf: base width.
     """
 
@@ -44,8 +44,8 @@ class ScoreNetwork(nn.Module):
     """s_θ(x, σ) for images in [0, 1]; owns the σ schedule it was trained on.
 
     CIFAR-10 configuration (arch="ncsn", image_size=32, channels=3, ngf=128, L=10): 30,117,635 parameters,
-    in the layer layout of the paper's CondRefineNetDilated (ermongroup/ncsn); arch="ncsnv2" drops the
-    per-level norm embeddings: 29,727,107.
+    in the layer layout of the paper's CondRefineNetDilated (ermongroup/ncsn); arch="ncsnv2": 29,694,083,
+    the published NCSNv2 (ermongroup/ncsnv2, models/ncsnv2.py), whatever L.
     """
 
     def __init__(self, config: ModelConfig, sigmas: torch.Tensor):
@@ -54,8 +54,10 @@ class ScoreNetwork(nn.Module):
             raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
         self.config = config
         self.register_buffer("sigmas", sigmas.detach().clone().float())
-        num_classes = sigmas.numel() if config.arch == "ncsn" else None
-        self.body = RefineNet(config.channels, config.ngf, num_classes)
+        if config.arch == "ncsn":
+            self.body = RefineNet(config.channels, config.ngf, sigmas.numel())
+        else:
+            self.body = RefineNet(config.channels, config.ngf, None, refine_norms=False, pool="max")
 
     def level_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of each σ in the schedule; a σ not in the schedule is an error for arch="ncsn"."""

@@ -16,12 +16,13 @@ class InstanceNorm2dPlus(nn.Module):
         super().__init__()
         self.num_features = num_features
         self.num_classes = num_classes
-        init = torch.cat([torch.empty(2 * num_features).normal_(1.0, 0.02), torch.zeros(num_features)])
+        rows = num_classes or 1  # γ, α ~ N(1, 0.02) drawn for each level, β = 0 (as the published code initialises them)
+        init = torch.cat([torch.empty(rows, 2 * num_features).normal_(1.0, 0.02), torch.zeros(rows, num_features)], dim=1)
         if num_classes:
             self.embed = nn.Embedding(num_classes, 3 * num_features)
-            self.embed.weight.data.copy_(init.expand(num_classes, -1))
+            self.embed.weight.data.copy_(init)
         else:
-            self.weight = nn.Parameter(init.clone())
+            self.weight = nn.Parameter(init[0])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         means = x.mean(dim=(2, 3))

@@ -3,7 +3,9 @@
 Blocks take (x, y) with y the noise-level index, used by conditional instance norm++ (or None when
 the norms are unconditional, as in NCSNv2). Layout follows the paper's CIFAR-10 model: four stages of
 two residual blocks (the second downsamples, the third and fourth dilate by 2 and 4 instead of
-downsampling), then four RefineNet blocks fusing coarse to fine.
+downsampling), then four RefineNet blocks fusing coarse to fine. NCSN (CondRefineNetDilated) puts
+norms in the RefineNet blocks and average-pools in their chained residual pooling; NCSNv2 has no norms
+there and max-pools (``refine_norms=False, pool="max"``, as in ermongroup/ncsnv2's RefineBlock).
 """
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ from ncsn.models.normalization import InstanceNorm2dPlus
 
 def _conv3x3(cin: int, cout: int, bias: bool = True, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=bias)
+
+
+class NoNorm(nn.Module):
+    """The identity in a norm's place (NCSNv2's RefineNet blocks have no normalisation)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def _norm(features: int, num_classes: int | None, enabled: bool) -> nn.Module:
+    return InstanceNorm2dPlus(features, num_classes) if enabled else NoNorm()
 
 
 class ConvMeanPool(nn.Module):
@@ -57,11 +70,11 @@ class ResidualBlock(nn.Module):
 class RCU(nn.Module):
     """Residual conv units: ``n_blocks`` × (``n_stages`` × norm → ELU → conv) with identity skips."""
 
-    def __init__(self, features: int, n_blocks: int, num_classes: int | None, n_stages: int = 2):
+    def __init__(self, features: int, n_blocks: int, num_classes: int | None, norms: bool = True, n_stages: int = 2):
         super().__init__()
         self.blocks = nn.ModuleList(
             nn.ModuleList(
-                nn.ModuleDict({"norm": InstanceNorm2dPlus(features, num_classes), "conv": _conv3x3(features, features, bias=False)})
+                nn.ModuleDict({"norm": _norm(features, num_classes, norms), "conv": _conv3x3(features, features, bias=False)})
                 for _ in range(n_stages)
             )
             for _ in range(n_blocks)
@@ -80,9 +93,9 @@ class RCU(nn.Module):
 class MultiResolutionFusion(nn.Module):
     """norm → conv each input to ``features`` channels, upsample to the finest shape, and sum."""
 
-    def __init__(self, in_planes: list[int], features: int, num_classes: int | None):
+    def __init__(self, in_planes: list[int], features: int, num_classes: int | None, norms: bool = True):
         super().__init__()
-        self.norms = nn.ModuleList(InstanceNorm2dPlus(c, num_classes) for c in in_planes)
+        self.norms = nn.ModuleList(_norm(c, num_classes, norms) for c in in_planes)
         self.convs = nn.ModuleList(_conv3x3(c, features) for c in in_planes)
 
     def forward(self, xs: list[torch.Tensor], y: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
@@ -93,19 +106,22 @@ class MultiResolutionFusion(nn.Module):
 
 
 class ChainedResidualPooling(nn.Module):
-    """ELU, then ``n_stages`` of norm → 5×5 average pool → conv, each added to the running sum."""
+    """ELU, then ``n_stages`` of norm → 5×5 pool (average or max) → conv, each added to the running sum."""
 
-    def __init__(self, features: int, num_classes: int | None, n_stages: int = 2):
+    def __init__(self, features: int, num_classes: int | None, norms: bool = True, pool: str = "avg", n_stages: int = 2):
         super().__init__()
-        self.norms = nn.ModuleList(InstanceNorm2dPlus(features, num_classes) for _ in range(n_stages))
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        self.norms = nn.ModuleList(_norm(features, num_classes, norms) for _ in range(n_stages))
         self.convs = nn.ModuleList(_conv3x3(features, features, bias=False) for _ in range(n_stages))
+        self.pool = F.avg_pool2d if pool == "avg" else F.max_pool2d
         self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         x = self.act(x)
         path = x
         for norm, conv in zip(self.norms, self.convs):
-            path = conv(F.avg_pool2d(norm(path, y), 5, stride=1, padding=2))
+            path = conv(self.pool(norm(path, y), 5, stride=1, padding=2))
             x = x + path
         return x
 
@@ -113,12 +129,13 @@ class ChainedResidualPooling(nn.Module):
 class RefineBlock(nn.Module):
     """RefineNet block: RCU per input → multi-resolution fusion → chained residual pooling → RCU."""
 
-    def __init__(self, in_planes: list[int], features: int, num_classes: int | None, end: bool = False):
+    def __init__(self, in_planes: list[int], features: int, num_classes: int | None, end: bool = False, norms: bool = True,
+                 pool: str = "avg"):
         super().__init__()
-        self.adapt = nn.ModuleList(RCU(c, 2, num_classes) for c in in_planes)
-        self.fuse = MultiResolutionFusion(in_planes, features, num_classes) if len(in_planes) > 1 else None
-        self.crp = ChainedResidualPooling(features, num_classes)
-        self.out = RCU(features, 3 if end else 1, num_classes)
+        self.adapt = nn.ModuleList(RCU(c, 2, num_classes, norms) for c in in_planes)
+        self.fuse = MultiResolutionFusion(in_planes, features, num_classes, norms) if len(in_planes) > 1 else None
+        self.crp = ChainedResidualPooling(features, num_classes, norms, pool)
+        self.out = RCU(features, 3 if end else 1, num_classes, norms)
 
     def forward(self, xs: list[torch.Tensor], y: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
         hs = [adapt(x, y) for adapt, x in zip(self.adapt, xs)]
@@ -127,9 +144,11 @@ class RefineBlock(nn.Module):
 
 
 class RefineNet(nn.Module):
-    """The NCSN body: maps x ∈ [0, 1]^{C×H×W} and a level index y to a tensor of x's shape."""
+    """The NCSN body: maps x ∈ [0, 1]^{C×H×W} and a level index y to a tensor of x's shape.
 
-    def __init__(self, channels: int, ngf: int, num_classes: int | None):
+    ``refine_norms`` and ``pool`` choose the RefineNet blocks' form: NCSN's (True, "avg") or NCSNv2's (False, "max")."""
+
+    def __init__(self, channels: int, ngf: int, num_classes: int | None, refine_norms: bool = True, pool: str = "avg"):
         super().__init__()
         n2 = 2 * ngf
         self.begin = nn.Conv2d(channels, ngf, 3, padding=1)
@@ -139,11 +158,12 @@ class RefineNet(nn.Module):
             nn.ModuleList([ResidualBlock(n2, n2, num_classes, down=True, dilation=2), ResidualBlock(n2, n2, num_classes, dilation=2)]),
             nn.ModuleList([ResidualBlock(n2, n2, num_classes, down=True, dilation=4), ResidualBlock(n2, n2, num_classes, dilation=4)]),
         ])
+        block = dict(norms=refine_norms, pool=pool)
         self.refine = nn.ModuleList([
-            RefineBlock([n2], n2, num_classes),
-            RefineBlock([n2, n2], n2, num_classes),
-            RefineBlock([n2, n2], ngf, num_classes),
-            RefineBlock([ngf, ngf], ngf, num_classes, end=True),
+            RefineBlock([n2], n2, num_classes, **block),
+            RefineBlock([n2, n2], n2, num_classes, **block),
+            RefineBlock([n2, n2], ngf, num_classes, **block),
+            RefineBlock([ngf, ngf], ngf, num_classes, end=True, **block),
         ])
         self.end_norm = InstanceNorm2dPlus(ngf, num_classes)
         self.end = nn.Conv2d(ngf, channels, 3, padding=1)
