@@ -26,8 +26,7 @@ from ncsn.sigmas import max_pairwise_distance
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "ncsn-pipeline/shards/1"
-DISTANCE_SAMPLE = 2000  # training images the max pairwise distance is computed on
+FORMAT = "ncsn-pipeline/shards/2"  # 2: exact max pairwise distance (1 sampled 2000 images)
 
 
 class ShardError(RuntimeError):
@@ -84,19 +83,18 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str, split_count: int, seed: int = 0) -> dict:
-    """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and statistics."""
+def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str) -> tuple[dict, np.ndarray | None]:
+    """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and
+    statistics, and (training split only) the images as uint8 (N, H, W, C) for the exact max pairwise distance."""
     import webdataset as wds
 
     storage = Storage(output)
     source = options.open()
     max_bytes = int(options.max_shard_mb * 1e6) if options.max_shard_mb else None
-    rng = np.random.default_rng([seed, task])
-    keep_prob = min(1.0, DISTANCE_SAMPLE / max(split_count, 1))
     shards: list[dict] = []
     shape = None
     pix_sum = pix_sq = None
-    sample: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
     part, writer, tmp, count = 0, None, None, 0
 
     def close() -> None:
@@ -127,8 +125,8 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
             pixels = rec.image.reshape(-1, shape[-1]).astype(np.float64) / 255.0
             pix_sum += pixels.sum(0)
             pix_sq += (pixels**2).sum(0)
-            if split == "train" and rng.random() < keep_prob:
-                sample.append(rec.image)
+            if split == "train":
+                kept.append(rec.image)
             if count >= options.shard_size or (max_bytes and writer.tarstream.fileobj.tell() >= max_bytes):
                 close()
         if writer is not None:
@@ -141,8 +139,14 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
         "shape": list(shape) if shape is not None else None,
         "pixel_sum": pix_sum.tolist() if pix_sum is not None else None,
         "pixel_sq_sum": pix_sq.tolist() if pix_sq is not None else None,
-        "sample": np.stack(sample) if sample else None,
-    }
+    }, (np.stack(kept) if kept else None)
+
+
+def block_max_distance(a: np.ndarray, b: np.ndarray | None) -> float:
+    """Exact max Euclidean distance between images of blocks ``a`` and ``b`` (within ``a`` when b is None), in [0, 1] units."""
+    if b is None:  # on the uint8 values (exact in float32 and float64), scaled once: distances are linear in the scale
+        return max_pairwise_distance(torch.from_numpy(a)) / 255.0 if len(a) > 1 else 0.0
+    return max_pairwise_distance(torch.from_numpy(a), torch.from_numpy(b)) / 255.0
 
 
 def _plan_tasks(source: Source, shard_size: int, workers: int) -> list[tuple[str, int, int, int]]:
@@ -198,16 +202,19 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     if not ray.is_initialized():
         ray.init()  # with worker logs shown: later stages (training's progress lines) may use this same instance
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task_fn = ray.remote(num_cpus=1, max_retries=2)(write_shard_range)
+    task_fn = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)
     total = sum(stop - lo for _, lo, stop, _ in plan)
-    pending, results, queue = {}, {}, list(plan)
+    pending, results, train_blocks, queue = {}, {}, [], list(plan)
     bar = tqdm(total=total, unit="img", desc=f"shard {options.source}", disable=not progress)
     try:
         while queue or pending:
             while queue and len(pending) < workers:
                 split, lo, stop, task = queue.pop(0)
-                pending[task_fn.remote(options, split, lo, stop, task, output, source.count(split))] = (split, task, stop - lo)
+                stats_ref, images_ref = task_fn.remote(options, split, lo, stop, task, output)
+                pending[stats_ref] = (split, task, stop - lo)
+                if split == "train":
+                    train_blocks.append(images_ref)  # stays in the object store for the distance tasks
             done, _ = ray.wait(list(pending), num_returns=1)
             split, task, n = pending.pop(done[0])
             try:
@@ -220,7 +227,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
-    manifest = _build_manifest(options, fingerprint, source, plan, results)
+    manifest = _build_manifest(options, fingerprint, source, plan, results, _max_distance(train_blocks))
     old_paths = set()
     if storage.exists(MANIFEST):
         try:
@@ -235,7 +242,19 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     return ShardSummary(output, manifest["total_count"], len(shards), sum(s["bytes"] for s in shards), time.perf_counter() - start_time, False)
 
 
-def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict) -> dict:
+def _max_distance(blocks: list) -> float | None:
+    """The exact max pairwise distance of the training images: one Ray task per pair of blocks (and per block)."""
+    import ray
+
+    if not blocks:
+        return None
+    pair_fn = ray.remote(num_cpus=1, max_retries=2)(block_max_distance)
+    refs = [pair_fn.remote(a, blocks[j] if j != i else None) for i, a in enumerate(blocks) for j in range(i, len(blocks))]
+    return max(ray.get(refs))
+
+
+def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict,
+                    max_distance: float | None) -> dict:
     splits: dict[str, dict] = {}
     shape = next((r["shape"] for r in results.values() if r["shape"] is not None), None)
     for split in SPLITS:
@@ -249,15 +268,12 @@ def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, pl
             n_pixels = entry["count"] * shape[0] * shape[1]
             mean = np.sum([r["pixel_sum"] for r in parts], axis=0) / n_pixels
             var = np.sum([r["pixel_sq_sum"] for r in parts], axis=0) / n_pixels - mean**2
-            sample = np.concatenate([r["sample"] for r in parts if r["sample"] is not None])
-            distance, n = max_pairwise_distance(torch.from_numpy(sample).float() / 255.0)
             entry["statistics"] = {
                 "pixel_scale": "[0, 1]",
                 "channel_mean": mean.tolist(),
                 "channel_std": np.sqrt(np.maximum(var, 0)).tolist(),
-                "max_pairwise_distance": distance,
-                "max_pairwise_distance_sample_size": n,
-                "note": "mean/std over every training pixel; max pairwise distance over a random sample of training images",
+                "max_pairwise_distance": max_distance,
+                "note": "mean/std over every training pixel; max pairwise distance: exact, over every pair of training images",
             }
         splits[split] = entry
     return {

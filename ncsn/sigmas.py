@@ -26,21 +26,27 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> tor
     return exponents.exp().float()
 
 
-def max_pairwise_distance(data: torch.Tensor, max_points: int = 10_000, seed: int = 0) -> tuple[float, int]:
-    """Largest Euclidean distance between two rows of ``data`` (N, ...), on at most ``max_points`` rows.
-
-    Returns (distance, number of rows it was computed on); rows are a random subset when N > max_points.
-    """
-    flat = data.reshape(data.shape[0], -1).double()
-    if flat.shape[0] < 2:
-        raise ValueError(f"data must hold at least 2 samples, got {flat.shape[0]}")
-    if flat.shape[0] > max_points:
-        idx = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
-        flat = flat[idx]
-    best = 0.0
-    for start in range(0, flat.shape[0], 1024):
-        best = max(best, torch.cdist(flat[start : start + 1024], flat).max().item())
-    return best, flat.shape[0]
+def max_pairwise_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 2048) -> float:
+    """Exact largest Euclidean distance between a row of ``a`` (N, ...) and a row of ``b`` (M, ...), or between two
+    rows of ``a`` when ``b`` is None (NCSNv2 technique 1's σ_1). Chunks of ``chunk`` rows bound the memory; the
+    squared distances are ranked in float32 (‖x‖² + ‖y‖² − 2xᵀy) and the winning pair is recomputed in float64."""
+    positive_int("chunk", chunk)
+    fa = a.reshape(a.shape[0], -1)
+    fb = fa if b is None else b.reshape(b.shape[0], -1)
+    if b is None and fa.shape[0] < 2:
+        raise ValueError(f"data must hold at least 2 samples, got {fa.shape[0]}")
+    if fa.shape[1] != fb.shape[1] or fb.shape[0] < 1:
+        raise ValueError(f"a and b must be non-empty with rows of one size, got {tuple(fa.shape)} and {tuple(fb.shape)}")
+    best, pair = -math.inf, (0, 0)
+    for i in range(0, fa.shape[0], chunk):
+        x = fa[i : i + chunk].float()
+        for j in range(i if b is None else 0, fb.shape[0], chunk):  # for one set, blocks j ≥ i cover every pair
+            y = fb[j : j + chunk].float()
+            sq = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None] - 2 * x @ y.T
+            value, flat = sq.max().item(), int(sq.argmax())
+            if value > best:
+                best, pair = value, (i + flat // y.shape[0], j + flat % y.shape[0])
+    return (fa[pair[0]].double() - fb[pair[1]].double()).norm().item()
 
 
 def _normal_cdf(x: float) -> float:
@@ -106,7 +112,6 @@ class ScheduleRecommendation:
     eps: Algorithm 1's step ε for which Langevin at each level ends at the level's variance (technique 4).
     steps_per_level: T, the Langevin steps per level the step size was chosen for.
     dim: D, the data dimension (C·H·W for images).
-    distance_sample_size: how many data points the max pairwise distance was computed on.
     variance_ratio: Var(x_T)/σ_i² that ε achieves; 1 is the technique-4 target.
     """
 
@@ -118,7 +123,6 @@ class ScheduleRecommendation:
     eps: float
     steps_per_level: int
     dim: int
-    distance_sample_size: int
     variance_ratio: float
 
     def sigmas(self) -> torch.Tensor:
@@ -133,15 +137,13 @@ def recommend_schedule(
     *,
     sigma_max: float | None = None,
     dim: int | None = None,
-    max_points: int = 10_000,
 ) -> ScheduleRecommendation:
     """Apply NCSNv2 techniques 1, 2 and 4 to ``data`` (N, ...) or to a known ``sigma_max`` and ``dim``."""
     positive_int("steps_per_level", steps_per_level)
     positive("sigma_min", sigma_min)
-    sample_size = 0
     if data is not None:
         dim = int(data[0].numel())
-        sigma_max, sample_size = max_pairwise_distance(data, max_points=max_points)
+        sigma_max = max_pairwise_distance(data)
     if sigma_max is None or dim is None:
         raise ValueError("recommend_schedule needs data, or both sigma_max and dim")
     positive("sigma_max", sigma_max)
@@ -160,6 +162,5 @@ def recommend_schedule(
         eps=eps,
         steps_per_level=steps_per_level,
         dim=dim,
-        distance_sample_size=sample_size,
         variance_ratio=langevin_variance_ratio(eps, gamma, sigma_min, steps_per_level),
     )

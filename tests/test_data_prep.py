@@ -46,7 +46,8 @@ def test_cifar10_tarball_shards_back_exactly(tmp_path, ray_local):
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7, 2]
     stats = manifest["splits"]["train"]["statistics"]
     assert stats["channel_mean"] == pytest.approx((truth["train"][0] / 255).reshape(-1, 3).mean(0), abs=1e-9)
-    assert stats["max_pairwise_distance_sample_size"] == 30
+    flat = truth["train"][0].reshape(30, -1).astype(np.float64) / 255  # exact over all 30 images, blocks of 7
+    assert stats["max_pairwise_distance"] == pytest.approx(max(np.linalg.norm(a - b) for a in flat for b in flat), rel=1e-9)
 
 
 def test_malicious_cifar_pickle_is_refused(tmp_path, monkeypatch):

@@ -71,10 +71,21 @@ def test_max_pairwise_distance_and_schedule_from_data(gen):
     data = torch.rand(300, 1, 4, 4, generator=gen)
     data[7] = 0.0
     data[123] = 1.0
-    dist, n = max_pairwise_distance(data)
-    assert n == 300 and dist == pytest.approx(4.0)  # ‖1 − 0‖ over 16 pixels
+    assert max_pairwise_distance(data) == pytest.approx(4.0)  # ‖1 − 0‖ over 16 pixels
     r = recommend_schedule(data, steps_per_level=10)
-    assert r.dim == 16 and r.sigma_max == pytest.approx(4.0) and r.distance_sample_size == 300
+    assert r.dim == 16 and r.sigma_max == pytest.approx(4.0)
+
+
+def test_max_pairwise_distance_is_exact_across_chunks(gen):
+    # Brute force over every pair; chunk sizes that split the extreme pair across blocks (and the cross form a, b).
+    data = torch.rand(57, 10, generator=gen, dtype=torch.float64)
+    brute = torch.cdist(data, data).max().item()
+    for chunk in (1, 5, 56, 57, 1000):
+        assert max_pairwise_distance(data, chunk=chunk) == pytest.approx(brute, rel=1e-12)
+    a, b = data[:20], data[20:]
+    assert max_pairwise_distance(a, b, chunk=7) == pytest.approx(torch.cdist(a, b).max().item(), rel=1e-12)
+    # a subset can only underestimate: the exact statistic never falls below any subset's
+    assert max_pairwise_distance(data[:30]) <= max_pairwise_distance(data)
 
 
 def test_recommend_schedule_rejects_bad_input():
