@@ -35,6 +35,17 @@ def _mlflow_steps(result, key: str = "loss") -> list[int]:
     return sorted(m.step for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, key))
 
 
+def test_sliced_objective_trains_under_ddp(tmp_path, shards):
+    # SSM differentiates the score w.r.t. the noisy input (create_graph) inside each DDP replica; the replicas must stay equal.
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path}", "train.steps=10", "train.batch_size=32", "train.log_every=5",
+                                                "train.checkpoint_every=10", "cluster.num_workers=2", "train.sample_every=10",
+                                                "data.loader_workers=0", "tracking.system_metrics=false", "train.objective=ssm"])
+    run_training(cfg, shards)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [5, 10] and all(r["loss"] == r["loss"] for r in rows)
+    assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0]
+
+
 def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     cfg = _config(tmp_path, 20)
     result = run_training(cfg, shards)
