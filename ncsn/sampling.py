@@ -22,8 +22,15 @@ def _check_sigmas(sigmas: torch.Tensor) -> None:
         raise ValueError("sigmas must be strictly decreasing (σ_1 > … > σ_L)")
 
 
+def _draw(fn, shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``fn`` (torch.randn or torch.rand) drawn on the generator's device, then moved to ``like``'s: a CPU generator
+    gives the same numbers whether the chain runs on the CPU or a GPU."""
+    device = generator.device if generator is not None else like.device
+    return fn(shape, dtype=like.dtype, device=device, generator=generator).to(like.device, non_blocking=True)
+
+
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    return _draw(torch.randn, x.shape, x, generator)
 
 
 @torch.no_grad()
@@ -110,7 +117,7 @@ def inpaint(
     except RuntimeError:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to image shape {tuple(image.shape)}") from None
     sigma_min = sigmas[-1].item()
-    unknown = torch.rand(image.shape, dtype=image.dtype, device=image.device, generator=generator)
+    unknown = _draw(torch.rand, image.shape, image, generator)
     x = mask * image + (1 - mask) * unknown
     for sigma in sigmas.tolist():
         alpha = eps * sigma**2 / sigma_min**2
@@ -134,8 +141,9 @@ def sample_images(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> AnnealedLangevinResult:
-    """Images from Algorithm 1 started at uniform noise in [0, 1] (NCSN §5), clamped to [0, 1] at the end."""
-    x = torch.rand(shape, generator=generator, device=device)
+    """Images from Algorithm 1 started at uniform noise in [0, 1] (NCSN §5), clamped to [0, 1] at the end.
+    The noise is drawn on ``generator``'s device (a CPU generator reproduces CPU samples on a GPU, at a cost)."""
+    x = _draw(torch.rand, shape, torch.empty(0, device=device), generator)
     result = annealed_langevin_dynamics(score_fn, x, sigmas.to(device), eps, steps_per_level, denoise=denoise,
                                         trajectory_every=trajectory_every, generator=generator)
     result.samples = result.samples.clamp(0, 1)
