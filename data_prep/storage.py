@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ncsn.atomic import atomic_write
+
 
 def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
@@ -66,16 +68,7 @@ class Storage:
             self.fs.put_file(local_file, self._fs_path(rel))
             os.unlink(local_file)
             return
-        target = Path(self.path(rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.move(local_file, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.path(rel), lambda tmp: shutil.move(local_file, tmp))
 
     def write_text_atomic(self, rel: str, text: str) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".tmp")

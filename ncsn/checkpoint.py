@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
 
 FORMAT = "ncsn-pipeline/checkpoint/1"
@@ -46,7 +46,6 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model_config": ckpt.model_config.to_dict(),
@@ -58,16 +57,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "rng": ckpt.rng,
         "extra": ckpt.extra,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
     return path
 
 

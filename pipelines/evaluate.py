@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest
+from ncsn.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
@@ -106,9 +108,7 @@ def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int 
         accuracy = (model(_to_input(x_test))[1].argmax(1).numpy() == y_test).mean().item()
     record = {"state_dict": model.state_dict(), "channels": channels, "num_classes": num_classes, "image_size": x_train.shape[1],
               "test_accuracy": accuracy}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(record, out.with_suffix(".tmp"))
-    os.replace(out.with_suffix(".tmp"), out)
+    atomic_write(out, lambda tmp: torch.save(record, tmp))
     log.info("classifier for %s: test accuracy %.3f (%s)", shards, accuracy, out)
     return record
 
@@ -169,8 +169,8 @@ def register_classifier_extractor() -> None:
         register_feature_extractor(CLASSIFIER, _make_extractor_class())
 
 
-def check_inception_weights(path: str) -> None:
-    """torch-fidelity loads the file with weights_only=False (it may run code); refuse anything but plain tensors."""
+def check_inception_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` if it is plain tensors (weights_only=True); anything else is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -180,6 +180,26 @@ def check_inception_weights(path: str) -> None:
                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EvaluationError(f"--inception-weights {path}: expected a state dict of tensors (torch-fidelity's pt_inception-2015-12-05 file)")
+    return state
+
+
+def _private_weights(state: dict[str, torch.Tensor], directory: str) -> str:
+    """``state`` written by this process into its own 0700 directory: torch-fidelity unpickles the weights file it is
+    given with weights_only=False, so it only ever gets bytes verified as tensors and written here."""
+    path = Path(directory) / "inception.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def _download_inception_weights() -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception weights from its URL, read as tensors only (the hub cache is user-writable)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    try:
+        return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False, weights_only=True)
+    except Exception as err:  # noqa: BLE001 — no network, or a cached file that is not plain tensors
+        raise EvaluationError(f"cannot load the Inception weights from {URL_INCEPTION_V3} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); on a machine without internet pass --inception-weights PATH") from None
 
 
 def _file_digest(path: str | Path) -> str:
@@ -191,12 +211,18 @@ def _file_digest(path: str | Path) -> str:
 
 
 class Evaluator:
-    """FID/IS/KID of uint8 sample arrays against one split of a shard set, with one feature extractor."""
+    """FID/IS/KID of uint8 sample arrays against one split of a shard set, with one feature extractor.
+
+    Features come from torch-fidelity's extractor and metrics from its functions; its own cache is never used (it
+    unpickles with weights_only=False). The reference features are cached as a tensors-only file read with
+    weights_only=True; an unreadable or mismatched cache file is recomputed, never trusted."""
 
     def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | None = None,
                  reference_split: str = "test", cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False):
         if extractor not in ("classifier", "inception"):
             raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
+        if isinstance(kid_subset_size, bool) or not isinstance(kid_subset_size, int) or kid_subset_size < 2:
+            raise EvaluationError(f"kid_subset_size must be an integer >= 2, got {kid_subset_size!r}")
         self.shards, self.extractor, self.split = shards, extractor, reference_split
         self.kid_subset_size, self.cuda = kid_subset_size, use_gpu and torch.cuda.is_available()
         self.manifest = load_manifest(shards)
@@ -204,6 +230,7 @@ class Evaluator:
         self.cache = (cache_dir or default_cache_dir()) / data_id
         self.reference, _ = read_split(shards, reference_split)
         self.extra: dict = {}
+        self._extractor = None
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
@@ -212,24 +239,58 @@ class Evaluator:
             self.extra["classifier_test_accuracy"] = float(_load_classifier(self.weights)["test_accuracy"])
             self.fidelity_name = CLASSIFIER
         else:
-            if inception_weights:
-                check_inception_weights(inception_weights)
-            self.weights, self.fidelity_name = inception_weights, "inception-v3-compat"
-        self.weights_id = _file_digest(self.weights) if self.weights else "download"
+            state = check_inception_weights(inception_weights) if inception_weights else _download_inception_weights()
+            self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
+            self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
+        self.weights_id = _file_digest(self.weights)
+
+    def _layers(self) -> dict[str, str]:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        cls = FEATURE_EXTRACTORS_REGISTRY[self.fidelity_name]
+        return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in ("fid", "isc", "kid")}
+
+    def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """{layer: (N, d) features} of uint8 NHWC images from the extractor (built once)."""
+        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+        if self._extractor is None:
+            self._extractor = create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
+                                                       feature_extractor_weights_path=self.weights, verbose=False)
+        return get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, False)
+
+    def reference_features(self) -> dict[str, torch.Tensor]:
+        """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
+        path = self.cache / f"features-{self.split}-{self.extractor}-{self.weights_id}.pt"
+        layers = set(self._layers().values())
+        if path.exists():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if (isinstance(cached, dict) and set(cached) == layers
+                        and all(isinstance(v, torch.Tensor) and v.dim() == 2 and len(v) == len(self.reference) for v in cached.values())):
+                    return cached
+                log.warning("feature cache %s does not hold this reference's features; recomputing", path)
+            except Exception as err:  # noqa: BLE001 — not tensors (a pickle is refused here), truncated, …
+                log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, type(err).__name__)
+        out = self.features(self.reference)
+        atomic_write(path, lambda tmp: torch.save(out, tmp))
+        return out
 
     def metrics(self, samples: np.ndarray) -> dict[str, float]:
         """fid_<extractor>, is_<extractor>, is_std_…, kid_…, kid_std_… of ``samples`` (uint8 NHWC) vs the reference split."""
-        import torch_fidelity
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 
         if samples.ndim != 4 or samples.dtype != np.uint8 or samples.shape[1:] != self.reference.shape[1:]:
             raise EvaluationError(f"samples of shape {samples.shape} ({samples.dtype}) do not match the reference images "
                                   f"{self.reference.shape[1:]} (uint8)")
-        raw = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(samples), input2=UInt8Images(self.reference), fid=True, isc=True, kid=True, cuda=self.cuda,
-            feature_extractor=self.fidelity_name, feature_extractor_weights_path=self.weights, verbose=False,
-            kid_subset_size=min(self.kid_subset_size, len(samples), len(self.reference)), batch_size=64,
-            save_cpu_ram=True, cache=True, cache_root=str(self.cache / "torch-fidelity"), input1_cache_name=None,
-            input2_cache_name=f"{self.split}-{self.extractor}-{self.weights_id}")
+        layers, ours, ref = self._layers(), self.features(samples), self.reference_features()
+        raw = {**fid_statistics_to_metric(fid_features_to_statistics(ours[layers["fid"]]),
+                                          fid_features_to_statistics(ref[layers["fid"]]), False),
+               **isc_featuresdict_to_metric(ours, layers["isc"]),
+               **kid_featuresdict_to_metric(ours, ref, layers["kid"], verbose=False,
+                                            kid_subset_size=min(self.kid_subset_size, len(samples), len(self.reference)))}
         return {f"{short}_{self.extractor}": float(raw[key]) for key, short in _FIDELITY_KEYS.items() if key in raw}
 
     def baselines(self, num_samples: int, seed: int = 0) -> dict[str, float]:

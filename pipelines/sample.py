@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import to_uint8
 from ncsn.figures import save_image_grid, save_trajectory_strip
@@ -82,19 +83,13 @@ def chunk_complete(output: Path, chunk: int, count: int) -> bool:
         return False
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_chunk(output: Path, chunk: int, start: int, images: np.ndarray) -> None:
     """PNGs (one per sample, named by global index) then the chunk's .npz; each file appears whole or not at all."""
     (output / "images").mkdir(parents=True, exist_ok=True)
     (output / "chunks").mkdir(exist_ok=True)
     for i, image in enumerate(images):
-        _atomic_write(output / "images" / f"{start + i:06d}.png", lambda p: Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(p, format="PNG"))
-    _atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz",
+        atomic_write(output / "images" / f"{start + i:06d}.png", lambda p: Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(p, format="PNG"))
+    atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz",
                   lambda p: np.savez(open(p, "wb"), images=images, indices=np.arange(start, start + len(images))))
 
 
@@ -224,7 +219,7 @@ def _claim_output(output: Path, settings: dict) -> None:
                                 "use a new --output or the same settings")
         return
     output.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+    atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
 
 
 def load_samples(output: str | Path, limit: int | None = None) -> np.ndarray:
