@@ -168,18 +168,36 @@ def _fingerprint(options: ShardOptions, source: Source) -> dict:
 
 
 def load_manifest(output: str) -> dict:
-    """The manifest of a shard directory or URL; a clear error when it is missing or unreadable."""
+    """The manifest of a shard directory or URL, checked: every shard entry names a file inside ``output`` and has
+    integer counts and sizes and a sha256; a clear error naming the entry otherwise, or when it is missing or unreadable."""
     storage = Storage(output)
+    where = f"{output.rstrip('/')}/{MANIFEST}"
     try:
-        return json.loads(storage.read_text(MANIFEST))
+        manifest = json.loads(storage.read_text(MANIFEST))
     except FileNotFoundError:
         raise ShardError(f"no {MANIFEST} in {output}: run `ncsn-pipeline shard` first") from None
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{output}/{MANIFEST} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{where} is not valid JSON: {err}") from None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list) for v in splits.values()):
+        raise ShardError(f"{where} has no splits with shard lists; re-run `ncsn-pipeline shard`")
+    for split, entry in splits.items():
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict):
+                raise ShardError(f"{where}: split {split} lists {shard!r}, not a shard entry")
+            try:
+                Storage.check_relative(shard.get("path"))
+            except ValueError as err:
+                raise ShardError(f"{where}: split {split}: shard path {err}; refusing to read or remove it") from None
+            if not all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("count", "bytes")) or not isinstance(shard.get("sha256"), str):
+                raise ShardError(f"{where}: shard {shard['path']} needs integer count and bytes and a sha256")
+    return manifest
 
 
 def _intact(storage: Storage, manifest: dict) -> bool:
-    return all(storage.size(s["path"]) == s["bytes"] for split in manifest["splits"].values() for s in split["shards"])
+    """Every shard present with the bytes the manifest hashed (content, not only sizes)."""
+    return all(storage.exists(s["path"]) and storage.sha256_and_size(s["path"]) == (s["sha256"], s["bytes"])
+               for split in manifest["splits"].values() for s in split["shards"])
 
 
 def shard_dataset(options: ShardOptions, output: str, workers: int | None = None, progress: bool = True) -> ShardSummary:
@@ -193,8 +211,13 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     storage = Storage(output)
     source = options.open()
     fingerprint = _fingerprint(options, source)
+    old = None
     if storage.exists(MANIFEST):
-        old = load_manifest(output)
+        try:
+            old = load_manifest(output)
+        except ShardError as err:  # a damaged manifest is rewritten; nothing it names is trusted or removed
+            log.warning("%s; rewriting the shards", err)
+    if old is not None:
         if old.get("fingerprint") == fingerprint and _intact(storage, old):
             shards = [s for sp in old["splits"].values() for s in sp["shards"]]
             return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
@@ -228,12 +251,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         for ref in pending:
             ray.cancel(ref, force=True)
     manifest = _build_manifest(options, fingerprint, source, plan, results, _max_distance(train_blocks))
-    old_paths = set()
-    if storage.exists(MANIFEST):
-        try:
-            old_paths = {s["path"] for sp in load_manifest(output)["splits"].values() for s in sp["shards"]}
-        except (ShardError, KeyError):
-            old_paths = set()
+    old_paths = {s["path"] for sp in old["splits"].values() for s in sp["shards"]} if old is not None else set()
     storage.write_text_atomic(MANIFEST, json.dumps(manifest, indent=2))
     new_paths = {s["path"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for stale in old_paths - new_paths:

@@ -5,7 +5,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from ncsn.atomic import atomic_write
@@ -44,14 +44,24 @@ class Storage:
         else:
             self.base = str(Path(self.root.removeprefix("file://")).resolve())
 
+    @staticmethod
+    def check_relative(rel: object) -> str:
+        """``rel`` if it names a file below the root ("train/x.tar"); an absolute path, "..", "." or an empty part is a
+        ValueError, so no name read from a manifest reaches outside its folder."""
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+            raise ValueError(f"{rel!r} is not a relative path inside the shard folder")
+        return rel
+
     def path(self, rel: str) -> str:
-        """The full local path or URL of ``rel``."""
+        """The full local path or URL of ``rel`` (which must stay below the root)."""
+        rel = self.check_relative(rel)
         if self.remote:
             return self.root.rstrip("/") + "/" + rel
         return os.path.join(self.base, rel)
 
     def _fs_path(self, rel: str) -> str:
-        return self.base.rstrip("/") + "/" + rel
+        return self.base.rstrip("/") + "/" + self.check_relative(rel)
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))

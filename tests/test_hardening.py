@@ -1,7 +1,9 @@
 """Hardening (issue 18): nothing unpickles a file a user or another tenant can write, no path from a manifest leaves
 its shard folder, restarts recover from their own partial writes, and a failed write leaves nothing behind."""
 import errno
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,48 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(target, disk_full)
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
+
+
+def _shard_digits(out: Path):
+    from data_prep.shard import ShardOptions, shard_dataset
+
+    return shard_dataset(ShardOptions("digits", shard_size=600), str(out), progress=False)
+
+
+def test_manifest_paths_outside_the_shard_folder_are_never_read_or_removed(tmp_path, ray_local):
+    from data_prep.loader import make_loader
+    from data_prep.shard import ShardError, load_manifest, verify_shards
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "data" / "shards"
+    _shard_digits(out)
+    manifest_file = out / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for bad in ("../../victim.txt", str(victim), "train/../../../victim.txt", "./train/x.tar"):
+        manifest["splits"]["train"]["shards"][0]["path"] = bad
+        manifest_file.write_text(json.dumps(manifest))
+        expected = f"{out}/manifest.json: split train: shard path {bad!r} is not a relative path inside the shard folder"
+        for read in (load_manifest, verify_shards, lambda s: make_loader(s, 8)):
+            with pytest.raises(ShardError, match=re.escape(expected)):
+                read(str(out))
+    manifest["splits"]["train"]["shards"][0]["path"] = "../../victim.txt"
+    manifest["fingerprint"] = "other options"  # a re-run rewrites and removes the old manifest's stale shards
+    manifest_file.write_text(json.dumps(manifest))
+    summary = _shard_digits(out)
+    assert not summary.up_to_date and victim.read_text() == "keep me"
+    assert verify_shards(str(out)) == []
+
+
+def test_a_shard_changed_in_place_is_not_up_to_date(tmp_path, ray_local):
+    out = tmp_path / "shards"
+    _shard_digits(out)
+    shard = sorted((out / "train").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    again = _shard_digits(out)
+    assert not again.up_to_date
+    from data_prep.shard import verify_shards
+
+    assert verify_shards(str(out)) == []
