@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +18,11 @@ from ncsn.sigmas import geometric_sigmas
 
 
 class ConfigError(ValueError):
-    """A configuration value that is missing, unknown or invalid; the message names the key."""
+    """A configuration value that is missing, unknown or invalid; the message names the key (also in ``key``)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -167,12 +174,12 @@ def _coerce(value, tp, key: str):
             return None
         (tp,) = [a for a in args if a is not type(None)]
     if value is None:
-        raise ConfigError(f"{key} must not be null")
+        raise ConfigError(f"{key} must not be null", key)
     if typing.get_origin(tp) is list:
         if isinstance(value, str):  # --set tune.steps_per_level=[5,10]
             value = yaml.safe_load(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {value!r}", key)
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -186,17 +193,41 @@ def _coerce(value, tp, key: str):
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}", key)
+
+
+def _dotted_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every section and key of the config, dotted: data, data.source, …"""
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        tp = typing.get_type_hints(cls or Config)[f.name]
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            out += _dotted_keys(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def _suggest(key: str) -> str | None:
+    """The known key closest to a mistyped one: by the whole dotted key, else by its last part in any section."""
+    keys = _dotted_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75)
+    return next((k for k in keys if by_leaf and k.rsplit(".", 1)[-1] == by_leaf[0]), None)
 
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}", prefix.rstrip('.') or None)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
+        close = _suggest(f"{prefix}{unknown[0]}")
+        hint = f"did you mean {close}? " if close else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; {hint}known keys here: {', '.join(sorted(names))}", f"{prefix}{unknown[0]}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -207,32 +238,55 @@ def _build(cls, data: dict, prefix: str):
     try:
         return cls(**kwargs)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err), str(err).split()[0]) from None
 
 
-def _set_dotted(tree: dict, assignment: str) -> None:
+def _set_dotted(tree: dict, assignment: str) -> str:
+    """Apply one ``key=value`` override to ``tree``; returns the key."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: {key!r} is not a dotted key such as optim.lr")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+    return key
+
+
+def _finite_positive(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
 
 
 def _validate(cfg: Config) -> None:
     d, s, o, t, smp = cfg.data, cfg.schedule, cfg.optim, cfg.train, cfg.sampling
     checks = [  # (key, value, valid, what a valid value is)
+        ("name", cfg.name, bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name)),
+         "a plain name (letters, digits, '.', '_', '-'; no path): it names directories under run_dir"),
         ("data.source", d.source, d.source in ("digits", "cifar10", "mnist", "image-folder"), "one of digits, cifar10, mnist, image-folder"),
         ("data.input", d.input, d.source == "digits" or d.input is not None, f"a path for source {d.source!r}"),
         ("data.shard_size", d.shard_size, d.shard_size >= 1, ">= 1"),
-        ("schedule.sigma_min", s.sigma_min, s.recommend or 0 < s.sigma_min < s.sigma_max, "> 0 and < schedule.sigma_max"),
+        ("data.loader_workers", d.loader_workers, d.loader_workers >= 0, ">= 0"),
+        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer >= 0, ">= 0"),
+        ("data.crop", d.crop, d.crop is None or d.crop >= 1, ">= 1 or null"),
+        ("data.resize", d.resize, d.resize is None or d.resize >= 1, ">= 1 or null"),
+        ("schedule.sigma_max", s.sigma_max, _finite_positive(s.sigma_max), "a finite number > 0"),
+        ("schedule.sigma_min", s.sigma_min, _finite_positive(s.sigma_min) and (s.recommend or s.sigma_min < s.sigma_max),
+         "> 0" + ("" if s.recommend else " and < schedule.sigma_max")),
         ("schedule.num_levels", s.num_levels, s.num_levels >= 1, ">= 1"),
-        ("optim.lr", o.lr, o.lr > 0, "> 0"),
-        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip > 0, "> 0 or null"),
+        ("optim.lr", o.lr, _finite_positive(o.lr), "a finite number > 0"),
+        ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+        ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, math.isfinite(o.weight_decay) and o.weight_decay >= 0, "a finite number >= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or _finite_positive(o.grad_clip), "a finite number > 0, or null"),
         ("train.steps", t.steps, t.steps >= 1, ">= 1"),
         ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
         ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1)"),
@@ -243,8 +297,10 @@ def _validate(cfg: Config) -> None:
         ("tracking.flush_timeout", cfg.tracking.flush_timeout, cfg.tracking.flush_timeout >= 0, ">= 0"),
         ("sampling.num_samples", smp.num_samples, smp.num_samples >= 1, ">= 1"),
         ("sampling.steps_per_level", smp.steps_per_level, smp.steps_per_level >= 1, ">= 1"),
-        ("sampling.eps", smp.eps, smp.eps > 0, "> 0"),
+        ("sampling.eps", smp.eps, _finite_positive(smp.eps), "a finite number > 0"),
         ("sampling.workers", smp.workers, smp.workers >= 1, ">= 1"),
+        ("sampling.chunk_size", smp.chunk_size, smp.chunk_size >= 1, ">= 1"),
+        ("evaluation.kid_subset_size", cfg.evaluation.kid_subset_size, cfg.evaluation.kid_subset_size >= 2, ">= 2"),
         ("evaluation.feature_extractor", cfg.evaluation.feature_extractor, cfg.evaluation.feature_extractor in ("classifier", "inception"), "classifier or inception"),
         ("tune.trials", cfg.tune.trials, cfg.tune.trials >= 1, ">= 1"),
         ("tune.eval_every", cfg.tune.eval_every, cfg.tune.eval_every >= 1, ">= 1"),
@@ -254,12 +310,16 @@ def _validate(cfg: Config) -> None:
         ("tune.steps_per_level", cfg.tune.steps_per_level, bool(cfg.tune.steps_per_level) and min(cfg.tune.steps_per_level) >= 1, "a non-empty list of T >= 1"),
         *[(f"tune.{k}", getattr(cfg.tune, k), len(getattr(cfg.tune, k)) == 2 and 0 < getattr(cfg.tune, k)[0] <= getattr(cfg.tune, k)[1],
            "[low, high] with 0 < low <= high") for k in ("sigma_max_scale", "sigma_min", "num_levels_scale", "eps_scale")],
+        ("tune.grace_period", cfg.tune.grace_period, cfg.tune.grace_period >= 1, ">= 1"),
+        ("tune.reduction_factor", cfg.tune.reduction_factor, cfg.tune.reduction_factor >= 2, ">= 2"),
+        ("tune.max_concurrent", cfg.tune.max_concurrent, cfg.tune.max_concurrent is None or cfg.tune.max_concurrent >= 1, ">= 1 or null"),
         ("cluster.num_workers", cfg.cluster.num_workers, cfg.cluster.num_workers >= 1, ">= 1"),
+        ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker, _finite_positive(cfg.cluster.cpus_per_worker), "a finite number > 0"),
         ("cluster.max_failures", cfg.cluster.max_failures, cfg.cluster.max_failures >= 0, ">= 0"),
     ]
     for key, value, valid, expected in checks:
         if not valid:
-            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+            raise ConfigError(f"{key} must be {expected}, got {value!r}", key)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -268,17 +328,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory, not a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text (UTF-8 YAML) file") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    for assignment in overrides:
-        _set_dotted(tree, assignment)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, …), got a {type(tree).__name__}")
+    overridden = {_set_dotted(tree, assignment): assignment for assignment in overrides}
     try:
         return config_from_dict(tree)
     except ConfigError as err:
-        raise ConfigError(f"{err}{f' (in {path})' if path else ''}") from None
+        source = next((f"--set {a}" for k, a in overridden.items() if err.key and (err.key == k or err.key.startswith(k + "."))), None)
+        where = f" (from {source})" if source else f" (in {path})" if path else ""
+        raise ConfigError(f"{err}{where}", err.key) from None
 
 
 def config_from_dict(tree: dict) -> Config:

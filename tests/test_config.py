@@ -48,24 +48,55 @@ def test_dotted_overrides_are_typed():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.lrr=1"], r"unknown key train.lrr; known keys here: .*batch_size"),
-        (["optim.lr=-1"], r"optim.lr must be > 0, got -1.0"),
-        (["optim.lr=fast"], r"optim.lr must be float, got 'fast'"),
+        (["train.lrr=1"], r"unknown key train.lrr; did you mean optim.lr\? known keys here: .*batch_size.* \(from --set train.lrr=1\)"),
+        (["trian.steps=1"], r"unknown key trian; did you mean train\?"),
+        (["optim.lr=-1"], r"optim.lr must be a finite number > 0, got -1.0 \(from --set optim.lr=-1\)$"),
+        (["optim.lr=.inf"], r"optim.lr must be a finite number > 0, got inf"),
+        (["optim.lr=fast"], r"optim.lr must be float, got 'fast' \(from --set optim.lr=fast\)"),
         (["train.steps=ten"], r"train.steps must be int, got 'ten'"),
         (["train.steps=1.5"], r"train.steps must be int, got 1.5"),
         (["model.arch=unet"], r"model.arch must be one of"),
         (["schedule.recommend=false", "schedule.sigma_min=2"], r"schedule.sigma_min must be > 0 and < schedule.sigma_max, got 2.0"),
+        (["schedule.sigma_min=0"], r"schedule.sigma_min must be > 0, got 0.0"),
+        (["schedule.recommend=false", "schedule.sigma_max=.inf"], r"schedule.sigma_max must be a finite number > 0, got inf"),
         (["data.source=cifar10"], r"data.input must be a path for source 'cifar10', got None"),
         (["train=3"], r"train must be a mapping"),
         (["nonsense"], r"--set expects key=value"),
+        (["tune.steps_per_level=[5,"], r"--set tune.steps_per_level=\[5,: the value is not valid YAML"),
+        (["optim.lr={{"], r"--set optim.lr=\{\{: the value is not valid YAML"),
         (["train.ema_decay=1"], r"train.ema_decay must be in \[0, 1\)"),
+        (["optim.beta1=2"], r"optim.beta1 must be in \[0, 1\), got 2.0"),
+        (["optim.weight_decay=-0.1"], r"optim.weight_decay must be a finite number >= 0, got -0.1"),
+        (["name=../../x"], r"name must be a plain name .*no path.*, got '../../x'"),
+        (["sampling.chunk_size=0"], r"sampling.chunk_size must be >= 1, got 0"),
+        (["cluster.cpus_per_worker=0"], r"cluster.cpus_per_worker must be a finite number > 0, got 0.0"),
+        (["data.loader_workers=-1"], r"data.loader_workers must be >= 0, got -1"),
+        (["tune.reduction_factor=0"], r"tune.reduction_factor must be >= 2, got 0"),
+        (["evaluation.kid_subset_size=0"], r"evaluation.kid_subset_size must be >= 2, got 0"),
     ],
 )
-def test_bad_values_name_the_key_and_the_file(overrides, message):
+def test_bad_values_name_the_key_and_where_it_came_from(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(CONFIGS / "digits.yaml", overrides)
-    if "--set" not in message:
+    assert "\n" not in str(err.value)
+    if "--set" not in str(err.value):
         assert "digits.yaml" in str(err.value)
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"optim.lr must be a finite number > 0, got -1.0 \(in .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml", ["train.steps=3"])
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    cases = {tmp_path: "is a directory", tmp_path / "list.yaml": "the top level must be a mapping of sections",
+             tmp_path / "binary.yaml": "is not a text"}
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
 
 
 def test_missing_and_malformed_files(tmp_path):
