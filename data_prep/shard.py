@@ -207,6 +207,10 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
 
     if options.shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {options.shard_size}")
+    if workers is not None and workers < 1:
+        raise ShardError(f"--workers must be >= 1, got {workers}")
+    if options.max_shard_mb is not None and not options.max_shard_mb > 0:
+        raise ShardError(f"--max-shard-mb must be > 0, got {options.max_shard_mb}")
     start_time = time.perf_counter()
     storage = Storage(output)
     source = options.open()
@@ -224,7 +228,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
     if not ray.is_initialized():
         ray.init()  # with worker logs shown: later stages (training's progress lines) may use this same instance
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
     task_fn = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)
     total = sum(stop - lo for _, lo, stop, _ in plan)

@@ -265,6 +265,20 @@ class MnistSource(Source):
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+_EXACT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA"}  # 8 bits per channel: converting to L/RGB keeps the values
+
+
+def _check_8bit(img, path: Path) -> None:
+    """Refuse images whose conversion to 8-bit L/RGB would change pixel values without a stated rule: 16-bit and 32-bit
+    integer or float modes (PIL would clip them at 255) and CMYK/YCbCr/LAB, and transparency other than fully opaque."""
+    if img.mode not in _EXACT_MODES:
+        raise SourceError(f"{path}: image mode {img.mode} (not 8 bits per channel RGB or grey); converting it would clip or "
+                          "re-map its values — convert the folder to 8-bit PNG/JPEG first")
+    if img.mode in ("RGBA", "LA", "PA") and img.getchannel("A").getextrema()[0] < 255:
+        raise SourceError(f"{path}: has transparent pixels; dropping the alpha channel would change the image — flatten it "
+                          "onto a background first")
+
+
 class ImageFolderSource(Source):
     """A directory tree of PNG/JPEG files; labels from first-level sub-folders when every image is in one.
 
@@ -305,6 +319,7 @@ class ImageFolderSource(Source):
         path = self.root / rel
         try:
             with Image.open(path) as img:
+                _check_8bit(img, path)
                 img = img.convert("L" if self.channels == 1 else "RGB")
                 if self.crop:
                     w, h = img.size

@@ -83,7 +83,20 @@ def load_checkpoint(
         config = ModelConfig(**raw["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid model_config: {err}") from None
-    ckpt = Checkpoint(config, raw["sigmas"], raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["rng"], raw["extra"])
+    missing = [k for k in ("sigmas", "model", "ema", "optimizer", "step", "rng", "extra") if k not in raw]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    sigmas = raw["sigmas"]
+    if (not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1 or not sigmas.is_floating_point()
+            or not torch.isfinite(sigmas).all() or (sigmas <= 0).any()):
+        raise CheckpointError(f"checkpoint {path}: sigmas must be a 1-D tensor of finite σ > 0, got {type(sigmas).__name__}"
+                              + (f" of shape {tuple(sigmas.shape)}" if isinstance(sigmas, torch.Tensor) else ""))
+    for key in ("model", "ema"):
+        if not (raw[key] is None and key == "ema") and not (isinstance(raw[key], dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values())):
+            raise CheckpointError(f"checkpoint {path}: {key} must be a state dict of tensors")
+    if isinstance(raw["step"], bool) or not isinstance(raw["step"], int) or raw["step"] < 0:
+        raise CheckpointError(f"checkpoint {path}: step must be an integer >= 0, got {raw['step']!r}")
+    ckpt = Checkpoint(config, sigmas, raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["rng"], raw["extra"] or {})
     if expect_model_config is not None and expect_model_config != config:
         diffs = [
             f"model.{k}: checkpoint {v!r}, config {getattr(expect_model_config, k)!r}"

@@ -129,15 +129,17 @@ def ui_command(uri: str) -> str:
 
 
 def _sync_metrics(args: argparse.Namespace) -> int:
-    import json
-
-    from pipelines.tracking import METRICS_FILE, RUN_FILE, sync_metrics
+    from pipelines.tracking import METRICS_FILE, RUN_FILE, read_run_file, sync_metrics
 
     run_file = Path(args.run_dir) / RUN_FILE
     if not run_file.exists():
         print(f"ncsn-pipeline sync-metrics: error: {run_file} not found (is {args.run_dir} a training run directory?)", file=sys.stderr)
         return 1
-    saved = json.loads(run_file.read_text())
+    try:
+        saved = read_run_file(run_file)
+    except ValueError as err:
+        print(f"ncsn-pipeline sync-metrics: error: {err}", file=sys.stderr)
+        return 1
     uri = args.tracking_uri or saved["tracking_uri"]
     try:
         sent = sync_metrics(uri, saved["run_id"], Path(args.run_dir) / METRICS_FILE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -51,20 +52,27 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def resolve_options(ckpt: Checkpoint, options: SamplingOptions) -> dict:
-    """The options with the checkpoint's defaults filled in, checked; the dict written to sampling.json."""
+    """The options with the checkpoint's defaults filled in where not given (given values are never replaced), checked;
+    the dict written to sampling.json."""
     extra = ckpt.extra or {}
-    steps = options.steps_per_level or extra.get("steps_per_level")
-    eps = options.eps or extra.get("eps")
+    steps = options.steps_per_level if options.steps_per_level is not None else extra.get("steps_per_level")
+    eps = options.eps if options.eps is not None else extra.get("eps")
     if steps is None or eps is None:
         raise SamplingError("the checkpoint does not record the sampler settings; pass --steps-per-level and --eps")
-    sigmas = options.sigmas or ckpt.sigmas.tolist()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SamplingError(f"--steps-per-level must be an integer >= 1, got {steps!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise SamplingError(f"--eps must be a finite number > 0, got {eps!r}")
+    sigmas = [float(x) for x in options.sigmas] if options.sigmas is not None else ckpt.sigmas.tolist()
+    if not sigmas or not all(math.isfinite(x) and x > 0 for x in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise SamplingError(f"--sigmas must be finite numbers > 0 in strictly decreasing order, got {sigmas}")
     if options.sigmas and ckpt.model_config.arch == "ncsn" and not set(np.round(options.sigmas, 8)) <= set(np.round(ckpt.sigmas.tolist(), 8)):
         raise SamplingError("--sigmas: a conditional (arch ncsn) model only takes σ levels it was trained on; use a subset of them")
     if options.num_samples < 1 or options.chunk_size < 1:
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
-    if options.trajectory_samples > options.chunk_size:
-        raise SamplingError(f"trajectory_samples ({options.trajectory_samples}) must be <= chunk_size ({options.chunk_size})")
-    return {**asdict(options), "steps_per_level": int(steps), "eps": float(eps), "sigmas": [float(s) for s in sigmas]}
+    if not 0 <= options.trajectory_samples <= options.chunk_size:
+        raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
+    return {**asdict(options), "steps_per_level": int(steps), "eps": float(eps), "sigmas": sigmas}
 
 
 def plan_chunks(num_samples: int, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -100,11 +108,17 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 
 
 def read_checkpoint(checkpoint: str | Path) -> Checkpoint:
-    """The checkpoint at ``checkpoint``, or a SamplingError naming the file and what is wrong with it."""
+    """The checkpoint at ``checkpoint`` whose weights fit its model and are finite, or a SamplingError naming the file
+    and what is wrong with it (checked on the driver, before any actor starts)."""
     try:
-        return load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint)
+        model = ckpt.build_model()
     except Exception as err:  # noqa: BLE001 — CheckpointError or OSError: name the file
         raise SamplingError(f"{checkpoint}: {err}") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SamplingError(f"{checkpoint}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); the model diverged before this checkpoint")
+    return ckpt
 
 
 class Sampler:
@@ -127,6 +141,9 @@ class Sampler:
         result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), sigmas, settings["eps"],
                                settings["steps_per_level"], denoise=settings["denoise"], trajectory_every=trajectory_every,
                                generator=gen, device=self.device)
+        if not torch.isfinite(result.samples).all():
+            raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings['eps']:.3g} may be too large for this "
+                                "model); nothing was written")
         out = Path(output)
         if trajectory_every:
             save_trajectory_strip([t.clamp(0, 1) for t in result.trajectory], out / "trajectory.png",
@@ -189,9 +206,15 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
         env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if FAULT_ENV in os.environ else None
         pool = ActorPool([actor_cls.options(runtime_env=env).remote(checkpoint, use_gpu) for _ in range(min(workers, len(pending)))])
         bar = _progress(len(pending), progress)
-        for _chunk, _count, _seconds in pool.map_unordered(lambda a, c: a.sample_chunk.remote(str(output), settings, *c), pending):
-            bar.update(1)
-        bar.close()
+        try:
+            for _chunk, _count, _seconds in pool.map_unordered(lambda a, c: a.sample_chunk.remote(str(output), settings, *c), pending):
+                bar.update(1)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, SamplingError):  # deterministic: one line, no retry
+                raise SamplingError(str(err.cause)) from None
+            raise
+        finally:
+            bar.close()
     seconds = time.perf_counter() - t0
     sampled = sum(c[2] for c in pending)
     steps = len(settings["sigmas"]) * settings["steps_per_level"]
@@ -211,6 +234,8 @@ def _progress(total: int, enabled: bool):
 def _claim_output(output: Path, settings: dict) -> None:
     """Create the output directory, or check that the samples already in it were made with the same settings."""
     path = output / SETTINGS_FILE
+    for stale in [*output.glob(".*.tmp"), *output.glob("images/.*.tmp"), *output.glob("chunks/.*.tmp")]:
+        stale.unlink(missing_ok=True)  # a write that a killed process (or a full disk) left half done
     if path.exists():
         before = json.loads(path.read_text())
         diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
@@ -229,9 +254,16 @@ def load_samples(output: str | Path, limit: int | None = None) -> np.ndarray:
         raise SamplingError(f"{output} has no sample chunks (expected {output}/chunks/chunk_*.npz from `ncsn-pipeline sample`)")
     parts, n = [], 0
     for f in files:
-        with np.load(f) as data:
-            parts.append(data["images"])
-        n += len(parts[-1])
+        try:
+            with np.load(f, allow_pickle=False) as data:
+                images = data["images"]
+        except Exception as err:  # noqa: BLE001 — BadZipFile, KeyError, ValueError, …: name the file
+            raise SamplingError(f"{f}: not a readable sample chunk ({type(err).__name__}); delete it and re-run "
+                                "`ncsn-pipeline sample` with the same settings to redo it") from None
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise SamplingError(f"{f}: expected uint8 images (N, H, W, C), got {images.dtype} of shape {images.shape}")
+        parts.append(images)
+        n += len(images)
         if limit is not None and n >= limit:
             break
     images = np.concatenate(parts)
@@ -271,6 +303,10 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
 
     ckpt = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps))
+    c, size = ckpt.model_config.channels, ckpt.model_config.image_size
+    if tuple(images.shape[1:]) != (c, size, size):
+        raise SamplingError(f"{checkpoint} models {c}×{size}×{size} images; the images to inpaint are "
+                            f"{'×'.join(map(str, images.shape[1:]))} (another data set's shards?)")
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     if not ray.is_initialized():
         ray.init()

@@ -98,10 +98,27 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     return uri, run_id
 
 
-def _existing_run(client, run_file: Path, uri: str) -> str | None:
+def read_run_file(run_file: Path) -> dict | None:
+    """{tracking_uri, run_id} from mlflow_run.json; None when it is missing, ValueError when it is damaged."""
     if not run_file.exists():
         return None
-    saved = json.loads(run_file.read_text())
+    try:
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        saved = None
+    if isinstance(saved, dict) and isinstance(saved.get("run_id"), str) and isinstance(saved.get("tracking_uri"), str):
+        return saved
+    raise ValueError(f"{run_file} is damaged (expected JSON with tracking_uri and run_id)")
+
+
+def _existing_run(client, run_file: Path, uri: str) -> str | None:
+    try:
+        saved = read_run_file(run_file)
+    except ValueError as err:
+        log.warning("%s; a new run is created", err)
+        return None
+    if saved is None:
+        return None
     if saved.get("tracking_uri") != uri:
         log.warning("%s names a run in %s; tracking now goes to %s, so a new run is created there", run_file, saved.get("tracking_uri"), uri)
         return None
@@ -145,14 +162,32 @@ def logged_metric_steps(client, run_id: str, key: str = "loss") -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, key)}
 
 
+def read_metric_rows(metrics_file: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line a crash cut short (not JSON, or no integer step) is left out with a warning."""
+    rows = []
+    if not metrics_file.exists():
+        return rows
+    for number, line in enumerate(metrics_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer step")
+        except ValueError:
+            log.warning("%s line %d is incomplete (a write cut short); it is left out", metrics_file, number)
+            continue
+        rows.append(row)
+    return rows
+
+
 def sync_metrics(uri: str, run_id: str, metrics_file: Path, up_to_step: int | None = None) -> int:
     """Send the rows of ``metrics_file`` whose step MLflow does not have yet; returns how many were sent."""
     from mlflow.entities import Metric
 
     client = _client(uri)
     have = logged_metric_steps(client, run_id)
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line] if metrics_file.exists() else []
-    rows = [r for r in rows if r["step"] not in have and (up_to_step is None or r["step"] <= up_to_step)]
+    rows = [r for r in read_metric_rows(metrics_file) if r["step"] not in have and (up_to_step is None or r["step"] <= up_to_step)]
     for row in rows:
         client.log_batch(run_id, metrics=_as_metrics(row, Metric))
     return len(rows)
@@ -196,8 +231,13 @@ class RunLogger:
 
     def log_metrics(self, row: dict) -> None:
         """Append ``row`` (with its "step") to metrics.jsonl now, and queue it for MLflow."""
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(self.metrics_file, "a+b") as f:  # appends go to the end whatever the read position
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # a line a crash cut short stays on its own (read_metric_rows leaves it out)
+            f.write((json.dumps(row) + "\n").encode())
         self._submit(lambda: self._send_row(row))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest
 from data_prep.storage import absolute_location
+from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_uint8, to_unit_interval
 from ncsn.ema import EMA
@@ -109,10 +110,11 @@ def _objective(evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: flo
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep each step once in metrics.jsonl: rows logged after the checkpoint a restart resumes from are replayed."""
+    """Keep each step once in metrics.jsonl: rows logged after the checkpoint a restart resumes from are replayed,
+    and a line a crash cut short is dropped."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
+        rows = [row for row in tracking.read_metric_rows(path) if row["step"] <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -120,3 +120,104 @@ def test_a_shard_changed_in_place_is_not_up_to_date(tmp_path, ray_local):
     from data_prep.shard import verify_shards
 
     assert verify_shards(str(out)) == []
+
+
+def test_images_whose_values_a_conversion_would_change_are_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.sources import ImageFolderSource, SourceError
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(tmp_path / "a" / "deep.png")  # 16-bit grey
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 3] = 128
+    Image.fromarray(rgba).save(tmp_path / "a" / "glass.png")
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    Image.fromarray(opaque).save(tmp_path / "a" / "opaque.png")
+    source = ImageFolderSource(tmp_path, test_fraction=0)
+    with pytest.raises(SourceError, match=r"deep.png: image mode I;16 .*would clip"):
+        source.load(Path("a/deep.png"))
+    with pytest.raises(SourceError, match=r"glass.png: has transparent pixels"):
+        source.load(Path("a/glass.png"))
+    assert source.load(Path("a/opaque.png")).shape == (8, 8, 3)  # fully opaque alpha is dropped losslessly
+
+
+def test_a_torn_metrics_line_is_left_out_and_the_file_repaired(tmp_path):
+    from pipelines.tracking import read_metric_rows
+    from pipelines.train import _drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 15, "loss": 0.8}\n{"step": 20, "lo')
+    assert [r["step"] for r in read_metric_rows(path)] == [5, 10, 15]
+    _drop_metrics_after(path, 10)  # what a restore from the step-10 checkpoint does
+    assert path.read_text() == '{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n'
+
+
+def _write_checkpoint(path: Path, nan: bool = False, size: int = 8):
+    from ncsn.checkpoint import Checkpoint, save_checkpoint
+    from ncsn.models import ModelConfig, ScoreNetwork
+    from ncsn.sigmas import geometric_sigmas
+
+    sigmas = geometric_sigmas(1.0, 0.01, 4)
+    model = ScoreNetwork(ModelConfig("ncsnv2", size, 1, 8), sigmas)
+    state = model.state_dict()
+    if nan:
+        next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    save_checkpoint(path, Checkpoint(model.config, sigmas, state, state, None, 3, extra={"eps": 1e-4, "steps_per_level": 2}))
+    return path
+
+
+def test_sampling_input_is_checked_and_nothing_given_is_replaced(tmp_path):
+    from pipelines.sample import SamplingError, SamplingOptions, read_checkpoint, resolve_options, run_inpainting
+
+    with pytest.raises(SamplingError, match=r"nan.pt: 1 weight tensor\(s\) hold NaN or inf"):
+        read_checkpoint(_write_checkpoint(tmp_path / "nan.pt", nan=True))
+    ckpt = read_checkpoint(_write_checkpoint(tmp_path / "ok.pt"))
+    bad = {"eps": (0.0, r"--eps must be a finite number > 0, got 0.0"), "steps_per_level": (0, r"--steps-per-level must be an integer >= 1, got 0"),
+           "sigmas": ([0.5, 0.9], r"--sigmas must be finite numbers > 0 in strictly decreasing order"),
+           "trajectory_samples": (-1, r"trajectory_samples must be in \[0, chunk_size = 100\], got -1")}
+    for key, (value, message) in bad.items():
+        with pytest.raises(SamplingError, match=message):
+            resolve_options(ckpt, SamplingOptions(10, **{key: value}))
+    assert resolve_options(ckpt, SamplingOptions(10, eps=3e-5))["eps"] == 3e-5  # given: kept; the checkpoint's is 1e-4
+    with pytest.raises(SamplingError, match=r"ok.pt models 1×8×8 images; the images to inpaint are 3×32×32"):
+        run_inpainting(tmp_path / "ok.pt", torch.rand(2, 3, 32, 32), "centre", tmp_path / "paint")
+
+
+def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp_path):
+    import numpy as np
+
+    from pipelines.sample import SamplingError, _claim_output, load_samples
+
+    out = tmp_path / "samples"
+    (out / "images").mkdir(parents=True)
+    (out / "chunks").mkdir()
+    for stale in (out / "images" / ".000001.png.abc.tmp", out / "chunks" / ".chunk_00000.npz.def.tmp", out / ".sampling.json.x.tmp"):
+        stale.write_bytes(b"half")
+    _claim_output(out, {"seed": 0})
+    assert sorted(p.name for p in out.rglob("*.tmp")) == []
+    np.savez(out / "chunks" / "chunk_00000.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    (out / "chunks" / "chunk_00001.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(SamplingError, match=r"chunk_00001.npz: not a readable sample chunk"):
+        load_samples(out)
+
+
+def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    (tmp_path / "mlflow_run.json").write_text('{"run_id": "ab')
+    cases = [
+        (["sync-metrics", str(tmp_path)], f"ncsn-pipeline sync-metrics: error: {tmp_path}/mlflow_run.json is damaged"),
+        (["shard", "--source", "digits", "--output", str(tmp_path / "s"), "--workers", "0"], "ncsn-pipeline shard: error: --workers must be >= 1, got 0"),
+        (["train", "--config", str(tmp_path)], f"ncsn-pipeline train: error: config file {tmp_path} is a directory"),
+        (["train", "--config", "configs/digits.yaml", "--set", "tune.steps_per_level=[5,"],
+         "ncsn-pipeline train: error: --set tune.steps_per_level=[5,: the value is not valid YAML"),
+    ]
+    for args, first in cases:
+        out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), out.stderr
