@@ -100,6 +100,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
         yield from buffer
 
 
+def check_shards_present(manifest: dict, location: str, split: str) -> None:
+    """A ShardError naming the first missing file when a shard the manifest lists for ``split`` is not there."""
+    storage = Storage(location)
+    missing = [s["path"] for s in manifest["splits"][split]["shards"] if not storage.exists(s["path"])]
+    if missing:
+        raise ShardError(f"{len(missing)} shard file(s) listed in {location}/manifest.json are missing, e.g. {storage.path(missing[0])}")
+
+
 class ShardLoader:
     """Iterable of (images uint8 (B, C, H, W), labels int64 (B,)) batches for one rank; see the module doc."""
 
@@ -110,9 +118,7 @@ class ShardLoader:
         self.epoch = 0
         shards = manifest["splits"][split]["shards"]
         storage = Storage(location)
-        missing = [s["path"] for s in shards if not storage.exists(s["path"])]
-        if missing:
-            raise ShardError(f"{len(missing)} shard file(s) listed in {location}/manifest.json are missing, e.g. {storage.path(missing[0])}")
+        check_shards_present(manifest, location, split)
         if resampled:
             mine = shards
             pass_batches = manifest["splits"][split]["count"] // (world_size * batch_size)

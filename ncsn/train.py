@@ -32,6 +32,15 @@ class StepStats:
     images: int
 
 
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite here and, under torch.distributed, on every rank: all ranks stop at the same step
+    (a rank that stopped alone would leave the others waiting in the gradient all-reduce)."""
+    finite = torch.isfinite(loss).float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def train_steps(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -75,10 +84,11 @@ def train_steps(
             with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
                 out = loss_fn(model, x, sigmas)
             loss = out.loss.float()
-            if not torch.isfinite(loss):
+            if not _finite_on_every_rank(loss):
                 bad = [f"{i} (σ={sigmas[i].item():.4g})" for i in range(sigmas.numel())
                        if out.per_level_count[i] > 0 and not torch.isfinite(out.per_level_sum[i])]
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; non-finite at levels {', '.join(bad) or 'unknown'}")
+                where = f"non-finite at levels {', '.join(bad)}" if bad else "finite here, non-finite on another rank"
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; {where}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

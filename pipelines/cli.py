@@ -65,8 +65,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipelines.config import ConfigError
     from pipelines.evaluate import EvaluationError
     from pipelines.sample import SamplingError
+    from pipelines.train import TrainingError
 
-    return ConfigError, ShardError, SourceError, SamplingError, EvaluationError
+    return ConfigError, ShardError, SourceError, SamplingError, EvaluationError, TrainingError
 
 
 def _train(args: argparse.Namespace) -> int:

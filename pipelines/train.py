@@ -15,23 +15,27 @@ from urllib.parse import urlparse
 
 import torch
 
-from data_prep.loader import make_loader
+from data_prep.loader import check_shards_present, make_loader
 from data_prep.shard import load_manifest
 from data_prep.storage import absolute_location
 from ncsn.atomic import atomic_write
-from ncsn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_uint8, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import sample_images
 from ncsn.sigmas import recommend_schedule
-from ncsn.train import train_steps
+from ncsn.train import NonFiniteLossError, train_steps
 from pipelines import tracking
 from pipelines.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a failure a retry would repeat (a non-finite loss, a checkpoint that does not fit)."""
 
 
 def resolve_schedule(cfg: Config, manifest: dict) -> tuple[torch.Tensor, float]:
@@ -136,8 +140,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start = 0
     restored = ray.train.get_checkpoint()
     if restored:
-        with restored.as_directory() as directory:
-            ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
+        try:
+            with restored.as_directory() as directory:
+                ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
+        except CheckpointError as err:  # every rank reads the same file: all stop, nothing to retry
+            ray.get(loop_config["mailbox"].put.remote(f"cannot resume run {cfg.name!r}: {err}"))
+            return
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         optimizer.load_state_dict(ckpt.optimizer)
@@ -178,8 +186,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     level_sum = torch.zeros(len(sigmas), device=device)
     level_count = torch.zeros(len(sigmas), device=device)
     loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
-    for stats in train_steps(ddp_model, batches(), sigmas, optimizer, num_steps=cfg.train.steps, start_step=start, ema=ema,
-                             grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp, scaler=scaler, objective=cfg.train.objective):
+    fatal: list[str] = []
+
+    def steps():
+        """train_steps, ending (on every rank at the same step) at a non-finite loss, which a retry would only repeat."""
+        try:
+            yield from train_steps(ddp_model, batches(), sigmas, optimizer, num_steps=cfg.train.steps, start_step=start, ema=ema,
+                                   grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp, scaler=scaler,
+                                   objective=cfg.train.objective)
+        except NonFiniteLossError as err:
+            fatal.append(str(err))
+
+    for stats in steps():
         level_sum += stats.per_level_sum.to(device)
         level_count += stats.per_level_count.to(device)
         loss_sum, grad_sum, n_steps, images = loss_sum + stats.loss, grad_sum + stats.grad_norm, n_steps + 1, images + stats.images
@@ -231,10 +249,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         level_sum.zero_()
         level_count.zero_()
         loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    if fatal:
+        if rank == 0:
+            run_log.set_tag("failure", fatal[0])
+            run_log.close(timeout=cfg.tracking.flush_timeout)
+        ray.get(loop_config["mailbox"].put.remote(fatal[0]))
+        return
     if rank == 0:
         if start < cfg.train.steps:
             run_log.log_model(ema.model.cpu())
         run_log.close(timeout=cfg.tracking.flush_timeout)
+
+
+class FatalMailbox:
+    """Held as a Ray actor by the driver: the first message of a deterministic failure workers hit (a non-finite loss,
+    a checkpoint that does not fit), which ends training without the retries Ray Train would spend on it."""
+
+    def __init__(self):
+        self.message: str | None = None
+
+    def put(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str | None:
+        return self.message
 
 
 @dataclass
@@ -272,6 +310,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
 
     shards = absolute_location(shards)
     manifest = load_manifest(shards)
+    check_shards_present(manifest, shards, "train")  # on the driver: a worker would fail on it, retried for nothing
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
@@ -285,10 +324,11 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
                                           "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
                                    parent_run_id)
+    mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
-                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation},
+                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation, "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -300,5 +340,9 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
+    message = ray.get(mailbox.get.remote())
+    if message:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise TrainingError(message)
     tracking.finish_run(uri, run_id)
     return TrainRun(result.checkpoint, result.metrics, uri, run_id, sigmas, eps)

@@ -125,6 +125,41 @@ def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, sha
         run_training(load_config(CONFIGS / "digits.yaml", ["train.batch_size=30", "cluster.num_workers=4", f"run_dir={tmp_path}"]), shards)
 
 
+def test_a_missing_shard_file_fails_on_the_driver_before_training(tmp_path, shards):
+    import shutil
+
+    from data_prep.shard import ShardError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    victim = sorted((copy / "train").glob("*.tar"))[0]
+    victim.unlink()
+    with pytest.raises(ShardError, match=f"1 shard file\\(s\\) listed in {copy}/manifest.json are missing, e.g. {victim}"):
+        run_training(load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'run'}"]), str(copy))
+    assert not (tmp_path / "run" / "ray").exists()  # Ray Train never started
+
+
+def test_deterministic_failures_end_training_at_once_without_retries(tmp_path, shards):
+    # A non-finite loss: every rank stops at the same step and the driver raises it as one line. A retry would restore
+    # the step-1 checkpoint (recorded in restores.jsonl) and diverge again; max_failures=2 must not be spent on it.
+    from pipelines.train import TrainingError
+
+    cfg = _config(tmp_path / "nan", 20)
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'nan'}", "train.steps=20", "train.batch_size=32",
+                                                "train.checkpoint_every=1", "cluster.num_workers=2", "cluster.max_failures=2",
+                                                "data.loader_workers=0", "tracking.system_metrics=false", "optim.lr=1e20"])
+    with pytest.raises(TrainingError, match=r"^loss is (nan|inf) at step \d+; "):
+        run_training(cfg, shards)
+    assert not (tmp_path / "nan" / "restores.jsonl").exists()
+    # A checkpoint that does not fit the config under the same name: every rank fails to restore; no retry.
+    run_training(_config(tmp_path / "fit", 5), shards)
+    wider = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'fit'}", "train.steps=10", "train.batch_size=32",
+                                                  "cluster.num_workers=2", "model.ngf=8", "data.loader_workers=0",
+                                                  "tracking.system_metrics=false"])
+    with pytest.raises(TrainingError, match=r"^cannot resume run 'digits': checkpoint .* does not match the model config: model.ngf"):
+        run_training(wider, shards)
+
+
 def test_train_cli_reports_bad_config_in_one_line(tmp_path):
     import subprocess
     import sys
