@@ -4,10 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
@@ -22,6 +18,11 @@ log = logging.getLogger(__name__)
 
 def mixture_figure(out: Path, n: int = 1280, learned: bool = False, seed: int = 0) -> dict[str, float]:
     """Draw NCSN Figure 3 to ``out``; return the share of samples in the weight-0.2 mode per panel."""
+    import matplotlib  # here, not at import: the grid and strip writers (used by every Ray worker) need only PIL
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     score_fn = None
     if learned:
         log.info("training a noise-conditional MLP with DSM (about 10 s)")

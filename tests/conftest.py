@@ -12,6 +12,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+# Fixtures that start Ray or train the shared digits model: tests using them are left out of `make test-fast`.
+CLUSTER_FIXTURES = {"ray_local", "digits_shards", "trained_digits"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as `cluster` every test that needs a Ray instance or the trained model (by fixture, or marked by hand)."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -124,6 +124,7 @@ def test_shard_cli_fails_with_one_line_reason(tmp_path):
     assert out.stderr.strip().splitlines() == [f"ncsn-pipeline shard: error: CIFAR-10 tarball {tmp_path / 'nope.tar.gz'} does not exist (expected cifar-10-python.tar.gz)"]
 
 
+@pytest.mark.cluster  # the CLI starts its own Ray
 def test_shard_cli_digits_summary_line(tmp_path):
     cli = Path(sys.executable).parent / "ncsn-pipeline"
     out = subprocess.run([str(cli), "shard", "--source", "digits", "--output", str(tmp_path / "d"), "--workers", "2", "--no-progress"],

@@ -45,3 +45,19 @@ def test_bad_config_and_inputs_name_the_problem():
         model(torch.rand(2, 3, 8, 8), SIGMAS[:2])
     with pytest.raises(ValueError, match="not one of the 10 levels"):
         model(torch.rand(1, 1, 8, 8), torch.tensor([0.5]))
+
+
+def test_the_library_imports_without_matplotlib_ray_mlflow_or_webdataset():
+    # ncsn/ is pure PyTorch, usable in a notebook; matplotlib loads only when a figure is drawn (every Ray worker imports ncsn).
+    import pkgutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ncsn
+
+    modules = [f"ncsn.{m.name}" for m in pkgutil.walk_packages(ncsn.__path__, "") if not m.name.startswith("_")]
+    code = f"import sys; import {', '.join(modules)}; print([m for m in ('matplotlib', 'ray', 'mlflow', 'webdataset') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(ncsn.__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

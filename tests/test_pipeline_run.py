@@ -11,9 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.servers import free_port, loopback_status, only_ray_instance
+
+pytestmark = pytest.mark.cluster  # whole pipelines on Ray, from the CLI and as Ray jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
