@@ -29,7 +29,6 @@ class Checkpoint:
     ema: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     step: int = 0
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def build_model(self, use_ema: bool = True) -> ScoreNetwork:
@@ -54,7 +53,6 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "ema": ckpt.ema,
         "optimizer": ckpt.optimizer,
         "step": int(ckpt.step),
-        "rng": ckpt.rng,
         "extra": ckpt.extra,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
@@ -83,7 +81,7 @@ def load_checkpoint(
         config = ModelConfig(**raw["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid model_config: {err}") from None
-    missing = [k for k in ("sigmas", "model", "ema", "optimizer", "step", "rng", "extra") if k not in raw]
+    missing = [k for k in ("sigmas", "model", "ema", "optimizer", "step", "extra") if k not in raw]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     sigmas = raw["sigmas"]
@@ -96,7 +94,7 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path}: {key} must be a state dict of tensors")
     if isinstance(raw["step"], bool) or not isinstance(raw["step"], int) or raw["step"] < 0:
         raise CheckpointError(f"checkpoint {path}: step must be an integer >= 0, got {raw['step']!r}")
-    ckpt = Checkpoint(config, sigmas, raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["rng"], raw["extra"] or {})
+    ckpt = Checkpoint(config, sigmas, raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["extra"] or {})
     if expect_model_config is not None and expect_model_config != config:
         diffs = [
             f"model.{k}: checkpoint {v!r}, config {getattr(expect_model_config, k)!r}"

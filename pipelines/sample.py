@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from ncsn.sampling import inpaint, sample_images
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "sampling.json"
-FAULT_ENV = "NCSN_INJECT_SAMPLER_FAILURE"  # "CHUNK:MARKER": the actor sampling CHUNK exits once, as a lost node would
 
 
 class SamplingError(ValueError):
@@ -130,7 +128,6 @@ class Sampler:
 
     def sample_chunk(self, output: str, settings: dict, chunk: int, start: int, count: int) -> tuple[int, int, float]:
         """Sample chunk ``chunk`` and write it; returns (chunk, count, seconds)."""
-        _maybe_inject_failure(chunk)
         t = time.perf_counter()
         cfg = self.model.config
         gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings["seed"], chunk))
@@ -156,16 +153,6 @@ class Sampler:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return inpaint(self.model, images.to(self.device), mask.to(self.device), torch.tensor(settings["sigmas"]).to(self.device),
                        settings["eps"], settings["steps_per_level"], generator=gen).clamp(0, 1).cpu()
-
-
-def _maybe_inject_failure(chunk: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec:
-        fail_chunk, marker = spec.split(":", 1)
-        if chunk == int(fail_chunk) and not os.path.exists(marker):
-            Path(marker).touch()
-            log.warning("injected failure: sampler actor exits at chunk %d", chunk)
-            os._exit(1)
 
 
 @dataclass
@@ -203,8 +190,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
         if not ray.is_initialized():
             ray.init()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
-        env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if FAULT_ENV in os.environ else None
-        pool = ActorPool([actor_cls.options(runtime_env=env).remote(checkpoint, use_gpu) for _ in range(min(workers, len(pending)))])
+        pool = ActorPool([actor_cls.remote(checkpoint, use_gpu) for _ in range(min(workers, len(pending)))])
         bar = _progress(len(pending), progress)
         try:
             for _chunk, _count, _seconds in pool.map_unordered(lambda a, c: a.sample_chunk.remote(str(output), settings, *c), pending):

@@ -3,10 +3,8 @@ checkpoints reported by rank 0, every worker reporting in lockstep, restored aft
 Rank 0 logs each report to <run_dir>/metrics.jsonl and to MLflow (pipelines.tracking), with sample grids."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,42 +54,6 @@ def _check_shapes(cfg: Config, manifest: dict) -> None:
     if (h, w, c) != (cfg.model.image_size, cfg.model.image_size, cfg.model.channels):
         raise ConfigError(f"model.image_size/model.channels ({cfg.model.image_size}, {cfg.model.channels}) do not match "
                           f"the shards' images {h}×{w}×{c}; set them to match or re-shard with --resize")
-
-
-FAULT_ENV = "NCSN_INJECT_WORKER_FAILURE"
-
-
-def _maybe_inject_failure(step: int, rank: int) -> None:
-    """For fault-tolerance tests: NCSN_INJECT_WORKER_FAILURE="STEP:RANK:MARKER" kills that worker process at
-    STEP once (the MARKER file records that it happened), as a lost node would."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fail_step, fail_rank, marker = spec.split(":", 2)
-    if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
-        Path(marker).touch()
-        log.warning("injected failure: worker rank %d exits at step %d", rank, step)
-        os._exit(1)
-
-
-def state_digest(state: dict) -> str:
-    """SHA-256 over the tensors and numbers of a (nested) state dict, e.g. an optimiser's: equal digests, equal state."""
-    h = hashlib.sha256()
-
-    def visit(node) -> None:
-        if isinstance(node, dict):
-            for key in sorted(node, key=str):
-                h.update(str(key).encode())
-                visit(node[key])
-        elif isinstance(node, (list, tuple)):
-            for item in node:
-                visit(item)
-        elif isinstance(node, torch.Tensor):
-            h.update(node.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(repr(node).encode())
-    visit(state)
-    return h.hexdigest()
 
 
 def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, step: int, device: torch.device) -> Path:
@@ -152,8 +114,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start = ckpt.step
         if rank == 0:
             _drop_metrics_after(Path(cfg.run_dir) / tracking.METRICS_FILE, start)
-            with open(Path(cfg.run_dir) / "restores.jsonl", "a") as f:  # the audit trail of restores
-                f.write(json.dumps({"step": start, "optimizer_sha256": state_digest(optimizer.state_dict()), "time": time.time()}) + "\n")
             log.info("resumed from step %d", start)
     run_log, evaluator, evaluation = None, None, loop_config.get("evaluation")
     if rank == 0 and evaluation:
@@ -202,7 +162,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         level_count += stats.per_level_count.to(device)
         loss_sum, grad_sum, n_steps, images = loss_sum + stats.loss, grad_sum + stats.grad_norm, n_steps + 1, images + stats.images
         step = stats.step
-        _maybe_inject_failure(step, rank)
         checkpoint_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
         if step % cfg.train.log_every != 0 and not checkpoint_now:
             continue
@@ -332,8 +291,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks or [],
-                             worker_runtime_env={"env_vars": {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}}),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks or []),
     )
     try:
         result = trainer.fit()

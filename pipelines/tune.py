@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from pipelines.sample import load_model
 from pipelines.train import resolve_schedule, run_training
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "NCSN_INJECT_TUNE_DRIVER_EXIT"  # "N:MARKER": the driver exits after N trials completed (once), as a lost head would
 PARAMS = ("sigma_max", "sigma_min", "num_levels", "eps", "steps_per_level")
 
 
@@ -121,26 +119,6 @@ def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri
     tune.report({**metrics, "label": label, "grid": str(grid)})
 
 
-class _ExitAfterTrials:
-    """Tune callback for the driver-restart test: FAULT_ENV="N:MARKER" exits the driver after N completed trials, once."""
-
-    def __new__(cls, spec: str):
-        from ray.tune import Callback
-
-        class ExitAfterTrials(Callback):
-            def __init__(self):
-                n, self.marker = spec.split(":", 1)
-                self.n, self.done = int(n), 0
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                if self.done >= self.n and not os.path.exists(self.marker):
-                    Path(self.marker).touch()
-                    log.warning("injected failure: tune driver exits after %d completed trials", self.done)
-                    os._exit(3)
-        return ExitAfterTrials()
-
-
 @dataclass
 class TuneSummary:
     """What a tuning job leaves: the table, the best trial and where its YAML is."""
@@ -213,8 +191,7 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                                   reduction_factor=t.reduction_factor)
         cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
     storage, name = str(Path(cfg.run_dir) / "ray"), cfg.name
-    callbacks = [_ExitAfterTrials(os.environ[FAULT_ENV])] if os.environ.get(FAULT_ENV) else []
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks)
+    run_config = tune.RunConfig(name=name, storage_path=storage)
     if tune.Tuner.can_restore(str(Path(storage) / name)):
         log.info("resuming the tuning job in %s", Path(storage) / name)
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable, resume_unfinished=True, restart_errored=True)

@@ -91,3 +91,28 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def kill_actor_process(class_name: str) -> int:
+    """SIGKILL the process of one live Ray actor of ``class_name`` (found through Ray's state API), as a lost node would
+    take it; returns the PID."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    pid = next(a.pid for a in actors if class_name in a.class_name)
+    os.kill(pid, signal.SIGKILL)
+    return pid

@@ -19,12 +19,21 @@ TINY = ["train.steps=30", "train.batch_size=32", "data.loader_workers=0", "track
         "tune.reduction_factor=3"]
 
 
-def _tune(run_dir: Path, shards: str, env: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    import os
+def _tune_command(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [str(Path(sys.executable).parent / "ncsn-pipeline"), "tune", "--config", str(ROOT / "configs" / "digits.yaml"),
+            "--shards", shards, "--set", f"run_dir={run_dir}", *[a for s in TINY for a in ("--set", s)], *extra]
 
-    cmd = [str(Path(sys.executable).parent / "ncsn-pipeline"), "tune", "--config", str(ROOT / "configs" / "digits.yaml"),
-           "--shards", shards, "--set", f"run_dir={run_dir}", *[a for s in TINY for a in ("--set", s)], *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+def _tune(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(_tune_command(run_dir, shards, extra), capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def _a_trial_finished_training(run_dir: Path) -> bool:
+    """Some trial's metrics.jsonl has its last step (train.steps=30): that trial is done or about to be reported done."""
+    for rows in (run_dir / "tune" / "trials").glob("*/metrics.jsonl"):
+        if any(line.startswith('{"step": 30,') for line in rows.read_text().splitlines()):
+            return True
+    return False
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -34,12 +43,30 @@ def _rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, digits_shards):
-    """A 6-trial job whose driver is killed after its first completed trial, then restarted with the same command."""
+    """A 6-trial job whose driver is killed (SIGKILL, from outside) once a trial has finished training, then restarted
+    with the same command."""
+    import signal
+
+    import psutil
+
+    from tests.servers import wait_for
+
     run_dir = tmp_path_factory.mktemp("tune") / "run"
-    marker = run_dir.parent / "driver-died"
     with only_ray_instance():
-        first = _tune(run_dir, digits_shards, env={"NCSN_INJECT_TUNE_DRIVER_EXIT": f"1:{marker}"})
-        assert marker.exists() and first.returncode != 0, first.stderr[-3000:]
+        with open(run_dir.parent / "first.log", "w") as log:
+            first = subprocess.Popen(_tune_command(run_dir, digits_shards), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                wait_for(lambda: _a_trial_finished_training(run_dir) or first.poll() is not None, 600, "a finished trial", every=0.5)
+                assert first.poll() is None, (run_dir.parent / "first.log").read_text()[-3000:]  # still running: kill it
+                local_ray = psutil.Process(first.pid).children(recursive=True)
+                first.send_signal(signal.SIGKILL)
+            finally:
+                first.wait(timeout=60)
+        assert first.returncode == -signal.SIGKILL
+        _, left = psutil.wait_procs(local_ray, timeout=30)  # the driver's local Ray goes with it, as after a lost head
+        for process in left:  # what `ray stop` does for whatever stayed
+            process.kill()
+        psutil.wait_procs(left, timeout=30)
         second = _tune(run_dir, digits_shards)
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, first, second
