@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_best, sync  # noqa: E402
 
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sigmas import geometric_sigmas
 
 PAPER = {"levels": 10, "steps_per_level": 100, "images": 50_000}  # NCSN §5: L = 10, T = 100; FID on 50k samples
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class LangevinStep:
@@ -97,15 +96,7 @@ def main() -> None:
     for fn in variants.values():  # warm-up, compilation included
         for _ in range(3):
             fn()
-    best = {k: float("inf") for k in variants}
-    for _ in range(args.repeats):  # interleaved
-        for key, fn in variants.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            sync(device)
-            best[key] = min(best[key], (time.perf_counter() - t) / args.steps)
+    best = interleaved_best(variants, args.steps, args.repeats, device)
     eager = best["eager"]
     for key, seconds in best.items():
         print(f"{key:<11} {seconds * 1e3:9.2f} ms/step  {batch / seconds:12.0f} image·steps/s  {eager / seconds:5.2f}× eager")

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_best, sync  # noqa: E402
 
 from ncsn.losses import dsm_loss
 from ncsn.models import ModelConfig, ScoreNetwork, count_parameters
@@ -21,11 +26,6 @@ from ncsn.sigmas import geometric_sigmas
 
 MODES = ("fp32", "tf32", "bf16", "channels_last", "compile")
 SCHEDULES = {"ncsn": (1.0, 0.01, 10), "ncsnv2": (50.0, 0.01, 232)}  # the papers' CIFAR-10 schedules
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_tflops(device: torch.device, n: int, repeats: int) -> float:
@@ -125,15 +125,7 @@ def main() -> None:
         for step in steps.values():  # warm-up (compilation, cuDNN autotuning)
             for _ in range(3):
                 step()
-        best = {mode: float("inf") for mode in args.modes}
-        for _ in range(args.repeats):  # interleaved: a noisy machine moves every mode alike
-            for mode, step in steps.items():
-                sync(device)
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                sync(device)
-                best[mode] = min(best[mode], (time.perf_counter() - t) / args.steps)
+        best = interleaved_best(steps, args.steps, args.repeats, device)
         params = next(iter(steps.values())).params
         print(f"\n{arch} ({params / 1e6:.2f} M parameters, L = {SCHEDULES[arch][2]}), {flops / args.batch / 1e9:.1f} GFLOP per image per step")
         print(f"{'mode':<14} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>9} {'of bf16 matmul':>15}")
