@@ -88,7 +88,11 @@ def test_inpaint_cli_writes_the_occluded_completed_original_grid(tmp_path, small
 
 
 @pytest.mark.slow
-def test_classifier_fid_of_the_trained_model_lies_between_the_floor_and_the_gaussian(tmp_path, trained_digits, digits_shards, ray_local):
+def test_classifier_fid_of_the_trained_model_is_near_the_train_split_and_far_from_the_gaussian(tmp_path, trained_digits,
+                                                                                                 digits_shards, ray_local):
+    # The train-vs-test figure is not a lower bound (issue 13: the digits test split is shifted, and FID at 500 samples
+    # carries bias and noise of tens): the published NCSNv2 body gives model 163 vs "floor" 179. What must hold: the
+    # model is within that figure's reach and far from a fitted Gaussian.
     _, _, checkpoint = trained_digits
     run_sampling(checkpoint, tmp_path / "samples", SamplingOptions(500, seed=0, chunk_size=125), workers=2, progress=False)
     evaluator = Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "cache")
@@ -98,7 +102,8 @@ def test_classifier_fid_of_the_trained_model_lies_between_the_floor_and_the_gaus
           f"{base['train_floor_fid_classifier']:.1f}, model {model['fid_classifier']:.1f}, Gaussian {base['gaussian_fid_classifier']:.1f}; "
           f"IS: floor {base['train_floor_is_classifier']:.2f}, model {model['is_classifier']:.2f}, Gaussian {base['gaussian_is_classifier']:.2f}")
     assert evaluator.extra["classifier_test_accuracy"] > 0.9
-    assert base["train_floor_fid_classifier"] < model["fid_classifier"] < 0.5 * base["gaussian_fid_classifier"]
+    assert model["fid_classifier"] < 1.5 * base["train_floor_fid_classifier"]
+    assert model["fid_classifier"] < 0.5 * base["gaussian_fid_classifier"]
     assert model["is_classifier"] > base["gaussian_is_classifier"]
     assert set(model) == {"fid_classifier", "is_classifier", "is_std_classifier", "kid_classifier", "kid_std_classifier"}
 
