@@ -288,7 +288,7 @@ class Evaluator:
         layers, ours, ref = self._layers(), self.features(samples), self.reference_features()
         raw = {**fid_statistics_to_metric(fid_features_to_statistics(ours[layers["fid"]]),
                                           fid_features_to_statistics(ref[layers["fid"]]), False),
-               **isc_featuresdict_to_metric(ours, layers["isc"]),
+               **isc_featuresdict_to_metric(ours, layers["isc"], verbose=False),
                **kid_featuresdict_to_metric(ours, ref, layers["kid"], verbose=False,
                                             kid_subset_size=min(self.kid_subset_size, len(samples), len(self.reference)))}
         return {f"{short}_{self.extractor}": float(raw[key]) for key, short in _FIDELITY_KEYS.items() if key in raw}
