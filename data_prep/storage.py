@@ -5,7 +5,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from ncsn.atomic import atomic_write
@@ -48,8 +48,7 @@ class Storage:
     def check_relative(rel: object) -> str:
         """``rel`` if it names a file below the root ("train/x.tar"); an absolute path, "..", "." or an empty part is a
         ValueError, so no name read from a manifest reaches outside its folder."""
-        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
-        if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+        if not isinstance(rel, str) or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
             raise ValueError(f"{rel!r} is not a relative path inside the shard folder")
         return rel
 

@@ -16,3 +16,18 @@ def positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def noise_schedule(sigmas, name: str = "sigmas"):
+    """Return ``sigmas`` if it is a non-empty 1-D float tensor of finite σ > 0, strictly decreasing (σ_1 > … > σ_L);
+    else raise ValueError naming ``name``."""
+    import torch
+
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1 or not sigmas.is_floating_point():
+        shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+        raise ValueError(f"{name} must be a non-empty 1-D float tensor, got {shape}")
+    if not torch.isfinite(sigmas).all() or (sigmas <= 0).any():
+        raise ValueError(f"{name} must all be finite and > 0, got {sigmas.tolist()[:6]}")
+    if sigmas.numel() > 1 and (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError(f"{name} must be strictly decreasing (σ_1 > … > σ_L), got {sigmas.tolist()[:6]}")
+    return sigmas

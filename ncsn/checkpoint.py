@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
 
@@ -85,10 +86,10 @@ def load_checkpoint(
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     sigmas = raw["sigmas"]
-    if (not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1 or not sigmas.is_floating_point()
-            or not torch.isfinite(sigmas).all() or (sigmas <= 0).any()):
-        raise CheckpointError(f"checkpoint {path}: sigmas must be a 1-D tensor of finite σ > 0, got {type(sigmas).__name__}"
-                              + (f" of shape {tuple(sigmas.shape)}" if isinstance(sigmas, torch.Tensor) else ""))
+    try:
+        noise_schedule(sigmas, "sigmas")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     for key in ("model", "ema"):
         if not (raw[key] is None and key == "ema") and not (isinstance(raw[key], dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values())):
             raise CheckpointError(f"checkpoint {path}: {key} must be a state dict of tensors")

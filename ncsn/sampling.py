@@ -7,19 +7,10 @@ from typing import Callable
 
 import torch
 
-from ncsn._checks import positive, positive_int
+from ncsn._checks import noise_schedule, positive, positive_int
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _check_sigmas(sigmas: torch.Tensor) -> None:
-    if sigmas.dim() != 1 or sigmas.numel() < 1:
-        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
-    if (sigmas <= 0).any():
-        raise ValueError("sigmas must all be > 0")
-    if sigmas.numel() > 1 and (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError("sigmas must be strictly decreasing (σ_1 > … > σ_L)")
 
 
 def _draw(fn, shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -73,7 +64,7 @@ def annealed_langevin_dynamics(
     ``denoise`` adds the final step x + σ_L² s(x, σ_L) (Tweedie; NCSNv2 §4); ``trajectory_every`` k
     keeps a copy of x every k steps, plus the start and the end.
     """
-    _check_sigmas(sigmas)
+    noise_schedule(sigmas)
     positive("eps", eps)
     positive_int("steps_per_level", steps_per_level)
     if trajectory_every is not None:
@@ -109,7 +100,7 @@ def inpaint(
 ) -> torch.Tensor:
     """Fill the pixels where ``mask`` is 0 (NCSN §5, Figure 6): annealed Langevin on the unknown part,
     with the known part (mask 1) set to the image perturbed by that level's noise, y + σ_i z."""
-    _check_sigmas(sigmas)
+    noise_schedule(sigmas)
     positive("eps", eps)
     positive_int("steps_per_level", steps_per_level)
     try:

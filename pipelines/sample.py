@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import to_uint8
@@ -62,8 +63,10 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions) -> dict:
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise SamplingError(f"--eps must be a finite number > 0, got {eps!r}")
     sigmas = [float(x) for x in options.sigmas] if options.sigmas is not None else ckpt.sigmas.tolist()
-    if not sigmas or not all(math.isfinite(x) and x > 0 for x in sigmas) or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-        raise SamplingError(f"--sigmas must be finite numbers > 0 in strictly decreasing order, got {sigmas}")
+    try:
+        noise_schedule(torch.tensor(sigmas, dtype=torch.float64), "--sigmas")
+    except ValueError as err:
+        raise SamplingError(str(err)) from None
     if options.sigmas and ckpt.model_config.arch == "ncsn" and not set(np.round(options.sigmas, 8)) <= set(np.round(ckpt.sigmas.tolist(), 8)):
         raise SamplingError("--sigmas: a conditional (arch ncsn) model only takes σ levels it was trained on; use a subset of them")
     if options.num_samples < 1 or options.chunk_size < 1:
