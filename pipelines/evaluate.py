@@ -210,6 +210,15 @@ def _file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of a state dict's names and tensor bytes: equal weights, equal digest."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Evaluator:
     """FID/IS/KID of uint8 sample arrays against one split of a shard set, with one feature extractor.
 
@@ -242,7 +251,8 @@ class Evaluator:
             state = check_inception_weights(inception_weights) if inception_weights else _download_inception_weights()
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
-        self.weights_id = _file_digest(self.weights)
+        # the cache key: the weights' content (a re-saved file's bytes differ from save to save)
+        self.weights_id = _file_digest(self.weights) if extractor == "classifier" else _tensors_digest(state)
 
     def _layers(self) -> dict[str, str]:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY

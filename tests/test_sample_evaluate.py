@@ -125,6 +125,9 @@ def test_inception_metrics_from_a_weights_file_given_by_path(tmp_path, digits_sh
     metrics = evaluator.metrics(samples)
     assert set(metrics) == {"fid_inception", "is_inception", "is_std_inception", "kid_inception", "kid_std_inception"}
     assert all(np.isfinite(v) for v in metrics.values())
+    again = Evaluator(digits_shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", kid_subset_size=20)
+    assert again.weights_id == evaluator.weights_id  # the feature cache is found again for the same weights
+    assert len(list(evaluator.cache.glob("features-*.pt"))) == 1
 
 
 def test_unsafe_or_wrong_inception_weights_are_refused_before_torch_fidelity_loads_them(tmp_path, digits_shards):
