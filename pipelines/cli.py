@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
         return 1
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
-          f"checkpoint {result.checkpoint.path if result.checkpoint else 'none'}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
+          f"checkpoint {result.model_file}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
     print(f"MLflow run {result.run_id} in {result.tracking_uri} — open it with: {ui_command(result.tracking_uri)}")
     return 0
 

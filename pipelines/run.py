@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pipelines import tracking
 from pipelines.config import Config, config_from_dict
 from pipelines.evaluate import Evaluator, read_split
 from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
-from pipelines.train import CHECKPOINT_FILE, run_training
+from pipelines.train import run_training
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +47,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineRes
     try:
         log.info("stage 1/4: training %s", cfg.name)
         trained = run_training(cfg, shards, parent_run_id=parent)
-        checkpoint = run_dir / "model" / CHECKPOINT_FILE
-        checkpoint.parent.mkdir(exist_ok=True)
-        with trained.checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
-            shutil.copyfile(Path(directory) / CHECKPOINT_FILE, checkpoint)
+        checkpoint = trained.model_file
 
         log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
         options = SamplingOptions(cfg.sampling.num_samples, seed=cfg.train.seed, chunk_size=cfg.sampling.chunk_size,

@@ -9,11 +9,15 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
+from ncsn.checkpoint import Checkpoint, save_checkpoint
+from ncsn.models import ModelConfig
 from pipelines.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -246,17 +250,21 @@ class RunLogger:
     def set_tag(self, key: str, value: str) -> None:
         self._submit(lambda: self._client.set_tag(self.run_id, key, value))
 
-    def log_model(self, model, name: str = "model") -> None:
-        """The final model as an MLflow PyTorch model (loadable with ``mlflow.pytorch.load_model``)."""
+    def log_model(self, ckpt: Checkpoint, name: str = "model") -> None:
+        """The final model as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the
+        ``ncsn`` package and the checkpoint as an artifact: loading it unpickles nothing)."""
         def send() -> None:
             import mlflow
-            import mlflow.pytorch
+            import ncsn
 
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                # pickle: the 'pt2' format needs a TensorSpec signature and torch.export of the network; loading
-                # the pickle needs this package installed, which the pinned requirements say.
-                mlflow.pytorch.log_model(model, name=name, pip_requirements=_requirements(), serialization_format="pickle")
+            with (tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id, log_system_metrics=False),
+                  warnings.catch_warnings()):
+                warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time), no type hints
+                checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
+                mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
+                                        artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
+                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config))
         self._submit(send)
 
     def close(self, timeout: float = 60.0) -> bool:
@@ -328,7 +336,17 @@ def _unreachable(err: BaseException) -> bool:
 
 
 def _requirements() -> list[str]:
-    """Pinned from the running environment, so log_model does not spend time inferring them."""
+    """What the logged model imports, pinned from the running environment (so log_model need not infer them)."""
     from importlib.metadata import version
 
-    return [f"torch=={version('torch')}", f"ncsn-pipeline=={version('ncsn-pipeline')}"]
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "mlflow")]
+
+
+def _sampler_signature(model: ModelConfig):
+    """Rows of (num_samples, optional seed) in; uint8 images (N, H, W, C) out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(Schema([ColSpec("long", "num_samples"), ColSpec("long", "seed", required=False)]),
+                          Schema([TensorSpec(np.dtype("uint8"), (-1, model.image_size, model.image_size, model.channels))]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -216,7 +217,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
     if rank == 0:
         if start < cfg.train.steps:
-            run_log.log_model(ema.model.cpu())
+            run_log.log_model(Checkpoint(cfg.model, sigmas.cpu(), {k: v.cpu() for k, v in ema.state_dict().items()}, step=step,
+                                         extra={"eps": loop_config["eps"], "steps_per_level": cfg.sampling.steps_per_level,
+                                                "denoise": cfg.sampling.denoise}))
         run_log.close(timeout=cfg.tracking.flush_timeout)
 
 
@@ -238,7 +241,8 @@ class FatalMailbox:
 class TrainRun:
     """What a training run leaves: Ray's last checkpoint and metrics, the MLflow run, the schedule it used."""
 
-    checkpoint: object  # ray.train.Checkpoint (its directory holds checkpoint.pt), or None
+    checkpoint: object  # ray.train.Checkpoint (its directory holds checkpoint.pt)
+    model_file: Path  # <run_dir>/model/checkpoint.pt: a local copy of that checkpoint
     metrics: dict
     tracking_uri: str
     run_id: str
@@ -267,6 +271,8 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.rendezvous import BoundTorchConfig
+
     shards = absolute_location(shards)
     manifest = load_manifest(shards)
     check_shards_present(manifest, shards, "train")  # on the driver: a worker would fail on it, retried for nothing
@@ -288,6 +294,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
                            "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation, "mailbox": mailbox},
+        torch_config=BoundTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
@@ -303,4 +310,9 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         tracking.finish_run(uri, run_id, "FAILED")
         raise TrainingError(message)
     tracking.finish_run(uri, run_id)
-    return TrainRun(result.checkpoint, result.metrics, uri, run_id, sigmas, eps)
+    model_file = Path(cfg.run_dir, "model", CHECKPOINT_FILE)
+    model_file.parent.mkdir(exist_ok=True)
+    with result.checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
+        atomic_write(model_file, lambda tmp: shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp))
+    log.info("final checkpoint: %s", model_file)
+    return TrainRun(result.checkpoint, model_file, result.metrics, uri, run_id, sigmas, eps)

@@ -221,3 +221,26 @@ def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
         out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), out.stderr
+
+
+_RENDEZVOUS = """
+import psutil
+from pipelines.rendezvous import _join, _listen
+
+def listening():
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+before = listening()
+_join("gloo", "127.0.0.1", _listen("127.0.0.1"), 0, 1, 30)
+print(sorted(listening() - before))
+"""
+
+
+def test_the_process_group_rendezvous_listens_on_loopback_only():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RENDEZVOUS], capture_output=True, text=True, timeout=120, check=True).stdout
+    opened = eval(out.strip().splitlines()[-1])  # noqa: S307 - the list of (ip, port) the child printed
+    assert opened, "the process group opened no listening socket"  # the store's (and gloo's) listeners
+    assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened  # torch's default store listens on every interface ("::")

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -65,8 +68,8 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     sigmas, _ = resolve_schedule(cfg, load_manifest(shards))
     assert all(f"loss_sigma_{i:03d}" in rows[-1] for i in range(len(sigmas)))
     assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0, 0.0]  # replicas identical
-    with result.checkpoint.as_directory() as directory:
-        ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas)
+    assert result.model_file == tmp_path.resolve() / "model" / CHECKPOINT_FILE  # the last checkpoint, where README says
+    ckpt = load_checkpoint(result.model_file, cfg.model, sigmas)
     assert ckpt.step == 20 and ckpt.ema is not None and ckpt.optimizer["state"]
 
     # The MLflow run, read back through the client: the whole config, per-σ losses at every logged step,
@@ -83,6 +86,14 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     assert [m.name for m in models] == ["model"]
     artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()  # beside mlflow.db, not in ./mlruns
     assert run.info.artifact_uri.startswith(artifacts) and models[0].artifact_location.startswith(artifacts)
+    # the model is code + the checkpoint (nothing pickled), and it samples
+    logged = Path(models[0].artifact_location.removeprefix("file://"))
+    assert not [p for p in logged.rglob("*") if p.suffix in (".pkl", ".pickle", ".pth")], sorted(logged.rglob("*"))
+    assert (logged / "artifacts" / CHECKPOINT_FILE).is_file() and (logged / "code" / "ncsn" / "sampling.py").is_file()
+    mlflow.set_tracking_uri(result.tracking_uri)
+    sampler = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    images = sampler.predict(pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
 
     # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run.
     resumed = run_training(_config(tmp_path, 30), shards)
