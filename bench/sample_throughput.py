@@ -19,7 +19,7 @@ from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ScoreNetwork
 from ncsn.sigmas import geometric_sigmas
 from pipelines.config import load_config
-from pipelines.sample import Sampler, SamplingOptions, plan_chunks, resolve_options, run_sampling
+from pipelines.sample import Sampler, SamplingOptions, plan_chunks, resolve_options, run_sampling, write_chunk
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
@@ -39,7 +39,8 @@ def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads
     settings = resolve_options(sampler.ckpt, options)
     t = time.perf_counter()
     for chunk in plan_chunks(options.num_samples, options.chunk_size):
-        sampler.sample_chunk(str(output), settings, *chunk)
+        done = sampler.sample_chunk(settings, *chunk)
+        write_chunk(output, done.index, done.start, done.images)
     return options.num_samples * len(settings["sigmas"]) * settings["steps_per_level"] / (time.perf_counter() - t)
 
 

@@ -8,8 +8,10 @@ Two modes:
 - ``resampled=True``: every worker draws shards at random with replacement (seeded per rank and
   worker), an endless stream cut into epochs of ``batches_per_epoch`` (default: one pass's worth).
 
-Corrupt samples (undecodable PNG) and unreadable tar members or truncated shards are skipped with a
-warning; ``skipped`` counts them. A shard file missing at start is an error.
+Shards are streamed from their location (a local path or an fsspec URL: s3://, gs://, memory://), never downloaded
+whole. Corrupt samples (undecodable PNG) and unreadable tar members or truncated shards are skipped with a warning;
+``skipped`` counts them. A shard missing at start, or one that cannot be opened (refused, unreachable), is an error
+naming its URL.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from data_prep.shard import ShardError, load_manifest
-from data_prep.storage import Storage
+from data_prep.storage import Storage, StorageError, open_binary
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,19 @@ class _ShardStream(torch.utils.data.IterableDataset):
         errors: list[str] = []
 
         def on_error(exn: Exception) -> bool:
+            if isinstance(exn, StorageError):
+                raise exn
             errors.append(f"{type(exn).__name__}: {exn}")
             return True  # keep going
 
-        urls = ({"url": u} for u in self._worker_urls(rng))  # endless when resampled
-        samples = wds.tarfile_to_samples(handler=on_error)(urls)
+        def opened(urls: Iterator[str]) -> Iterator[dict]:
+            """Each shard streamed from its location (a missing, refused or unreachable one stops with its URL)."""
+            for url in urls:
+                with open_binary(url) as stream:
+                    yield {"url": url, "stream": stream}
+
+        files = wds.tariterators.tar_file_expander(opened(self._worker_urls(rng)), handler=on_error)  # endless when resampled
+        samples = wds.tariterators.group_by_keys(files, handler=on_error)
         buffer: list[tuple] = []
         for sample in samples:
             while errors:

@@ -30,6 +30,44 @@ def sha256_and_size(f: BinaryIO) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+class StorageError(OSError):
+    """A location that cannot be read or written: missing, refused, unreachable; the message is one line naming it."""
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    names = {c.__name__ for c in type(err).__mro__}
+    return bool(names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "TimeoutError"})
+
+
+def storage_error(url: str, err: BaseException) -> StorageError:
+    """One line for what went wrong reaching ``url``: a missing object, refused credentials or an unreachable store."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return StorageError(f"{url} does not exist")
+    if isinstance(err, PermissionError) or "ACCESS_DENIED" in str(err):  # s3fs's, then pyarrow's (Ray Train's storage)
+        return StorageError(f"access to {url} was refused ({err}): check the credentials the nodes use "
+                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or the node's role)")
+    if _is_connection_error(err) or "NETWORK_CONNECTION" in str(err):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
+        where = f"endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "the object store"
+        return StorageError(f"cannot reach {where} for {url}: {err}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return StorageError(f"{url}: {type(err).__name__}: {first}")
+
+
+def open_binary(url: str) -> BinaryIO:
+    """``url`` (a local path or an fsspec URL) opened for streaming reads; a StorageError names it if it cannot be."""
+    try:
+        if is_url(url):
+            import fsspec
+
+            return fsspec.open(url, "rb").open()
+        return open(url.removeprefix("file://"), "rb")
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the URL
+        raise storage_error(url, err) from None
+
+
 class Storage:
     """Files under ``root``. Local writes go to a temp file beside the target, then os.replace;
     object stores write whole objects, which readers never see half-written."""
@@ -62,19 +100,30 @@ class Storage:
     def _fs_path(self, rel: str) -> str:
         return self.base.rstrip("/") + "/" + self.check_relative(rel)
 
+    def _call(self, rel: str, fn, *args):
+        """``fn(*args)`` on the object store, its failures as one StorageError line naming ``rel``'s URL."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            raise storage_error(self.path(rel), err) from None
+
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))
+        return self._call(rel, self.fs.exists, self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))
 
     def size(self, rel: str) -> int | None:
         try:
-            return self.fs.size(self._fs_path(rel)) if self.remote else os.path.getsize(self.path(rel))
-        except (FileNotFoundError, OSError):
+            return self._call(rel, self.fs.size, self._fs_path(rel)) if self.remote else os.path.getsize(self.path(rel))
+        except StorageError as err:
+            if "does not exist" in str(err):
+                return None
+            raise
+        except OSError:
             return None
 
     def put_atomic(self, local_file: str, rel: str) -> None:
         """Move ``local_file`` to ``rel``."""
         if self.remote:
-            self.fs.put_file(local_file, self._fs_path(rel))
+            self._call(rel, self.fs.put_file, local_file, self._fs_path(rel))
             os.unlink(local_file)
             return
         atomic_write(self.path(rel), lambda tmp: shutil.move(local_file, tmp))
@@ -85,18 +134,22 @@ class Storage:
             f.write(text)
         self.put_atomic(tmp, rel)
 
+    def read_bytes(self, rel: str) -> bytes:
+        with open_binary(self.path(rel)) as f:
+            return self._call(rel, f.read)
+
     def read_text(self, rel: str) -> str:
-        if self.remote:
-            with self.fs.open(self._fs_path(rel), "r", encoding="utf-8") as f:
-                return f.read()
-        return Path(self.path(rel)).read_text(encoding="utf-8")
+        """The UTF-8 text of ``rel``; a missing file is FileNotFoundError, other failures a StorageError."""
+        if not self.exists(rel):
+            raise FileNotFoundError(self.path(rel))
+        return self.read_bytes(rel).decode("utf-8")
 
     def remove(self, rel: str) -> None:
         if self.remote:
-            self.fs.rm(self._fs_path(rel))
+            self._call(rel, self.fs.rm, self._fs_path(rel))
         else:
             Path(self.path(rel)).unlink(missing_ok=True)
 
     def sha256_and_size(self, rel: str) -> tuple[str, int]:
-        with (self.fs.open(self._fs_path(rel), "rb") if self.remote else open(self.path(rel), "rb")) as f:
-            return sha256_and_size(f)
+        with open_binary(self.path(rel)) as f:
+            return self._call(rel, sha256_and_size, f)

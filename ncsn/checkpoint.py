@@ -1,6 +1,7 @@
 """One self-describing checkpoint format: config, schedule, weights, EMA, optimiser, step, RNG."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -61,17 +62,20 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
 
 
 def load_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     expect_model_config: ModelConfig | None = None,
     expect_sigmas: torch.Tensor | None = None,
     map_location: str | torch.device = "cpu",
+    name: str | None = None,
 ) -> Checkpoint:
-    """Read a checkpoint with ``weights_only=True`` (no code runs), checking it against what is expected."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a checkpoint (a file, or its bytes named ``name`` in messages) with ``weights_only=True`` (no code runs),
+    checking it against what is expected."""
+    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    path = name or ("<checkpoint bytes>" if isinstance(path, bytes) else source)
+    if isinstance(source, Path) and not source.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
+        raw = torch.load(source, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint: {first}") from None

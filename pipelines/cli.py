@@ -19,7 +19,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
-    from data_prep.sources import SourceError
 
     try:
         if args.verify:
@@ -38,7 +37,7 @@ def _shard(args: argparse.Namespace) -> int:
         options = ShardOptions(source=args.source, input=input_path, shard_size=args.shard_size, max_shard_mb=args.max_shard_mb,
                                crop=args.crop, resize=args.resize, channels=args.channels)
         summary = shard_dataset(options, args.output, workers=args.workers, progress=not args.no_progress)
-    except (ShardError, SourceError) as err:
+    except _user_errors() as err:
         print(f"ncsn-pipeline shard: error: {err}", file=sys.stderr)
         return 1
     print(summary.line())
@@ -62,12 +61,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input (printed as one line), not a bug."""
     from data_prep.shard import ShardError
     from data_prep.sources import SourceError
+    from data_prep.storage import StorageError
     from pipelines.config import ConfigError
     from pipelines.evaluate import EvaluationError
     from pipelines.sample import SamplingError
     from pipelines.train import TrainingError
 
-    return ConfigError, ShardError, SourceError, SamplingError, EvaluationError, TrainingError
+    return ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -184,7 +184,7 @@ def _inpaint(args: argparse.Namespace) -> int:
     from pipelines.tracking import log_to_run
 
     try:
-        extra = read_checkpoint(args.checkpoint).extra or {}
+        extra = read_checkpoint(args.checkpoint)[0].extra or {}
         images, _ = read_split(args.shards, args.split)
         x = torch.from_numpy(images[: args.num_images]).permute(0, 3, 1, 2).float() / 255
         out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the object-store clients announce every credential and endpoint lookup at INFO
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return args.func(args)
 
 

@@ -338,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as err:
             raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, …), got a {type(tree).__name__}")
     overridden = {_set_dotted(tree, assignment): assignment for assignment in overrides}

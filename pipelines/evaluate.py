@@ -226,7 +226,7 @@ class Evaluator:
     unpickles with weights_only=False). The reference features are cached as a tensors-only file read with
     weights_only=True; an unreadable or mismatched cache file is recomputed, never trusted."""
 
-    def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | None = None,
+    def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | dict[str, torch.Tensor] | None = None,
                  reference_split: str = "test", cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False):
         if extractor not in ("classifier", "inception"):
             raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
@@ -248,7 +248,8 @@ class Evaluator:
             self.extra["classifier_test_accuracy"] = float(_load_classifier(self.weights)["test_accuracy"])
             self.fidelity_name = CLASSIFIER
         else:
-            state = check_inception_weights(inception_weights) if inception_weights else _download_inception_weights()
+            state = (check_inception_weights(inception_weights) if isinstance(inception_weights, str)
+                     else inception_weights or _download_inception_weights())
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
         # the cache key: the weights' content (a re-saved file's bytes differ from save to save)
@@ -316,6 +317,33 @@ class Evaluator:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out))
         return out
+
+
+def _evaluate(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,
+              cache_dir: str | None, kid_subset_size: int, use_gpu: bool, baseline_samples: int, seed: int) -> dict[str, float]:
+    evaluator = Evaluator(shards, extractor, inception_weights, cache_dir=Path(cache_dir) if cache_dir else None,
+                          kid_subset_size=kid_subset_size, use_gpu=use_gpu)
+    out = {**evaluator.metrics(samples), **evaluator.extra}
+    return {**out, **evaluator.baselines(baseline_samples, seed=seed)} if baseline_samples else out
+
+
+def evaluate_on_worker(shards: str, samples: np.ndarray, extractor: str = "classifier", inception_weights: str | None = None,
+                       cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False, baseline_samples: int = 0,
+                       seed: int = 0, num_cpus: float = 1) -> dict[str, float]:
+    """Evaluator.metrics (and, with ``baseline_samples``, its baselines) in a Ray task with the given resources (a GPU
+    when ``use_gpu``): the samples go there through Ray's object store, the reference is read from ``shards`` (a path or
+    URL) there, and only the metrics come back. Inception weights given as a file are verified here, on the driver."""
+    import ray
+
+    state = check_inception_weights(inception_weights) if inception_weights else None
+    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_evaluate)
+    try:
+        return ray.get(task.remote(shards, ray.put(samples), extractor, state, str(cache_dir) if cache_dir else None,
+                                   kid_subset_size, use_gpu, baseline_samples, seed))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, (EvaluationError, ValueError, OSError)):  # bad input or an unreadable location: one line
+            raise err.cause from None
+        raise
 
 
 def fitted_gaussian_samples(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 
 from pipelines import tracking
 from pipelines.config import Config, config_from_dict
-from pipelines.evaluate import Evaluator, read_split
+from pipelines.evaluate import evaluate_on_worker, read_split
 from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
 from pipelines.train import run_training
 
@@ -60,11 +60,12 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineRes
         inpainting = run_inpainting(checkpoint, torch.from_numpy(test_images[:8]).permute(0, 3, 1, 2).float() / 255, "centre",
                                     run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu)
 
-        log.info("stage 4/4: evaluating with %s features", cfg.evaluation.feature_extractor)
-        evaluator = Evaluator(shards, cfg.evaluation.feature_extractor, cfg.evaluation.inception_weights,
-                              cache_dir=run_dir / "eval_cache", kid_subset_size=cfg.evaluation.kid_subset_size, use_gpu=cfg.cluster.use_gpu)
-        metrics = {**evaluator.metrics(load_samples(samples.output)), **evaluator.extra,
-                   **evaluator.baselines(cfg.sampling.num_samples, seed=cfg.train.seed),
+        log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
+        metrics = {**evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,
+                                        cfg.evaluation.inception_weights, cache_dir=run_dir / "eval_cache",
+                                        kid_subset_size=cfg.evaluation.kid_subset_size, use_gpu=cfg.cluster.use_gpu,
+                                        baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed,
+                                        num_cpus=cfg.cluster.cpus_per_worker),
                    "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
     except BaseException:
         tracking.finish_run(uri, parent, "FAILED")

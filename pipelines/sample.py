@@ -1,6 +1,8 @@
 """Annealed Langevin sampling on a pool of Ray actors. N samples are cut into fixed chunks; chunk k draws its noise
-from a seed derived from (seed, k) alone, so the images do not depend on how many actors there are. A chunk is
-written atomically (its PNGs, then its .npz last, which marks it complete); a re-run redoes only missing chunks."""
+from a seed derived from (seed, k) alone, so the images do not depend on how many actors there are. The checkpoint
+reaches the actors through Ray's object store and their chunks come back the same way (no node needs another's
+disk); the driver writes each chunk atomically (its PNGs, then its .npz last, which marks it complete), so a re-run
+redoes only missing chunks."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_prep.storage import absolute_location, open_binary
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
@@ -102,35 +105,49 @@ def write_chunk(output: Path, chunk: int, start: int, images: np.ndarray) -> Non
                   lambda p: np.savez(open(p, "wb"), images=images, indices=np.arange(start, start + len(images))))
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[ScoreNetwork, Checkpoint]:
-    """The EMA weights of a training checkpoint (the raw weights if it has no EMA), in eval mode."""
+def load_model(checkpoint: str | Path | bytes, device: torch.device | str = "cpu") -> tuple[ScoreNetwork, Checkpoint]:
+    """The EMA weights of a training checkpoint (a file or its bytes; the raw weights if it has no EMA), in eval mode."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     return ckpt.build_model().to(device).eval().requires_grad_(False), ckpt
 
 
-def read_checkpoint(checkpoint: str | Path) -> Checkpoint:
-    """The checkpoint at ``checkpoint`` whose weights fit its model and are finite, or a SamplingError naming the file
-    and what is wrong with it (checked on the driver, before any actor starts)."""
+def read_checkpoint(checkpoint: str | Path) -> tuple[Checkpoint, bytes]:
+    """The checkpoint at ``checkpoint`` (a local path or an object-store URL) and its bytes, if its weights fit its model
+    and are finite; else a SamplingError naming it and what is wrong (checked on the driver, before any actor starts).
+    Actors get the bytes through Ray's object store, so no node needs the driver's disk."""
     try:
-        ckpt = load_checkpoint(checkpoint)
+        with open_binary(str(checkpoint)) as f:
+            payload = f.read()
+        ckpt = load_checkpoint(payload, name=str(checkpoint))
         model = ckpt.build_model()
-    except Exception as err:  # noqa: BLE001 — CheckpointError or OSError: name the file
+    except Exception as err:  # noqa: BLE001 — CheckpointError or StorageError: name the file
         raise SamplingError(f"{checkpoint}: {err}") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise SamplingError(f"{checkpoint}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); the model diverged before this checkpoint")
-    return ckpt
+    return ckpt, payload
+
+
+@dataclass
+class Chunk:
+    """What an actor returns for one chunk; the driver writes it."""
+
+    index: int
+    start: int
+    images: np.ndarray  # uint8 (N, H, W, C)
+    trajectory: list[torch.Tensor] | None
+    seconds: float
 
 
 class Sampler:
     """Holds one model; samples chunks and inpaints. Used as a Ray actor (one per worker) or directly."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False):
+    def __init__(self, checkpoint: str | bytes, use_gpu: bool = False):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, self.ckpt = load_model(checkpoint, self.device)
 
-    def sample_chunk(self, output: str, settings: dict, chunk: int, start: int, count: int) -> tuple[int, int, float]:
-        """Sample chunk ``chunk`` and write it; returns (chunk, count, seconds)."""
+    def sample_chunk(self, settings: dict, chunk: int, start: int, count: int) -> Chunk:
+        """Sample chunk ``chunk`` (its noise seeded by (seed, chunk) alone)."""
         t = time.perf_counter()
         cfg = self.model.config
         gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings["seed"], chunk))
@@ -144,12 +161,8 @@ class Sampler:
         if not torch.isfinite(result.samples).all():
             raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings['eps']:.3g} may be too large for this "
                                 "model); nothing was written")
-        out = Path(output)
-        if trajectory_every:
-            save_trajectory_strip([t.clamp(0, 1) for t in result.trajectory], out / "trajectory.png",
-                                  num_samples=settings["trajectory_samples"], scale=max(1, 32 // cfg.image_size))
-        write_chunk(out, chunk, start, to_uint8(result.samples).permute(0, 2, 3, 1).cpu().numpy())
-        return chunk, count, time.perf_counter() - t
+        trajectory = [t[: settings["trajectory_samples"]].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
+        return Chunk(chunk, start, to_uint8(result.samples).permute(0, 2, 3, 1).cpu().numpy(), trajectory, time.perf_counter() - t)
 
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: dict, seed: int) -> torch.Tensor:
         """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
@@ -180,8 +193,8 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     import ray
     from ray.util import ActorPool
 
-    checkpoint, output = str(Path(checkpoint).resolve()), Path(output).resolve()
-    ckpt = read_checkpoint(checkpoint)
+    checkpoint, output = absolute_location(checkpoint), Path(output).resolve()
+    ckpt, payload = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, options)
     settings.update(checkpoint=checkpoint, checkpoint_step=ckpt.step, tracking_uri=(ckpt.extra or {}).get("tracking_uri"),
                     mlflow_run_id=(ckpt.extra or {}).get("mlflow_run_id"))
@@ -193,10 +206,15 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
         if not ray.is_initialized():
             ray.init()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
-        pool = ActorPool([actor_cls.remote(checkpoint, use_gpu) for _ in range(min(workers, len(pending)))])
+        weights = ray.put(payload)
+        pool = ActorPool([actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))])
         bar = _progress(len(pending), progress)
         try:
-            for _chunk, _count, _seconds in pool.map_unordered(lambda a, c: a.sample_chunk.remote(str(output), settings, *c), pending):
+            for done in pool.map_unordered(lambda a, c: a.sample_chunk.remote(settings, *c), pending):
+                if done.trajectory is not None:
+                    save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings["trajectory_samples"],
+                                          scale=max(1, 32 // ckpt.model_config.image_size))
+                write_chunk(output, done.index, done.start, done.images)
                 bar.update(1)
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, SamplingError):  # deterministic: one line, no retry
@@ -290,7 +308,7 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
     import ray
 
-    ckpt = read_checkpoint(checkpoint)
+    ckpt, payload = read_checkpoint(absolute_location(checkpoint))
     settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps))
     c, size = ckpt.model_config.channels, ckpt.model_config.image_size
     if tuple(images.shape[1:]) != (c, size, size):
@@ -299,7 +317,7 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     if not ray.is_initialized():
         ray.init()
-    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(str(checkpoint), use_gpu)
+    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(payload), use_gpu)
     filled = ray.get([actor.inpaint.remote(images, mask, settings, seed + k) for k in range(completions)])
     occluded = images * mask + 0.5 * (1 - mask)
     rows = torch.stack([occluded, *filled, images], dim=1)  # (n, completions + 2, C, H, W)

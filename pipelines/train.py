@@ -16,7 +16,7 @@ import torch
 
 from data_prep.loader import check_shards_present, make_loader
 from data_prep.shard import load_manifest
-from data_prep.storage import absolute_location
+from data_prep.storage import absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_uint8, to_unit_interval
@@ -250,6 +250,22 @@ class TrainRun:
     eps: float
 
 
+def check_storage_url(storage: str) -> None:
+    """An object-store ``cluster.storage_path`` that Ray Train (pyarrow) can parse and reach, checked on the driver: a
+    ConfigError or StorageError line instead of a controller that dies inside the Ray job."""
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowInvalid, ValueError) as err:
+        raise ConfigError(f"cluster.storage_path {storage!r} is not a URI Ray Train can use: {err}") from None
+    try:
+        fs.get_file_info(path)
+    except OSError as err:
+        raise storage_error(storage, err) from None
+
+
 def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> None:
     """A local storage path works on one host only: checkpoints written on one node must be readable on the others."""
     if urlparse(storage).scheme not in ("", "file") or shared_filesystem:
@@ -283,6 +299,8 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
+    if is_url(storage):
+        check_storage_url(storage)
     if not ray.is_initialized():
         ray.init()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)

@@ -12,6 +12,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+# The tests' S3-compatible server (tests.servers.S3Server, started on first use) is reached the standard way; set before
+# any Ray instance starts, so Ray's workers inherit it too. Fixed test credentials, nothing outside 127.0.0.1.
+from tests.servers import free_port  # noqa: E402
+
+S3_PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                  AWS_DEFAULT_REGION="us-east-1")
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(_var, None)
+
+
 # Fixtures that start Ray or train the shared digits model: tests using them are left out of `make test-fast`.
 CLUSTER_FIXTURES = {"ray_local", "digits_shards", "trained_digits"}
 
@@ -68,3 +79,14 @@ def trained_digits(tmp_path_factory):
     save_checkpoint(path, Checkpoint(model.config, schedule.sigmas(), model.state_dict(), model.state_dict(), None, 2500,
                                      extra={"eps": schedule.eps, "steps_per_level": schedule.steps_per_level}))
     return model, schedule, path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The session's S3-compatible server on the port AWS_ENDPOINT_URL names, with a bucket ``ncsn-test``."""
+    from tests.servers import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"), port=S3_PORT).start()
+    server.create_bucket("ncsn-test")
+    yield server
+    server.stop()

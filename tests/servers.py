@@ -116,3 +116,50 @@ def kill_actor_process(class_name: str) -> int:
     pid = next(a.pid for a in actors if class_name in a.class_name)
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+class S3Server:
+    """moto's standalone S3-compatible server on 127.0.0.1, reached by the clients a user's run uses (s3fs, pyarrow) through
+    the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …). ``refuse_credentials`` makes it check every request
+    against its (empty) IAM, so any key is refused, as a store refuses a wrong one."""
+
+    def __init__(self, root: Path, port: int | None = None, refuse_credentials: bool = False):
+        self.root, self.port, self.refuse = root, port or free_port(), refuse_credentials
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "S3Server":
+        import os
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.refuse else {})}
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(self.root / f"moto-{self.port}.log", "ab"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        wait_for(lambda: self.proc.poll() is not None or loopback_status(self.port, "/moto-api/") is not None, timeout,
+                 f"the S3 server on {self.endpoint}", every=0.2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited: {(self.root / f'moto-{self.port}.log').read_text()[-2000:]}")
+        return self
+
+    def create_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        self.proc = None
+
+
+def clear_fsspec_instances() -> None:
+    """Forget cached s3fs clients, so the next one reads the current AWS_* variables (a test that changes them)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -174,7 +174,7 @@ def test_sampling_input_is_checked_and_nothing_given_is_replaced(tmp_path):
 
     with pytest.raises(SamplingError, match=r"nan.pt: 1 weight tensor\(s\) hold NaN or inf"):
         read_checkpoint(_write_checkpoint(tmp_path / "nan.pt", nan=True))
-    ckpt = read_checkpoint(_write_checkpoint(tmp_path / "ok.pt"))
+    ckpt, _ = read_checkpoint(_write_checkpoint(tmp_path / "ok.pt"))
     bad = {"eps": (0.0, r"--eps must be a finite number > 0, got 0.0"), "steps_per_level": (0, r"--steps-per-level must be an integer >= 1, got 0"),
            "sigmas": ([0.5, 0.9], r"--sigmas must be strictly decreasing"),
            "trajectory_samples": (-1, r"trajectory_samples must be in \[0, chunk_size = 100\], got -1")}

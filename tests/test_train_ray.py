@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_prep.shard import load_manifest
+from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training
@@ -35,10 +36,11 @@ def _metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
-def _registered_step(experiment: Path) -> int:
-    """The step of the latest checkpoint Ray Train's controller has registered (what a restore starts from), or 0."""
+def _registered_step(experiment: str) -> int:
+    """The step of the latest checkpoint Ray Train's controller has registered (what a restore starts from), or 0;
+    ``experiment`` is a local directory or an object-store URL."""
     try:
-        snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(Storage(experiment).read_text("checkpoint_manager_snapshot.json"))
         return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
@@ -108,21 +110,28 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     assert {int(state["step"]) for state in final.optimizer["state"].values()} == {30}
 
 
-def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp_path, shards):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp_path, shards, storage, request):
     # A worker's process is killed from outside (SIGKILL, as a lost node) once Ray Train has registered a checkpoint and
-    # logged steps past it, so the restored group replays those steps; the driver must see each step once.
+    # logged steps past it, so the restored group replays those steps; the driver must see each step once. With "s3",
+    # Ray Train's storage (checkpoints, its snapshot) is on the test's S3 server, and the restore reads it from there.
     import threading
 
     from tests.servers import kill_actor_process, wait_for
 
+    storage_path = str(tmp_path / "ray") if storage == "local" else f"s3://ncsn-test/{tmp_path.name}"
+    if storage == "s3":
+        request.getfixturevalue("s3_server")
     cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path}", "train.steps=60", "train.batch_size=32", "train.log_every=5",
                                                 "train.checkpoint_every=10", "cluster.num_workers=2", "train.sample_every=60",
-                                                "data.loader_workers=0", "tracking.system_metrics=false"])
+                                                "data.loader_workers=0", "tracking.system_metrics=false",
+                                                f"cluster.storage_path={storage_path}"])
     done: dict = {}
     runner = threading.Thread(target=lambda: done.update(result=run_training(cfg, shards)))
     runner.start()
-    wait_for(lambda: 10 <= _registered_step(tmp_path / "ray" / "digits") < max([0] + [r["step"] for r in _metrics(tmp_path)]),
+    wait_for(lambda: not runner.is_alive() or 10 <= _registered_step(f"{storage_path}/digits") < max([0] + [r["step"] for r in _metrics(tmp_path)]),
              300, "a registered checkpoint and steps logged past it")
+    assert runner.is_alive(), "training ended before the kill"
     kill_actor_process("RayTrainWorker")
     runner.join(timeout=600)
     result = done["result"]
@@ -131,8 +140,8 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
     assert _mlflow_steps(result) == steps  # and once in MLflow
     restored = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags.get("restored_from_step")
     assert restored is not None and int(restored) % 10 == 0 and 10 <= int(restored) < 60  # it did restore from a checkpoint
-    with result.checkpoint.as_directory() as directory:
-        assert load_checkpoint(Path(directory) / CHECKPOINT_FILE).step == 60
+    assert result.checkpoint.path.startswith(storage_path.removeprefix("s3://"))  # where the checkpoints went
+    assert load_checkpoint(result.model_file).step == 60
 
 
 def test_two_node_cluster_one_worker_per_node_trains(tmp_path, shards):
