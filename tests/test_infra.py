@@ -32,11 +32,12 @@ def _check_ray_cluster_spec(spec: dict) -> None:
     assert set(groups) == {"cpu", "gpu"}
     gpu_limits = _containers(groups["gpu"]["template"])[0]["resources"]["limits"]
     assert gpu_limits["nvidia.com/gpu"] == "1"
+    assert spec["enableInTreeAutoscaling"] is True and groups["gpu"]["minReplicas"] == 0 and groups["gpu"]["maxReplicas"] >= 1
     for template in [head["template"]] + [g["template"] for g in groups.values()]:
+        assert "volumes" not in template["spec"]  # no shared volume: object storage
         for container in _containers(template):
-            assert container["image"].startswith("ncsn-pipeline:")
-            assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]  # checkpoints on shared storage
-        assert template["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ncsn-shared"
+            assert container["image"].startswith("ncsn-pipeline:") and "volumeMounts" not in container
+            assert {"secretRef": {"name": "ncsn-s3"}} in container["envFrom"]  # the object store's credentials
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
@@ -47,16 +48,20 @@ def test_kuberay_manifests(name):
         _check_ray_cluster_spec(doc["spec"])
     else:
         assert doc["kind"] == "RayJob" and doc["spec"]["shutdownAfterJobFinishes"] is True
+        assert doc["spec"]["activeDeadlineSeconds"] > 0 and doc["spec"]["backoffLimit"] >= 0
         _check_ray_cluster_spec(doc["spec"]["rayClusterSpec"])
 
 
-def test_rayjob_entrypoint_is_a_valid_pipeline_command():
-    entry = shlex.split(yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())["spec"]["entrypoint"])
-    assert entry[:2] == ["ncsn-pipeline", "run"]
-    config = entry[entry.index("--config") + 1]
-    overrides = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
-    cfg = load_config(ROOT / config, overrides)  # every key exists and every value is valid
-    assert cfg.cluster.storage_path.startswith("/mnt/shared") and cfg.cluster.shared_filesystem
+def test_rayjob_entrypoint_shards_to_and_trains_from_object_storage():
+    from pipelines.cli import build_parser
+
+    words = shlex.split(yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())["spec"]["entrypoint"])
+    shard, run = [words[:words.index("&&")], words[words.index("&&") + 1:]]
+    assert shard[:2] == ["ncsn-pipeline", "shard"] and run[:2] == ["ncsn-pipeline", "run"]
+    shard_args, run_args = build_parser().parse_args(shard[1:]), build_parser().parse_args(run[1:])  # valid options
+    cfg = load_config(ROOT / run_args.config, run_args.set)  # every key exists and every value is valid
+    assert cfg.data.shards == shard_args.output and cfg.data.shards.startswith("s3://")
+    assert cfg.cluster.storage_path.startswith("s3://") and not cfg.cluster.shared_filesystem
 
 
 def test_dockerfile_uses_the_pinned_ray_image():
