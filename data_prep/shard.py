@@ -7,6 +7,7 @@ input and options finds the manifest and every shard intact and does nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -192,6 +193,11 @@ def load_manifest(output: str) -> dict:
             if not all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("count", "bytes")) or not isinstance(shard.get("sha256"), str):
                 raise ShardError(f"{where}: shard {shard['path']} needs integer count and bytes and a sha256")
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """16 hex digits of sha256 over the splits (every shard's path, count, bytes and sha256): the shard set's identity."""
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _intact(storage: Storage, manifest: dict) -> bool:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _toy_mixture(args: argparse.Namespace) -> int:
     from ncsn.figures import mixture_figure
 
     out = Path(args.output) / "mixture.png"
@@ -70,12 +70,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError
 
 
+def _with_registration(cfg, args: argparse.Namespace):
+    """``cfg`` with tracking.register_model from --register-model, when given."""
+    if args.register_model:
+        cfg.tracking.register_model = args.register_model
+    return cfg
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train import run_training
 
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = _with_registration(load_config(args.config, args.set), args)
         result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress))
     except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
@@ -91,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.run import run_pipeline
 
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = _with_registration(load_config(args.config, args.set), args)
         result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress)
     except _user_errors() as err:
         print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
@@ -243,12 +250,16 @@ def _config_command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="ncsn-pipeline", description="NCSN score-based generative models on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray Train's per-report lines")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('ncsn-pipeline')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="2-D toy demo: DSM-trained score network, Langevin vs annealed Langevin")
-    demo.add_argument("--output", default="runs/demo", help="directory for the figure (default: runs/demo)")
-    demo.set_defaults(func=_demo)
+    toy = sub.add_parser("toy-mixture", help="the 2-D toy of NCSN Figure 3 (about 10 s): a DSM-trained score network on a "
+                                             "Gaussian mixture, Langevin vs annealed Langevin")
+    toy.add_argument("--output", default="runs/toy-mixture", help="directory for the figure (default: runs/toy-mixture)")
+    toy.set_defaults(func=_toy_mixture)
 
     shard = sub.add_parser("shard", help="write an image data set as WebDataset tar shards with a Ray job")
     shard.add_argument("--source", choices=["digits", "cifar10", "mnist", "image-folder"])
@@ -265,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(func=_shard)
 
-    _config_command(sub, "train", _train, "train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)")
-    _config_command(sub, "run", _run, "the whole pipeline: shard → train → sample → inpaint → evaluate, tracked in MLflow")
+    for command in (_config_command(sub, "train", _train, "train an NCSN as a Ray Train job (local Ray, or the cluster in RAY_ADDRESS)"),
+                    _config_command(sub, "run", _run, "the whole pipeline: shard → train → sample → inpaint → evaluate, tracked in MLflow")):
+        command.add_argument("--register-model", metavar="NAME", help="also register the final model in MLflow's model registry "
+                                                                      "as NAME (the config's tracking.register_model)")
     tune = _config_command(sub, "tune", _tune, "tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
     tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained checkpoint")
 
@@ -320,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("run_dir", help="the training run directory (holds metrics.jsonl and mlflow_run.json)")
     sync.add_argument("--tracking-uri", help="send to this server instead of the one the run was started with")
     sync.set_defaults(func=_sync_metrics)
+    for command in sub.choices.values():  # -v after the subcommand too (SUPPRESS: keeps a -v given before it)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data_prep.loader import make_loader
-from data_prep.shard import load_manifest
+from data_prep.shard import load_manifest, manifest_digest
 from ncsn.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,7 @@ class Evaluator:
         self.shards, self.extractor, self.split = shards, extractor, reference_split
         self.kid_subset_size, self.cuda = kid_subset_size, use_gpu and torch.cuda.is_available()
         self.manifest = load_manifest(shards)
-        data_id = hashlib.sha256(json.dumps(self.manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
-        self.cache = (cache_dir or default_cache_dir()) / data_id
+        self.cache = (cache_dir or default_cache_dir()) / manifest_digest(self.manifest)
         self.reference, _ = read_split(shards, reference_split)
         self.extra: dict = {}
         self._extractor = None

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from data_prep.shard import manifest_digest
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ModelConfig
 from pipelines.config import Config, ConfigError
@@ -100,6 +101,23 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
         raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {str(err).splitlines()[0][:300]}; "
                           "start the server, or unset tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local sqlite store") from None
     return uri, run_id
+
+
+def log_shards_input(uri: str, run_id: str, shards: str, manifest: dict) -> None:
+    """The shard set as the run's dataset input (context "training"): its location, the manifest's digest, the images'
+    schema — what MLflow's UI shows under the run's datasets."""
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (two equal local sources)
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(shards)
+    dataset = MetaDataset(source, name=manifest.get("dataset") or "shards", digest=manifest_digest(manifest),
+                          schema=Schema([TensorSpec(np.dtype(np.uint8), (-1, *manifest["image_shape"]), "image")]))
+    _client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
 
 
 def read_run_file(run_file: Path) -> dict | None:
@@ -247,10 +265,20 @@ class RunLogger:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._submit(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """An image file as MLflow's image ``key`` at ``step`` (the UI's image grid with a step slider)."""
+        def send() -> None:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.load()
+                self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+        self._submit(send)
+
     def set_tag(self, key: str, value: str) -> None:
         self._submit(lambda: self._client.set_tag(self.run_id, key, value))
 
-    def log_model(self, ckpt: Checkpoint, name: str = "model") -> None:
+    def log_model(self, ckpt: Checkpoint, name: str = "model", register_as: str | None = None) -> None:
         """The final model as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the
         ``ncsn`` package and the checkpoint as an artifact: loading it unpickles nothing)."""
         def send() -> None:
@@ -264,7 +292,8 @@ class RunLogger:
                 checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
                 mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
                                         artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
-                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config))
+                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config),
+                                        registered_model_name=register_as)
         self._submit(send)
 
     def close(self, timeout: float = 60.0) -> bool:

@@ -90,6 +90,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    if not loop_config["verbose"]:  # Ray Train logs every report (22 per-σ losses) at INFO; the progress line says enough
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     sigmas = torch.tensor(loop_config["sigmas"])
     ctx = ray.train.get_context()
@@ -180,7 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         for i in range(len(sigmas)):
             if level_count[i] > 0:
-                metrics[f"loss_sigma_{i:03d}"] = (level_sum[i] / level_count[i]).item()
+                metrics[f"loss_per_sigma/{i:03d}"] = (level_sum[i] / level_count[i]).item()
         if checkpoint_now:  # DDP keeps replicas equal; a spread above 0 means they diverged
             checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
             if world > 1:
@@ -193,7 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             run_log.log_metrics(metrics)
             if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
-                run_log.log_artifact(_sample_grid(ema.model, sigmas, loop_config["eps"], cfg, step, device), "samples")
+                run_log.log_image(_sample_grid(ema.model, sigmas, loop_config["eps"], cfg, step, device), "samples", step)
             eta = (cfg.train.steps - step) * elapsed / n_steps
             log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
                      metrics["images_per_s"], eta // 60, eta % 60)
@@ -219,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if start < cfg.train.steps:
             run_log.log_model(Checkpoint(cfg.model, sigmas.cpu(), {k: v.cpu() for k, v in ema.state_dict().items()}, step=step,
                                          extra={"eps": loop_config["eps"], "steps_per_level": cfg.sampling.steps_per_level,
-                                                "denoise": cfg.sampling.denoise}))
+                                                "denoise": cfg.sampling.denoise}), register_as=cfg.tracking.register_model)
         run_log.close(timeout=cfg.tracking.flush_timeout)
 
 
@@ -307,11 +311,13 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
                                           "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
                                    parent_run_id)
+    tracking.log_shards_input(uri, run_id, shards, manifest)
     mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
-                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation, "mailbox": mailbox},
+                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation, "mailbox": mailbox,
+                           "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)},
         torch_config=BoundTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),

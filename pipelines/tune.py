@@ -70,10 +70,11 @@ def _label(point: dict, rec: dict) -> str:
 
 
 def _trial_config(base: dict, trial: str, uri: str) -> Config:
-    """The config of one trial: its own name and directory under <run_dir>/trials, the job's MLflow store."""
+    """The config of one trial: its own name and directory under <run_dir>/trials, the job's MLflow store; trials
+    register no model (a registered name is for the run a user chooses)."""
     cfg = config_from_dict(base)
     cfg.name, cfg.run_dir = f"{cfg.name}-{trial}", str(Path(base["run_dir"]) / "trials" / trial)
-    cfg.tracking.tracking_uri = uri
+    cfg.tracking.tracking_uri, cfg.tracking.register_model = uri, None
     return cfg
 
 

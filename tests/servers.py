@@ -163,3 +163,10 @@ def clear_fsspec_instances() -> None:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def logged_image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps of the images logged under ``key`` (what the MLflow UI's image slider shows), from the artifact names
+    MLflow gives them (images/<key>+step+<step>+timestamp+…png)."""
+    names = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    return sorted(int(n.split("+step+")[1].split("+")[0]) for n in names if n.startswith(f"images/{key.replace('/', '~')}+step+"))

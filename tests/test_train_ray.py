@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_prep.shard import load_manifest
+from data_prep.shard import load_manifest, manifest_digest
 from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training
-from tests.servers import only_ray_instance
+from tests.servers import logged_image_steps, only_ray_instance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -68,7 +68,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     sigmas, _ = resolve_schedule(cfg, load_manifest(shards))
-    assert all(f"loss_sigma_{i:03d}" in rows[-1] for i in range(len(sigmas)))
+    assert all(f"loss_per_sigma/{i:03d}" in rows[-1] for i in range(len(sigmas)))
     assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0, 0.0]  # replicas identical
     assert result.model_file == tmp_path.resolve() / "model" / CHECKPOINT_FILE  # the last checkpoint, where README says
     ckpt = load_checkpoint(result.model_file, cfg.model, sigmas)
@@ -80,10 +80,13 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.002" and run.data.params["cluster.num_workers"] == "2"
     assert _mlflow_steps(result) == [5, 10, 15, 20]
-    assert _mlflow_steps(result, f"loss_sigma_{len(sigmas) - 1:03d}") == [5, 10, 15, 20]
-    assert client.get_metric_history(result.run_id, "loss_sigma_000")[-1].value == pytest.approx(rows[-1]["loss_sigma_000"])
-    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"config.yaml", "samples"}
-    assert [a.path for a in client.list_artifacts(result.run_id, "samples")] == ["samples/step_0000020.png"]
+    (dataset,) = run.inputs.dataset_inputs  # the shard set, as the run's input
+    assert dataset.dataset.digest == manifest_digest(load_manifest(shards)) and shards in dataset.dataset.source
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+    assert _mlflow_steps(result, f"loss_per_sigma/{len(sigmas) - 1:03d}") == [5, 10, 15, 20]  # one group in the UI
+    assert client.get_metric_history(result.run_id, "loss_per_sigma/000")[-1].value == pytest.approx(rows[-1]["loss_per_sigma/000"])
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"config.yaml", "images"}
+    assert logged_image_steps(client, result.run_id, "samples") == [20]  # an image with its step (the UI's slider)
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
     assert [m.name for m in models] == ["model"]
     artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()  # beside mlflow.db, not in ./mlruns
@@ -92,13 +95,17 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     logged = Path(models[0].artifact_location.removeprefix("file://"))
     assert not [p for p in logged.rglob("*") if p.suffix in (".pkl", ".pickle", ".pth")], sorted(logged.rglob("*"))
     assert (logged / "artifacts" / CHECKPOINT_FILE).is_file() and (logged / "code" / "ncsn" / "sampling.py").is_file()
-    mlflow.set_tracking_uri(result.tracking_uri)
-    sampler = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    sampler = mlflow.pyfunc.load_model(models[0].artifact_location)  # (mlflow.set_tracking_uri would leak into other tests' env)
     images = sampler.predict(pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
 
-    # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run.
-    resumed = run_training(_config(tmp_path, 30), shards)
+    # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run; its final
+    # model is registered under the name given.
+    more = _config(tmp_path, 30)
+    more.tracking.register_model = "ncsn-digits"
+    resumed = run_training(more, shards)
+    (version,) = MlflowClient(resumed.tracking_uri).search_model_versions("name = 'ncsn-digits'")
+    assert version.run_id == resumed.run_id
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20, 25, 30]
     assert resumed.run_id == result.run_id and _mlflow_steps(resumed) == [5, 10, 15, 20, 25, 30]
     tags = MlflowClient(resumed.tracking_uri).get_run(resumed.run_id).data.tags
