@@ -77,12 +77,43 @@ def _with_registration(cfg, args: argparse.Namespace):
     return cfg
 
 
+def _preview(cfg, args: argparse.Namespace) -> int:
+    """--print-config (the resolved config as YAML, the schedule included) or --dry-run (what would run): every check
+    training makes before Ray starts, then nothing is started."""
+    import yaml
+
+    from pipelines.tracking import tracking_uri
+    from pipelines.train import prepare
+
+    shards = args.shards or cfg.data.shards
+    if shards is None:
+        local = Path(cfg.run_dir) / "shards" / cfg.data.source
+        shards = str(local) if (local / "manifest.json").exists() else None
+    plan = prepare(cfg, shards) if shards else None
+    if args.print_config:
+        tree = cfg.to_dict()
+        if plan:  # what the run will use, beside what the file says
+            tree["resolved"] = {"shards": plan.shards, "storage_path": plan.storage, "sigmas": [round(float(s), 6) for s in plan.sigmas],
+                                "eps": float(plan.eps), "steps_per_level": cfg.sampling.steps_per_level}
+        print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
+        if not plan:
+            print(f"# resolved: after sharding {cfg.data.source} into {Path(cfg.run_dir).resolve() / 'shards' / cfg.data.source}")
+        return 0
+    print(plan.describe(cfg) if plan else f"shard {cfg.data.source} into {Path(cfg.run_dir).resolve() / 'shards' / cfg.data.source} "
+          f"first; the schedule is resolved from its manifest, then train {cfg.name!r} for {cfg.train.steps} steps")
+    print(f"MLflow: {tracking_uri(cfg)}")
+    print("dry run: the config and inputs are valid; nothing was started")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train import run_training
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
+        if args.print_config or args.dry_run:
+            return _preview(cfg, args)
         result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress))
     except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
@@ -99,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
+        if args.print_config or args.dry_run:
+            return _preview(cfg, args)
         result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress)
     except _user_errors() as err:
         print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
@@ -118,6 +151,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
+        if args.print_config or args.dry_run:
+            return _preview(cfg, args)
         summary = run_tuning(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), checkpoint=args.checkpoint)
     except _user_errors() as err:
         print(f"ncsn-pipeline tune: error: {err}", file=sys.stderr)
@@ -245,6 +280,8 @@ def _config_command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
                         help="override a config value, e.g. optim.lr=2e-4 (repeatable)")
     parser.add_argument("--shards", help="use this shard directory instead of sharding the configured source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the σ schedule included) and exit")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and inputs, say what would run, and exit")
     parser.set_defaults(func=func)
     return parser
 

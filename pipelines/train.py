@@ -281,6 +281,43 @@ def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> N
                           "cluster.shared_filesystem: true if the path is mounted on every node")
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training run will use, resolved and checked on the driver before Ray starts."""
+
+    shards: str
+    manifest: dict
+    sigmas: torch.Tensor
+    eps: float
+    storage: str  # Ray Train's storage_path
+
+    def describe(self, cfg: Config) -> str:
+        """A few lines for --dry-run and --print-config."""
+        return (f"train {cfg.name!r} for {cfg.train.steps} steps on {cfg.cluster.num_workers} worker(s) "
+                f"({'GPU' if cfg.cluster.use_gpu else 'CPU'}), batch {cfg.train.batch_size}\n"
+                f"shards: {self.shards} ({self.manifest['splits']['train']['count']} training images "
+                f"{'×'.join(map(str, self.manifest['image_shape']))})\n"
+                f"schedule: L = {len(self.sigmas)} levels, σ {self.sigmas[0]:.4g} → {self.sigmas[-1]:.4g}, "
+                f"ε = {self.eps:.4g}, T = {cfg.sampling.steps_per_level}\n"
+                f"checkpoints: {self.storage}/{cfg.name}; run directory: {Path(cfg.run_dir).resolve()}")
+
+
+def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> TrainingPlan:
+    """Everything training checks before Ray starts: the shards (present, the config's image size), the batch split,
+    the σ schedule and ε, and an object-store storage path (parsable, reachable)."""
+    shards = absolute_location(shards)
+    manifest = load_manifest(shards)
+    check_shards_present(manifest, shards, "train")  # on the driver: a worker would fail on it, retried for nothing
+    _check_shapes(cfg, manifest)
+    if cfg.train.batch_size % cfg.cluster.num_workers:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
+    sigmas, eps = resolve_schedule(cfg, manifest)
+    storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
+    if is_url(storage):
+        check_storage_url(storage)
+    return TrainingPlan(shards, manifest, sigmas, eps, storage)
+
+
 def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None,
                  evaluation: dict | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None) -> TrainRun:
     """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given).
@@ -293,18 +330,10 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
 
     from pipelines.rendezvous import BoundTorchConfig
 
-    shards = absolute_location(shards)
-    manifest = load_manifest(shards)
-    check_shards_present(manifest, shards, "train")  # on the driver: a worker would fail on it, retried for nothing
-    _check_shapes(cfg, manifest)
-    if cfg.train.batch_size % cfg.cluster.num_workers:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
-    sigmas, eps = resolve_schedule(cfg, manifest)
+    plan = prepare(cfg, shards, storage_path)
+    shards, manifest, sigmas, eps, storage = plan.shards, plan.manifest, plan.sigmas, plan.eps, plan.storage
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
-    if is_url(storage):
-        check_storage_url(storage)
     if not ray.is_initialized():
         ray.init()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
