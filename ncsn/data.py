@@ -1,6 +1,8 @@
-"""Pixel transforms of the NCSN paper: uint8 → [0, 1] with uniform dequantisation and flips, and back."""
+"""Pixel transforms of the NCSN paper: uint8 → [0, 1] with uniform dequantisation and flips, and back; the one
+conversion between stored images (uint8 NHWC) and model batches (float NCHW)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -25,3 +27,13 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats → uint8, clamping samples that left the interval."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_stored(x: torch.Tensor) -> np.ndarray:
+    """A [0, 1] NCHW batch as images are stored and scored: uint8 (N, H, W, C) on the CPU."""
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_stored(images: np.ndarray) -> torch.Tensor:
+    """Stored images, uint8 (N, H, W, C), as a [0, 1] float32 NCHW batch."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255

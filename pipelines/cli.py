@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress))
+        result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
         return 1
@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress)
+        result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress,
+                              resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
         return 1
@@ -218,20 +219,18 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _inpaint(args: argparse.Namespace) -> int:
-    import torch
-
-    from data_prep.shard import ShardError
+    from ncsn.data import from_stored
     from pipelines.evaluate import read_split
-    from pipelines.sample import SamplingError, read_checkpoint, run_inpainting
+    from pipelines.sample import read_checkpoint, run_inpainting
     from pipelines.tracking import log_to_run
 
     try:
         extra = read_checkpoint(args.checkpoint)[0].extra or {}
         images, _ = read_split(args.shards, args.split)
-        x = torch.from_numpy(images[: args.num_images]).permute(0, 3, 1, 2).float() / 255
+        x = from_stored(images[: args.num_images])
         out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
-                             steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu)
-    except (SamplingError, ShardError) as err:
+                             steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu, progress=not args.no_progress)
+    except _user_errors() as err:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1
     print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
@@ -317,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                     _config_command(sub, "run", _run, "the whole pipeline: shard → train → sample → inpaint → evaluate, tracked in MLflow")):
         command.add_argument("--register-model", metavar="NAME", help="also register the final model in MLflow's model registry "
                                                                       "as NAME (the config's tracking.register_model)")
+        again = command.add_mutually_exclusive_group()
+        again.add_argument("--resume", dest="resume", action="store_const", const="accept", default="auto",
+                           help="continue the run of this name although its settings changed (default: resume only "
+                                "with the same settings, else stop and list the differences)")
+        again.add_argument("--fresh", dest="resume", action="store_const", const="fresh",
+                           help="start the run of this name anew; the previous one is moved to <run_dir>/previous-<time>")
     tune = _config_command(sub, "tune", _tune, "tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
     tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained checkpoint")
 
@@ -338,32 +343,35 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     paint = sub.add_parser("inpaint", help="complete occluded test images (NCSN Figure 6)")
-    paint.add_argument("--checkpoint", required=True)
-    paint.add_argument("--shards", required=True, help="shard directory whose images to occlude")
-    paint.add_argument("--split", default="test")
-    paint.add_argument("--mask", choices=["centre", "half", "random"], default="centre")
-    paint.add_argument("--num-images", type=int, default=8)
-    paint.add_argument("--completions", type=int, default=4, help="completions per image (different seeds)")
-    paint.add_argument("--output", required=True)
-    paint.add_argument("--seed", type=int, default=0)
-    paint.add_argument("--steps-per-level", type=int)
-    paint.add_argument("--eps", type=float)
-    paint.add_argument("--gpu", action="store_true")
+    paint.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training (a path or an s3:// / gs:// URL)")
+    paint.add_argument("--shards", required=True, help="shard directory or URL whose images to occlude")
+    paint.add_argument("--split", default="test", help="which split's images (default %(default)s)")
+    paint.add_argument("--mask", choices=["centre", "half", "random"], default="centre",
+                       help="centre square, right half, or 50%% random pixels unknown (default %(default)s)")
+    paint.add_argument("--num-images", type=int, default=8, help="images to occlude, the split's first (default %(default)s)")
+    paint.add_argument("--completions", type=int, default=4, help="completions per image, different seeds (default %(default)s)")
+    paint.add_argument("--output", required=True, help="directory for inpainting_<mask>.png")
+    paint.add_argument("--seed", type=int, default=0, help="seed of the mask and of the first completion (default %(default)s)")
+    paint.add_argument("--steps-per-level", type=int, help="T, Langevin steps per σ level (default: the checkpoint's)")
+    paint.add_argument("--eps", type=float, help="Langevin step size ε (default: the checkpoint's)")
+    paint.add_argument("--gpu", action="store_true", help="run the inpainting actor on a GPU")
     paint.add_argument("--no-mlflow", action="store_true", help="do not log the grid to the checkpoint's MLflow run")
+    paint.add_argument("--no-progress", action="store_true", help="no progress bar")
     paint.set_defaults(func=_inpaint)
 
     ev = sub.add_parser("evaluate", help="FID / Inception Score / KID of a sample directory with torch-fidelity")
     ev.add_argument("--samples", required=True, help="a directory written by `ncsn-pipeline sample`")
     ev.add_argument("--reference", required=True, help="shard directory (its test split is the reference)")
     ev.add_argument("--split", default="test", help="reference split (default test)")
-    ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier")
+    ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier",
+                    help="the digits classifier trained on the shards, or Inception-v3 (default %(default)s)")
     ev.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights file, for machines without internet")
-    ev.add_argument("--kid-subset-size", type=int, default=100)
+    ev.add_argument("--kid-subset-size", type=int, default=100, help="KID subset size (default %(default)s)")
     ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the train/test floor and the Gaussian baseline")
     ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
     ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")
-    ev.add_argument("--gpu", action="store_true")
+    ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")
     ev.set_defaults(func=_evaluate)
 
     sync = sub.add_parser("sync-metrics", help="send metrics.jsonl rows that an unreachable MLflow server missed")

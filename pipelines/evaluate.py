@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
 from ncsn.atomic import atomic_write
+from ncsn.data import from_stored
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
@@ -78,11 +80,6 @@ class Classifier(nn.Module):
         return features, self.head(features)
 
 
-def _to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(images)
-    return (x.permute(0, 3, 1, 2) if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3) else x).float() / 255
-
-
 def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int = 64, seed: int = 0) -> dict:
     """Train the classifier on the labelled training split; save it with its test accuracy; return that record."""
     manifest = load_manifest(shards)
@@ -95,9 +92,10 @@ def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int 
     torch.manual_seed(seed)
     model = Classifier(channels, num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = _to_input(x_train), torch.from_numpy(y_train).long()
+    xt, yt = from_stored(x_train), torch.from_numpy(y_train).long()
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    log.info("training the feature classifier on %d images of %s (%d steps, once per shard set; cached in %s)", len(xt), shards, steps, out)
+    for _ in tqdm(range(steps), desc="feature classifier", unit="step", disable=None):  # a bar on a terminal only
         idx = torch.randint(len(xt), (batch_size,), generator=gen)
         loss = nn.functional.cross_entropy(model(xt[idx])[1], yt[idx])
         opt.zero_grad()
@@ -105,7 +103,7 @@ def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int 
         opt.step()
     model.eval()
     with torch.no_grad():
-        accuracy = (model(_to_input(x_test))[1].argmax(1).numpy() == y_test).mean().item()
+        accuracy = (model(from_stored(x_test))[1].argmax(1).numpy() == y_test).mean().item()
     record = {"state_dict": model.state_dict(), "channels": channels, "num_classes": num_classes, "image_size": x_train.shape[1],
               "test_accuracy": accuracy}
     atomic_write(out, lambda tmp: torch.save(record, tmp))
@@ -308,6 +306,7 @@ class Evaluator:
         path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.weights_id}-{num_samples}-{seed}.json"
         if path.exists():
             return json.loads(path.read_text())
+        log.info("baselines at %d samples: the training split and a fitted Gaussian against the %s split (cached)", num_samples, self.split)
         train, _ = read_split(self.shards, "train")
         rng = np.random.default_rng(seed)
         floor = train[rng.choice(len(train), size=min(num_samples, len(train)), replace=False)]

@@ -11,7 +11,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from ncsn.checkpoint import load_checkpoint
-from ncsn.data import to_uint8
+from ncsn.data import to_stored
 from ncsn.sampling import sample_images
 
 
@@ -33,7 +33,7 @@ class NCSNSampler(PythonModel):
             gen = torch.Generator(device=self.device).manual_seed(seed)
             images = sample_images(self.model, (n, cfg.channels, cfg.image_size, cfg.image_size), self.sigmas, self.eps,
                                    self.steps_per_level, denoise=self.denoise, generator=gen, device=self.device).samples
-            batches.append(to_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
+            batches.append(to_stored(images))
         return np.concatenate(batches)
 
 

@@ -8,13 +8,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ncsn.data import from_stored
 
 from pipelines import tracking
 from pipelines.config import Config, config_from_dict
 from pipelines.evaluate import evaluate_on_worker, read_split
 from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
-from pipelines.train import run_training
+from pipelines.train import run_training, set_aside_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,22 @@ class PipelineResult:
         return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in self.metrics.items())
 
 
-def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineResult:
-    """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring."""
+def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = "auto") -> PipelineResult:
+    """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring (``resume``: as for
+    run_training)."""
     run_dir = Path(cfg.run_dir).resolve()
     cfg.run_dir = str(run_dir)
+    if resume == "fresh":
+        set_aside_previous_run(cfg, cfg.cluster.storage_path or str(run_dir / "ray"))
+        resume = "auto"
     pipeline_cfg = config_from_dict(cfg.to_dict())  # the parent run's own record, beside (not in) the training run's
     pipeline_cfg.name, pipeline_cfg.run_dir = f"{cfg.name}-pipeline", str(run_dir / "pipeline")
     pipeline_cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
-    uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards})
+    uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards}, resume=resume)
     cfg.tracking.tracking_uri = uri
     try:
         log.info("stage 1/4: training %s", cfg.name)
-        trained = run_training(cfg, shards, parent_run_id=parent)
+        trained = run_training(cfg, shards, parent_run_id=parent, resume=resume)
         checkpoint = trained.model_file
 
         log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
@@ -57,8 +61,9 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True) -> PipelineRes
 
         log.info("stage 3/4: inpainting")
         test_images, _ = read_split(shards, "test")
-        inpainting = run_inpainting(checkpoint, torch.from_numpy(test_images[:8]).permute(0, 3, 1, 2).float() / 255, "centre",
-                                    run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu)
+        inpainting = run_inpainting(checkpoint, from_stored(test_images[:8]), "centre",
+                                    run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
+                                    progress=progress)
 
         log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
         metrics = {**evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,

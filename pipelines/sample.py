@@ -21,7 +21,7 @@ from data_prep.storage import absolute_location, open_binary
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
-from ncsn.data import to_uint8
+from ncsn.data import from_stored, to_stored
 from ncsn.figures import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import inpaint, sample_images
@@ -162,7 +162,7 @@ class Sampler:
             raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings['eps']:.3g} may be too large for this "
                                 "model); nothing was written")
         trajectory = [t[: settings["trajectory_samples"]].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
-        return Chunk(chunk, start, to_uint8(result.samples).permute(0, 2, 3, 1).cpu().numpy(), trajectory, time.perf_counter() - t)
+        return Chunk(chunk, start, to_stored(result.samples), trajectory, time.perf_counter() - t)
 
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: dict, seed: int) -> torch.Tensor:
         """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
@@ -227,15 +227,15 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     steps = len(settings["sigmas"]) * settings["steps_per_level"]
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
                             sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
-    save_image_grid(torch.from_numpy(load_samples(output, min(100, options.num_samples))).permute(0, 3, 1, 2).float() / 255,
+    save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))),
                     output / "grid.png", nrow=10, scale=max(1, 32 // ckpt.model_config.image_size))
     return summary
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "sampling chunks", unit: str = "chunk"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="sampling chunks", unit="chunk", disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
 
 
 def _claim_output(output: Path, settings: dict) -> None:
@@ -304,7 +304,8 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 
 
 def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str, output: str | Path, completions: int = 4,
-                   seed: int = 0, steps_per_level: int | None = None, eps: float | None = None, use_gpu: bool = False) -> Path:
+                   seed: int = 0, steps_per_level: int | None = None, eps: float | None = None, use_gpu: bool = False,
+                   progress: bool = True) -> Path:
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
     import ray
 
@@ -318,7 +319,13 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     if not ray.is_initialized():
         ray.init()
     actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(payload), use_gpu)
-    filled = ray.get([actor.inpaint.remote(images, mask, settings, seed + k) for k in range(completions)])
+    pending = {actor.inpaint.remote(images, mask, settings, seed + k): k for k in range(completions)}
+    filled: list[torch.Tensor | None] = [None] * completions
+    with _progress(completions, progress, "inpainting", "completion") as bar:
+        while pending:
+            (done,), _ = ray.wait(list(pending))
+            filled[pending.pop(done)] = ray.get(done)
+            bar.update(1)
     occluded = images * mask + 0.5 * (1 - mask)
     rows = torch.stack([occluded, *filled, images], dim=1)  # (n, completions + 2, C, H, W)
     out = Path(output) / f"inpainting_{mask_kind}.png"

@@ -61,11 +61,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None) -> tuple[str, str]:
-    """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume).
+RESUME_MODES = ("auto", "accept", "fresh")
 
-    Logs the resolved config as params and as ``config.yaml``; returns (tracking URI, run id).
-    """
+
+def changed_settings(cfg: Config, logged: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, logged value, new value) for every config setting that differs from a run's logged params; where the run
+    directory is and how tracking is done are not settings of the run."""
+    params = flatten(cfg.to_dict())
+    return [(k, logged[k], v) for k, v in sorted(params.items())
+            if k in logged and logged[k] != v and k != "run_dir" and not k.startswith("tracking.")]
+
+
+def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None,
+             resume: str = "auto") -> tuple[str, str]:
+    """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume): with
+    ``resume="auto"`` only if its settings are the config's (else a ConfigError listing the differences), with
+    "accept" whatever changed (recorded as ``resumed.*`` tags). Logs the config as params and as ``config.yaml``;
+    returns (tracking URI, run id)."""
     import yaml
     from mlflow.entities import Param
 
@@ -83,14 +95,19 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
             (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
         else:
+            differences = changed_settings(cfg, client.get_run(run_id).data.params)
+            if differences and resume != "accept":
+                listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
+                raise ConfigError(f"run {cfg.name!r} in {run_dir} was started with other settings ({listed}): pass --resume to "
+                                  "continue it with these, --fresh to start it anew (the old one is kept aside), or choose another name")
+            log.info("resuming run %r (MLflow run %s) from its latest checkpoint%s", cfg.name, run_id,
+                     f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else "")
             client.update_run(run_id, status="RUNNING")
         params = {**flatten(cfg.to_dict()), **(extra_params or {})}
         logged = client.get_run(run_id).data.params
         changed = sorted(k for k in params if k in logged and logged[k] != params[k])
-        if changed:  # MLflow params are immutable; a resumed run with new values records them as tags
-            log.warning("resumed run %s with changed settings: %s", run_id, ", ".join(changed))
-            for key in changed:
-                client.set_tag(run_id, f"resumed.{key}", params[key])
+        for key in changed:  # MLflow params are immutable; a resumed run with new values records them as tags
+            client.set_tag(run_id, f"resumed.{key}", params[key])
         new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
         for i in range(0, len(new), 100):
             client.log_batch(run_id, params=new[i:i + 100])

@@ -19,7 +19,7 @@ from data_prep.shard import load_manifest
 from data_prep.storage import absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from ncsn.data import random_hflip, to_uint8, to_unit_interval
+from ncsn.data import random_hflip, to_stored, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
@@ -73,7 +73,7 @@ def _objective(evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: flo
     shape = (num_samples, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     samples = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
                             generator=gen, device=device).samples
-    return evaluator.metrics(to_uint8(samples).permute(0, 2, 3, 1).cpu().numpy())
+    return evaluator.metrics(to_stored(samples))
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -318,9 +318,36 @@ def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> Traini
     return TrainingPlan(shards, manifest, sigmas, eps, storage)
 
 
+_PREVIOUS_RUN_FILES = (tracking.RUN_FILE, tracking.METRICS_FILE, "model", "samples", "inpainting", "pipeline", "summary.json", "summary.txt")
+
+
+def set_aside_previous_run(cfg: Config, storage: str) -> None:
+    """For a fresh start under a used name: move the previous run's files (its MLflow link, metrics, model, outputs)
+    into <run_dir>/previous-<time>/ and its Ray Train storage to <storage>/<name>.previous-<time>; nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, kept = Path(cfg.run_dir), Path(cfg.run_dir) / f"previous-{stamp}"
+    for name in _PREVIOUS_RUN_FILES:
+        if (run_dir / name).exists():
+            kept.mkdir(exist_ok=True)
+            (run_dir / name).rename(kept / name)
+    experiment = f"{storage.rstrip('/')}/{cfg.name}"
+    if is_url(experiment):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(experiment)
+        if fs.exists(path):
+            fs.mv(path, f"{path}.previous-{stamp}", recursive=True)
+    elif Path(experiment).exists():
+        Path(experiment).rename(f"{experiment}.previous-{stamp}")
+    log.info("fresh start of run %r: the previous one is in %s and %s.previous-%s", cfg.name, kept, experiment, stamp)
+
+
 def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None,
-                 evaluation: dict | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None) -> TrainRun:
+                 evaluation: dict | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None,
+                 resume: str = "auto") -> TrainRun:
     """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given).
+    A run directory that holds a run of this name resumes it: ``resume`` is "auto" (only with the same settings),
+    "accept" (with changed ones) or "fresh" (the previous run set aside, a new one started).
 
     ``evaluation`` ({every, num_samples, extractor, cache_dir[, inception_weights]}) adds FID/IS/KID to rank 0's reports
     every ``every`` steps (Tune's objective); ``callbacks`` go to Ray Train (e.g. Tune's TuneReportCallback)."""
@@ -334,12 +361,14 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     shards, manifest, sigmas, eps, storage = plan.shards, plan.manifest, plan.sigmas, plan.eps, plan.storage
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    if resume == "fresh":
+        set_aside_previous_run(cfg, storage)
     if not ray.is_initialized():
         ray.init()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
     uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
                                           "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
-                                   parent_run_id)
+                                   parent_run_id, resume="accept" if resume == "accept" else "auto")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
     trainer = TorchTrainer(

@@ -97,7 +97,7 @@ def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri
     from start_level on), evaluate, log a child MLflow run and report once."""
     from ray import tune
 
-    from ncsn.data import to_uint8
+    from ncsn.data import to_stored
     from ncsn.sampling import sample_images
 
     trial = tune.get_context().get_trial_id()
@@ -112,7 +112,7 @@ def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri
     c, s = ckpt.model_config.channels, ckpt.model_config.image_size
     samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, cfg.sampling.eps, cfg.sampling.steps_per_level,
                             generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
-    metrics = evaluator.metrics(to_uint8(samples).permute(0, 2, 3, 1).numpy())
+    metrics = evaluator.metrics(to_stored(samples))
     grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // s))
     tracking.log_to_run(uri, run_id, metrics, {"samples": grid})

@@ -53,3 +53,14 @@ def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_pat
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no manifest.json" in missing.stderr
     fresh = subprocess.run([*base, "--print-config"], capture_output=True, text=True, timeout=120)  # not sharded yet
     assert fresh.returncode == 0 and f"# resolved: after sharding digits into {tmp_path}" in fresh.stdout
+
+
+def test_resume_and_fresh_are_explicit_and_exclusive():
+    import pytest
+
+    from pipelines.cli import build_parser
+
+    base = ["train", "--config", "c.yaml"]
+    assert [build_parser().parse_args([*base, *flag]).resume for flag in ([], ["--resume"], ["--fresh"])] == ["auto", "accept", "fresh"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--resume", "--fresh"])

@@ -99,11 +99,13 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     images = sampler.predict(pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
 
-    # Same name, more steps: continues at step 21 with the step-20 optimiser state, in the same MLflow run; its final
-    # model is registered under the name given.
+    # Same name, more steps: refused as it is (the settings differ), continued with resume="accept" (--resume) at step 21
+    # with the step-20 optimiser state, in the same MLflow run; its final model is registered under the name given.
     more = _config(tmp_path, 30)
     more.tracking.register_model = "ncsn-digits"
-    resumed = run_training(more, shards)
+    with pytest.raises(ConfigError, match=r"^run 'digits' in .* was started with other settings \(train.steps: 20 → 30\): pass --resume"):
+        run_training(more, shards)
+    resumed = run_training(more, shards, resume="accept")
     (version,) = MlflowClient(resumed.tracking_uri).search_model_versions("name = 'ncsn-digits'")
     assert version.run_id == resumed.run_id
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20, 25, 30]
@@ -115,6 +117,14 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     assert final.step == 30
     # Adam's own step counters went on from the restored state (20 + 10), not from a fresh optimiser (10)
     assert {int(state["step"]) for state in final.optimizer["state"].values()} == {30}
+
+    # --fresh: a new run from step 0 under the same name; the previous one is moved aside, not deleted.
+    fresh = run_training(_config(tmp_path, 10), shards, resume="fresh")
+    assert fresh.run_id != result.run_id and [r["step"] for r in _metrics(tmp_path)] == [5, 10]
+    (kept,) = tmp_path.glob("previous-*")
+    assert [r["step"] for r in _metrics(kept)] == [5, 10, 15, 20, 25, 30] and (kept / "model" / CHECKPOINT_FILE).is_file()
+    assert len(list((tmp_path / "ray").glob("digits.previous-*"))) == 1
+    assert "restored_from_step" not in MlflowClient(fresh.tracking_uri).get_run(fresh.run_id).data.tags
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
@@ -212,8 +222,10 @@ def test_deterministic_failures_end_training_at_once_without_retries(tmp_path, s
     wider = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'fit'}", "train.steps=10", "train.batch_size=32",
                                                   "cluster.num_workers=2", "model.ngf=8", "data.loader_workers=0",
                                                   "tracking.system_metrics=false"])
+    with pytest.raises(ConfigError, match=r"^run 'digits' .* was started with other settings \(.*model.ngf: 16 → 8"):
+        run_training(wider, shards)  # refused on the driver, listing the differences
     with pytest.raises(TrainingError, match=r"^cannot resume run 'digits': checkpoint .* does not match the model config: model.ngf"):
-        run_training(wider, shards)
+        run_training(wider, shards, resume="accept")
 
 
 def test_train_cli_reports_bad_config_in_one_line(tmp_path):
