@@ -271,6 +271,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = {
+    "shard": "  ncsn-pipeline shard --source digits --output runs/digits/shards/digits\n"
+             "  ncsn-pipeline shard --source cifar10 --input cifar-10-python.tar.gz --output s3://bucket/shards/cifar10\n"
+             "  ncsn-pipeline shard --verify s3://bucket/shards/cifar10",
+    "train": "  ncsn-pipeline train --config configs/digits.yaml\n"
+             "  ncsn-pipeline train --config configs/cifar10.yaml --set cluster.num_workers=8 --set cluster.storage_path=s3://bucket/ray\n"
+             "  ncsn-pipeline train --config configs/digits.yaml --set train.steps=5000 --resume   # continue with more steps",
+    "run": "  ncsn-pipeline run --config configs/digits.yaml\n"
+           "  ncsn-pipeline run --config configs/digits.yaml --dry-run\n"
+           "  ncsn-pipeline run --config configs/digits.yaml --print-config",
+    "tune": "  ncsn-pipeline tune --config configs/digits.yaml\n"
+            "  ncsn-pipeline tune --config configs/digits.yaml --checkpoint runs/digits/model/checkpoint.pt   # sampler only",
+    "sample": "  ncsn-pipeline sample --checkpoint runs/digits/model/checkpoint.pt --num-samples 1000 --output runs/digits/samples1k",
+    "inpaint": "  ncsn-pipeline inpaint --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits "
+               "--output runs/digits/inpaint --mask half",
+    "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits",
+}
+
+
 def _config_command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
     """A subcommand that runs a YAML config: --config, --set overrides, --shards, --no-progress."""
     parser = sub.add_parser(name, help=help)
@@ -378,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("run_dir", help="the training run directory (holds metrics.jsonl and mlflow_run.json)")
     sync.add_argument("--tracking-uri", help="send to this server instead of the one the run was started with")
     sync.set_defaults(func=_sync_metrics)
+    for name, command in sub.choices.items():
+        if name in EXAMPLES:  # shown under each command's --help
+            command.epilog, command.formatter_class = "examples:\n" + EXAMPLES[name], argparse.RawDescriptionHelpFormatter
     for command in sub.choices.values():  # -v after the subcommand too (SUPPRESS: keeps a -v given before it)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser

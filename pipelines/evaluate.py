@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
+from data_prep.storage import sha256_and_size
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 
@@ -200,14 +201,6 @@ def _download_inception_weights() -> dict[str, torch.Tensor]:
                               f"{str(err).splitlines()[0][:200]}); on a machine without internet pass --inception-weights PATH") from None
 
 
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
     """A short SHA-256 of a state dict's names and tensor bytes: equal weights, equal digest."""
     h = hashlib.sha256()
@@ -250,7 +243,11 @@ class Evaluator:
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
         # the cache key: the weights' content (a re-saved file's bytes differ from save to save)
-        self.weights_id = _file_digest(self.weights) if extractor == "classifier" else _tensors_digest(state)
+        if extractor == "classifier":
+            with open(self.weights, "rb") as f:
+                self.weights_id = sha256_and_size(f)[0][:16]
+        else:
+            self.weights_id = _tensors_digest(state)
 
     def _layers(self) -> dict[str, str]:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY

@@ -64,3 +64,15 @@ def test_resume_and_fresh_are_explicit_and_exclusive():
     assert [build_parser().parse_args([*base, *flag]).resume for flag in ([], ["--resume"], ["--fresh"])] == ["auto", "accept", "fresh"]
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--resume", "--fresh"])
+
+
+def test_every_help_example_parses():
+    import shlex
+
+    from pipelines.cli import EXAMPLES, build_parser
+
+    for command, text in EXAMPLES.items():
+        for line in text.splitlines():
+            words = shlex.split(line.split("#")[0])
+            assert words[:2] == ["ncsn-pipeline", command]
+            build_parser().parse_args(words[1:])  # SystemExit (a failed test) if an option is wrong
