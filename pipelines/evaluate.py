@@ -49,7 +49,7 @@ class UInt8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)  # a copy: arrays from Ray are read-only
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
