@@ -128,7 +128,7 @@ def read_checkpoint(checkpoint: str | Path) -> tuple[Checkpoint, bytes]:
     return ckpt, payload
 
 
-@dataclass
+@dataclass(frozen=True)
 class Chunk:
     """What an actor returns for one chunk; the driver writes it."""
 

@@ -64,10 +64,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 RESUME_MODES = ("auto", "accept", "fresh")
 
 
-def changed_settings(cfg: Config, logged: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(key, logged value, new value) for every config setting that differs from a run's logged params; where the run
-    directory is and how tracking is done are not settings of the run."""
-    params = flatten(cfg.to_dict())
+def changed_settings(params: dict[str, str], logged: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, logged value, new value) for every param that differs from a run's logged ones; where the run directory
+    is and how tracking is done are not settings of the run."""
     return [(k, logged[k], v) for k, v in sorted(params.items())
             if k in logged and logged[k] != v and k != "run_dir" and not k.startswith("tracking.")]
 
@@ -85,6 +84,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     client = _client(uri)
+    params = {**flatten(cfg.to_dict()), **(extra_params or {})}  # the config, with what the driver resolved (shards, σs)
     try:
         run_id = _existing_run(client, run_dir / RUN_FILE, uri)
         if run_id is None:
@@ -95,7 +95,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
             (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
         else:
-            differences = changed_settings(cfg, client.get_run(run_id).data.params)
+            differences = changed_settings(params, client.get_run(run_id).data.params)
             if differences and resume != "accept":
                 listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
                 raise ConfigError(f"run {cfg.name!r} in {run_dir} was started with other settings ({listed}): pass --resume to "
@@ -103,7 +103,6 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             log.info("resuming run %r (MLflow run %s) from its latest checkpoint%s", cfg.name, run_id,
                      f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else "")
             client.update_run(run_id, status="RUNNING")
-        params = {**flatten(cfg.to_dict()), **(extra_params or {})}
         logged = client.get_run(run_id).data.params
         changed = sorted(k for k in params if k in logged and logged[k] != params[k])
         for key in changed:  # MLflow params are immutable; a resumed run with new values records them as tags
