@@ -34,6 +34,10 @@ class StorageError(OSError):
     """A location that cannot be read or written: missing, refused, unreachable; the message is one line naming it."""
 
 
+class MissingObject(StorageError, FileNotFoundError):
+    """A file or object that is not there (a FileNotFoundError too, so callers treat local and remote alike)."""
+
+
 def _is_connection_error(err: BaseException) -> bool:
     names = {c.__name__ for c in type(err).__mro__}
     return bool(names & {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "TimeoutError"})
@@ -44,7 +48,7 @@ def storage_error(url: str, err: BaseException) -> StorageError:
     if isinstance(err, StorageError):
         return err
     if isinstance(err, FileNotFoundError):
-        return StorageError(f"{url} does not exist")
+        return MissingObject(f"{url} does not exist")
     if isinstance(err, PermissionError) or "ACCESS_DENIED" in str(err):  # s3fs's, then pyarrow's (Ray Train's storage)
         return StorageError(f"access to {url} was refused ({err}): check the credentials the nodes use "
                             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or the node's role)")
@@ -110,16 +114,6 @@ class Storage:
     def exists(self, rel: str) -> bool:
         return self._call(rel, self.fs.exists, self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))
 
-    def size(self, rel: str) -> int | None:
-        try:
-            return self._call(rel, self.fs.size, self._fs_path(rel)) if self.remote else os.path.getsize(self.path(rel))
-        except StorageError as err:
-            if "does not exist" in str(err):
-                return None
-            raise
-        except OSError:
-            return None
-
     def put_atomic(self, local_file: str, rel: str) -> None:
         """Move ``local_file`` to ``rel``."""
         if self.remote:
@@ -139,9 +133,7 @@ class Storage:
             return self._call(rel, f.read)
 
     def read_text(self, rel: str) -> str:
-        """The UTF-8 text of ``rel``; a missing file is FileNotFoundError, other failures a StorageError."""
-        if not self.exists(rel):
-            raise FileNotFoundError(self.path(rel))
+        """The UTF-8 text of ``rel``; a missing file is MissingObject (a FileNotFoundError), other failures a StorageError."""
         return self.read_bytes(rel).decode("utf-8")
 
     def remove(self, rel: str) -> None:

@@ -44,13 +44,18 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_shards(cfg) -> Path:
+    """Where shards_for writes the configured source when data.shards is not given."""
+    return Path(cfg.run_dir).resolve() / "shards" / cfg.data.source
+
+
 def shards_for(cfg, progress: bool = True) -> str:
     """cfg.data.shards, or shard the configured source into <run_dir>/shards/<source> (a no-op when up to date)."""
     from data_prep.shard import ShardOptions, shard_dataset
 
     if cfg.data.shards:
         return cfg.data.shards
-    shards = str(Path(cfg.run_dir) / "shards" / cfg.data.source)
+    shards = str(_local_shards(cfg))
     options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
                            resize=cfg.data.resize, channels=cfg.model.channels)
     print(shard_dataset(options, shards, progress=progress).line())
@@ -85,10 +90,9 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     from pipelines.tracking import tracking_uri
     from pipelines.train import prepare
 
-    shards = args.shards or cfg.data.shards
-    if shards is None:
-        local = Path(cfg.run_dir) / "shards" / cfg.data.source
-        shards = str(local) if (local / "manifest.json").exists() else None
+    shards, local = args.shards or cfg.data.shards, _local_shards(cfg)
+    if shards is None and (local / "manifest.json").exists():
+        shards = str(local)
     plan = prepare(cfg, shards) if shards else None
     if args.print_config:
         tree = cfg.to_dict()
@@ -97,9 +101,9 @@ def _preview(cfg, args: argparse.Namespace) -> int:
                                 "eps": float(plan.eps), "steps_per_level": cfg.sampling.steps_per_level}
         print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
         if not plan:
-            print(f"# resolved: after sharding {cfg.data.source} into {Path(cfg.run_dir).resolve() / 'shards' / cfg.data.source}")
+            print(f"# resolved: after sharding {cfg.data.source} into {local}")
         return 0
-    print(plan.describe(cfg) if plan else f"shard {cfg.data.source} into {Path(cfg.run_dir).resolve() / 'shards' / cfg.data.source} "
+    print(plan.describe(cfg) if plan else f"shard {cfg.data.source} into {local} "
           f"first; the schedule is resolved from its manifest, then train {cfg.name!r} for {cfg.train.steps} steps")
     print(f"MLflow: {tracking_uri(cfg)}")
     print("dry run: the config and inputs are valid; nothing was started")

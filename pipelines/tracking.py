@@ -61,9 +61,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-RESUME_MODES = ("auto", "accept", "fresh")
-
-
 def changed_settings(params: dict[str, str], logged: dict[str, str]) -> list[tuple[str, str, str]]:
     """(key, logged value, new value) for every param that differs from a run's logged ones; where the run directory
     is and how tracking is done are not settings of the run."""
@@ -86,7 +83,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     client = _client(uri)
     params = {**flatten(cfg.to_dict()), **(extra_params or {})}  # the config, with what the driver resolved (shards, σs)
     try:
-        run_id = _existing_run(client, run_dir / RUN_FILE, uri)
+        run_id, logged = _existing_run(client, run_dir / RUN_FILE, uri), {}
         if run_id is None:
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(
@@ -95,7 +92,8 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
             (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
         else:
-            differences = changed_settings(params, client.get_run(run_id).data.params)
+            logged = client.get_run(run_id).data.params
+            differences = changed_settings(params, logged)
             if differences and resume != "accept":
                 listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
                 raise ConfigError(f"run {cfg.name!r} in {run_dir} was started with other settings ({listed}): pass --resume to "
@@ -103,7 +101,6 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             log.info("resuming run %r (MLflow run %s) from its latest checkpoint%s", cfg.name, run_id,
                      f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else "")
             client.update_run(run_id, status="RUNNING")
-        logged = client.get_run(run_id).data.params
         changed = sorted(k for k in params if k in logged and logged[k] != params[k])
         for key in changed:  # MLflow params are immutable; a resumed run with new values records them as tags
             client.set_tag(run_id, f"resumed.{key}", params[key])
