@@ -1,9 +1,10 @@
-"""How noisy the tuning objective is: classifier FID of one trained model over sampling seeds, at the sample counts
-tuning uses, against the gap between two samplers of the same model (all 22 σ levels vs the 6 largest dropped).
-Trials in a tuning job evaluate with the same seed, so the paired gap (same seed for A and B) is what tuning sees.
+"""How noisy the tuning objective is: KID (the default objective) and FID on the classifier's features, for one trained
+model over sampling seeds, against the gap between two samplers of the same model (all σ levels vs the 6 largest
+dropped). Trials evaluate with the same seed, so the paired gap (same seed for A and B) is what tuning sees; the last
+column compares one evaluation's bootstrap standard deviation with the spread over seeds.
 
 Usage: python bench/objective_noise.py --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits
-(`make demo` writes both) [--sizes 100 250] [--seeds 4]
+(`make demo` writes both) [--sizes 250 1000] [--seeds 6]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ncsn.data import to_uint8
+from ncsn.data import to_stored
 from ncsn.sampling import sample_images
 from pipelines.evaluate import Evaluator
 from pipelines.sample import load_model
@@ -25,8 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--shards", required=True)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 250])
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000])
+    parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--drop", type=int, default=6, help="levels the second sampler leaves out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -35,25 +36,27 @@ def main() -> None:
     eps, steps = ckpt.extra["eps"], ckpt.extra["steps_per_level"]
     c, s = ckpt.model_config.channels, ckpt.model_config.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        evaluator = Evaluator(args.shards, "classifier", cache_dir=Path(tmp))
+        evaluator = Evaluator(args.shards, "classifier", cache_dir=Path(tmp), resamples=100)
 
-        def fids(n: int, sigmas: torch.Tensor) -> list[float]:
-            out = []
-            for seed in range(args.seeds):
-                x = sample_images(model, (n, c, s, s), sigmas, eps, steps, generator=torch.Generator().manual_seed(seed)).samples
-                out.append(evaluator.metrics(to_uint8(x).permute(0, 2, 3, 1).numpy())["fid_classifier"])
-            return out
+        def evaluate(n: int, sigmas: torch.Tensor, seed: int) -> dict[str, float]:
+            x = sample_images(model, (n, c, s, s), sigmas, eps, steps, generator=torch.Generator().manual_seed(seed)).samples
+            return evaluator.metrics(to_stored(x), seed=seed)
 
-        print(f"classifier FID over {args.seeds} sampling seeds; sampler A: all {len(ckpt.sigmas)} levels, "
-              f"B: the {args.drop} largest dropped; T = {steps}, ε = {eps:.3g}")
-        print("| samples | A mean ± sd | B mean ± sd | gap B − A | paired gaps (same seed) | **sd of paired gap / gap** |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"classifier features (extractor {evaluator.extractor_id}, test accuracy {evaluator.info['classifier_test_accuracy']:.3f}); "
+              f"{args.seeds} sampling seeds; sampler A: all {len(ckpt.sigmas)} levels, B: the {args.drop} largest dropped; "
+              f"T = {steps}, ε = {eps:.3g}")
+        print("| metric | samples | A mean ± sd | B mean ± sd | gap B − A | **sd of paired gap / gap** | bootstrap sd / seed sd (A) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for n in args.sizes:
-            a, b = fids(n, ckpt.sigmas), fids(n, ckpt.sigmas[args.drop:])
-            paired = [y - x for x, y in zip(a, b)]
-            gap = statistics.mean(paired)
-            print(f"| {n} | {statistics.mean(a):.1f} ± {statistics.stdev(a):.1f} | {statistics.mean(b):.1f} ± {statistics.stdev(b):.1f} "
-                  f"| {gap:.1f} | {', '.join(f'{g:.0f}' for g in paired)} | **{statistics.stdev(paired) / abs(gap):.2f}** |")
+            a = [evaluate(n, ckpt.sigmas, seed) for seed in range(args.seeds)]
+            b = [evaluate(n, ckpt.sigmas[args.drop:], seed) for seed in range(args.seeds)]
+            for metric in ("kid_classifier", "fid_classifier"):
+                va, vb = [r[metric] for r in a], [r[metric] for r in b]
+                paired = [y - x for x, y in zip(va, vb)]
+                gap = statistics.mean(paired)
+                boot = statistics.mean((r[f"{metric}_high"] - r[metric]) / 1.96 for r in a)
+                print(f"| {metric} | {n} | {statistics.mean(va):.4g} ± {statistics.stdev(va):.2g} | {statistics.mean(vb):.4g} ± "
+                      f"{statistics.stdev(vb):.2g} | {gap:.4g} | **{statistics.stdev(paired) / abs(gap):.2f}** | {boot / statistics.stdev(va):.2f} |")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,7 @@ def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, pl
         "image_shape": shape,
         "channels": shape[-1] if shape else None,
         "classes": source.classes,
+        "test_split": source.split_rule,
         "total_count": sum(s["count"] for s in splits.values()),
         "splits": splits,
         "fingerprint": fingerprint,

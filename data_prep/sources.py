@@ -36,6 +36,7 @@ class Source:
 
     name: str = ""
     classes: list[str] | None = None
+    split_rule: str = "the data set's official test split"  # recorded in the manifest
 
     def count(self, split: str) -> int:
         raise NotImplementedError
@@ -59,12 +60,24 @@ def _file_fingerprint(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- digits (offline default)
+def stratified_test_indices(labels: np.ndarray, n_test: int, seed: int) -> np.ndarray:
+    """A seeded, stratified held-out set (sorted indices): each class gives its share of ``n_test`` (largest remainder)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n_test / len(labels)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: n_test - take.sum()]] += 1
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
+
+
 class DigitsSource(Source):
-    """scikit-learn's bundled load_digits: 1797 8×8 digits, 0..16 rescaled to 0..255; the last 297 are the test split."""
+    """scikit-learn's bundled load_digits: 1797 8×8 digits, 0..16 rescaled to 0..255. It has no official test split:
+    297 images drawn per class in proportion (seeded) are held out, the rest are the training split, each in file order."""
 
     name = "digits"
     classes = [str(i) for i in range(10)]
-    n_test = 297
+    n_test, seed = 297, 0
+    split_rule = f"stratified by label: {n_test} of 1797 images held out, drawn per class in proportion with seed {seed}"
 
     def __init__(self) -> None:
         from sklearn.datasets import load_digits
@@ -72,25 +85,22 @@ class DigitsSource(Source):
         digits = load_digits()
         self._images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
         self._labels = digits.target.astype(int)
-
-    def _range(self, split: str) -> tuple[int, int]:
-        _check_split(split)
-        n_train = len(self._labels) - self.n_test
-        return (0, n_train) if split == "train" else (n_train, len(self._labels))
+        test = stratified_test_indices(self._labels, self.n_test, self.seed)
+        self._index = {"test": test, "train": np.setdiff1d(np.arange(len(self._labels)), test)}
 
     def count(self, split: str) -> int:
-        lo, hi = self._range(split)
-        return hi - lo
+        _check_split(split)
+        return len(self._index[split])
 
     def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
-        lo, _ = self._range(split)
-        for i in range(lo + start, lo + min(stop, self.count(split))):
+        _check_split(split)
+        for i in self._index[split][start:stop]:
             yield Record(f"digits-{i:05d}", self._images[i], int(self._labels[i]))
 
     def fingerprint(self) -> dict:
         import sklearn
 
-        return {"sklearn": sklearn.__version__}
+        return {"sklearn": sklearn.__version__, "split": self.split_rule}
 
 
 # ---------------------------------------------------------------- CIFAR-10 python tarball
@@ -287,6 +297,10 @@ class ImageFolderSource(Source):
     """
 
     name = "image-folder"
+
+    @property
+    def split_rule(self) -> str:
+        return f"{self.test_fraction:.0%} of files held out, chosen by the SHA-256 of their relative path"
 
     def __init__(self, root: str | os.PathLike, crop: int | None = None, resize: int | None = None,
                  channels: int = 3, test_fraction: float = 0.1):

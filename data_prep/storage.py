@@ -111,6 +111,15 @@ class Storage:
         except Exception as err:  # noqa: BLE001
             raise storage_error(self.path(rel), err) from None
 
+    def children(self) -> list[str]:
+        """The names directly under the root, sorted; none when the root does not exist."""
+        if not self.remote:
+            return sorted(os.listdir(self.base)) if os.path.isdir(self.base) else []
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.base, detail=False)) if self.fs.exists(self.base) else []
+        except Exception as err:  # noqa: BLE001
+            raise storage_error(self.root, err) from None
+
     def exists(self, rel: str) -> bool:
         return self._call(rel, self.fs.exists, self._fs_path(rel)) if self.remote else os.path.exists(self.path(rel))
 

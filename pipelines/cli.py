@@ -246,31 +246,32 @@ def _inpaint(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from data_prep.shard import ShardError
-    from pipelines.evaluate import EvaluationError, Evaluator
+    from data_prep.shard import ShardError, load_manifest
+    from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
     from pipelines.sample import SETTINGS_FILE, SamplingError, load_samples
     from pipelines.tracking import log_to_run
 
+    project_samples = (Path(args.samples) / "chunks").is_dir()
     try:
-        samples = load_samples(args.samples)
+        samples = (load_samples(args.samples) if project_samples
+                   else load_image_folder(args.samples, load_manifest(args.reference)["channels"]))
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
-                              Path(args.cache_dir) if args.cache_dir else None, args.kid_subset_size, use_gpu=args.gpu)
-        metrics = {**evaluator.metrics(samples), **evaluator.extra}
-        if not args.no_baselines:
-            metrics.update(evaluator.baselines(len(samples)))
+                              Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu)
+        report = evaluator.report(samples, 0 if args.no_baselines else len(samples), seed=args.seed)
     except (EvaluationError, SamplingError, ShardError) as err:
         print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
         return 1
-    out = Path(args.samples) / f"metrics_{args.feature_extractor}.json"
-    out.write_text(json.dumps(metrics, indent=1))
-    width = max(len(k) for k in metrics)
-    print(f"{len(samples)} samples vs the {args.split} split of {args.reference} ({args.feature_extractor} features):")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}")
+    out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}.json"
+    out.write_text(json.dumps(report.record(), indent=1))
+    print(f"{len(samples)} samples vs the {args.split} split of {args.reference}: {args.feature_extractor} features "
+          f"(extractor {evaluator.extractor_id}); value [95% interval, {args.resamples} bootstrap resamples] (samples vs reference):")
+    print(report.table())
+    print(f"written to {out}")
     settings_file = Path(args.samples) / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    settings = json.loads(settings_file.read_text()) if project_samples and settings_file.exists() else {}
     uri, run_id = args.tracking_uri or settings.get("tracking_uri"), args.run_id or settings.get("mlflow_run_id")
-    if uri and run_id and log_to_run(uri, run_id, metrics, {"evaluation": out}, step=settings.get("checkpoint_step", 0)):
+    if uri and run_id and log_to_run(uri, run_id, report.flat(), {"evaluation": out}, step=settings.get("checkpoint_step", 0),
+                                     params={f"evaluation.{args.feature_extractor}_id": evaluator.extractor_id}):
         print(f"logged to MLflow run {run_id}")
     return 0
 
@@ -290,7 +291,8 @@ EXAMPLES = {
     "sample": "  ncsn-pipeline sample --checkpoint runs/digits/model/checkpoint.pt --num-samples 1000 --output runs/digits/samples1k",
     "inpaint": "  ncsn-pipeline inpaint --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits "
                "--output runs/digits/inpaint --mask half",
-    "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits",
+    "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits\n"
+                "  ncsn-pipeline evaluate --samples other_model_pngs/ --reference runs/digits/shards/digits --output other.json",
 }
 
 
@@ -382,16 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--no-progress", action="store_true", help="no progress bar")
     paint.set_defaults(func=_inpaint)
 
-    ev = sub.add_parser("evaluate", help="FID / Inception Score / KID of a sample directory with torch-fidelity")
-    ev.add_argument("--samples", required=True, help="a directory written by `ncsn-pipeline sample`")
-    ev.add_argument("--reference", required=True, help="shard directory (its test split is the reference)")
-    ev.add_argument("--split", default="test", help="reference split (default test)")
+    ev = sub.add_parser("evaluate", help="KID / FID / Inception Score, with intervals and baselines, of a sample set")
+    ev.add_argument("--samples", required=True,
+                    help="a directory written by `ncsn-pipeline sample`, or any folder of PNG/JPEG images of the reference's size")
+    ev.add_argument("--reference", required=True, help="shard directory or URL (its test split is the reference)")
+    ev.add_argument("--split", default="test", help="reference split (default %(default)s)")
     ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier",
-                    help="the digits classifier trained on the shards, or Inception-v3 (default %(default)s)")
+                    help="a classifier trained on the shards' labels, or Inception-v3 (default %(default)s)")
     ev.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights file, for machines without internet")
-    ev.add_argument("--kid-subset-size", type=int, default=100, help="KID subset size (default %(default)s)")
+    ev.add_argument("--resamples", type=int, default=200, help="bootstrap resamples behind each 95%% interval (default %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the baselines' draws (default %(default)s)")
     ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
-    ev.add_argument("--no-baselines", action="store_true", help="skip the train/test floor and the Gaussian baseline")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the same-split floor, train-vs-test and Gaussian baselines")
+    ev.add_argument("--output", metavar="FILE", help="where the JSON report goes (default <samples>/metrics_<extractor>.json)")
     ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
     ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")
     ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")

@@ -92,11 +92,11 @@ class SamplingConfig:
 
 @dataclass
 class EvaluationConfig:
-    """FID / IS / KID through torch-fidelity."""
+    """FID / KID / IS on torch-fidelity's feature extractors, each with a 95% bootstrap interval."""
 
     feature_extractor: str = "classifier"  # classifier | inception
     inception_weights: str | None = None  # a local weights file for air-gapped clusters
-    kid_subset_size: int = 100
+    resamples: int = 200  # bootstrap resamples behind each interval
 
 
 @dataclass
@@ -123,7 +123,10 @@ class TuneConfig:
     steps_per_level: list[int] = field(default_factory=lambda: [5, 10, 20])  # choices for T
     eval_every: int = 500  # training steps between objective evaluations (ASHA's rungs)
     eval_samples: int = 250  # samples per evaluation of the objective
-    metric: str = "fid_classifier"
+    metric: str = "kid_classifier"  # unbiased KID on standardised features: its mean does not move with the count
+    confirm_top: int = 3  # after the search, re-evaluate the best k trials and `recommended` (0: no confirmation)
+    confirm_seeds: int = 3  # … each on this many fresh sampling seeds (paired across trials)
+    confirm_samples: int = 1000  # … at this many samples per seed
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
     max_concurrent: int | None = None  # default: cluster CPUs (or GPUs) / resources per trial
@@ -301,7 +304,7 @@ def _validate(cfg: Config) -> None:
         ("sampling.eps", smp.eps, _finite_positive(smp.eps), "a finite number > 0"),
         ("sampling.workers", smp.workers, smp.workers >= 1, ">= 1"),
         ("sampling.chunk_size", smp.chunk_size, smp.chunk_size >= 1, ">= 1"),
-        ("evaluation.kid_subset_size", cfg.evaluation.kid_subset_size, cfg.evaluation.kid_subset_size >= 2, ">= 2"),
+        ("evaluation.resamples", cfg.evaluation.resamples, cfg.evaluation.resamples >= 10, ">= 10"),
         ("evaluation.feature_extractor", cfg.evaluation.feature_extractor, cfg.evaluation.feature_extractor in ("classifier", "inception"), "classifier or inception"),
         ("tune.trials", cfg.tune.trials, cfg.tune.trials >= 1, ">= 1"),
         ("tune.eval_every", cfg.tune.eval_every, cfg.tune.eval_every >= 1, ">= 1"),
@@ -311,6 +314,9 @@ def _validate(cfg: Config) -> None:
         ("tune.steps_per_level", cfg.tune.steps_per_level, bool(cfg.tune.steps_per_level) and min(cfg.tune.steps_per_level) >= 1, "a non-empty list of T >= 1"),
         *[(f"tune.{k}", getattr(cfg.tune, k), len(getattr(cfg.tune, k)) == 2 and 0 < getattr(cfg.tune, k)[0] <= getattr(cfg.tune, k)[1],
            "[low, high] with 0 < low <= high") for k in ("sigma_max_scale", "sigma_min", "num_levels_scale", "eps_scale")],
+        ("tune.confirm_top", cfg.tune.confirm_top, cfg.tune.confirm_top >= 0, ">= 0"),
+        ("tune.confirm_seeds", cfg.tune.confirm_seeds, cfg.tune.confirm_seeds >= 2, ">= 2 (the interval needs two)"),
+        ("tune.confirm_samples", cfg.tune.confirm_samples, cfg.tune.confirm_samples >= 2, ">= 2"),
         ("tune.grace_period", cfg.tune.grace_period, cfg.tune.grace_period >= 1, ">= 1"),
         ("tune.reduction_factor", cfg.tune.reduction_factor, cfg.tune.reduction_factor >= 2, ">= 2"),
         ("tune.max_concurrent", cfg.tune.max_concurrent, cfg.tune.max_concurrent is None or cfg.tune.max_concurrent >= 1, ">= 1 or null"),

@@ -1,16 +1,21 @@
-"""FID, Inception Score and KID of a sample set against a shard split, with torch-fidelity.
+"""FID, KID and Inception Score of a sample set against a shard split, each with its 95% bootstrap interval and
+sample counts, on features from torch-fidelity's extractors.
 
 Two feature extractors: torch-fidelity's Inception-v3 (downloaded, or a weights file given by path for air-gapped
-clusters) and a small CNN classifier trained once on the labelled training shards ("classifier FID/IS", as LeNet
-features are used for MNIST). Metric names say which one: fid_inception, fid_classifier, … Baselines per data set:
-the training split against the test split (the floor) and a Gaussian fitted to the training split (a weak model)."""
+clusters) and a small CNN classifier trained once, deterministically, on the labelled training shards ("classifier
+FID/KID/IS", as LeNet features are used for MNIST); its weights digest versions every cache entry and metric record.
+Metric names say which one: fid_inception, kid_classifier, … Baselines at the same count: a same-split floor (two
+disjoint draws from the training split: the estimators' own noise), the training split against the reference split,
+and a Gaussian fitted to the training split (a weak model)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +26,14 @@ from tqdm import tqdm
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
-from data_prep.storage import sha256_and_size
+from data_prep.sources import ImageFolderSource, SourceError, stratified_test_indices
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
+from ncsn.metrics import Estimate, bootstrap, frechet_distance, inception_score, kid_statistic
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
-_FIDELITY_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is", "inception_score_std": "is_std",
-                  "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std"}
+BASELINES = ("same_split_floor", "train_vs_test", "gaussian")
 
 
 class EvaluationError(ValueError):
@@ -37,6 +42,62 @@ class EvaluationError(ValueError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("NCSN_CACHE", Path.home() / ".cache" / "ncsn-pipeline"))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """FID, KID and IS of one set of images against a reference set, each with its 95% interval, and what made them."""
+
+    extractor: str  # classifier | inception
+    extractor_id: str  # digest of the extractor's weights
+    num_samples: int
+    num_reference: int
+    fid: Estimate
+    kid: Estimate
+    inception_score: Estimate
+
+    def flat(self, prefix: str = "") -> dict[str, float]:
+        """{fid_<extractor>: value, fid_<extractor>_low/_high: its interval, …, num_samples, num_reference}, keys prefixed."""
+        out: dict[str, float] = {}
+        for name, estimate in (("fid", self.fid), ("kid", self.kid), ("is", self.inception_score)):
+            key = f"{prefix}{name}_{self.extractor}"
+            out.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high})
+        return {**out, f"{prefix}num_samples": self.num_samples, f"{prefix}num_reference": self.num_reference}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Evaluation:
+        return cls(**{k: Estimate(**v) if isinstance(v, dict) else v for k, v in record.items()})
+
+
+@dataclass(frozen=True)
+class Report:
+    """A model's evaluation, the baselines at its count ({name: Evaluation}) and the extractor's own record."""
+
+    model: Evaluation
+    baselines: dict[str, Evaluation] = field(default_factory=dict)
+    extractor: dict[str, float] = field(default_factory=dict)  # classifier accuracies, dead features
+
+    def flat(self) -> dict[str, float]:
+        """Every number as one flat {name: float} for MLflow, Tune and summary.json."""
+        out = {**self.model.flat(), **self.extractor}
+        for name, evaluation in self.baselines.items():
+            out.update(evaluation.flat(f"{name}_"))
+        return out
+
+    def record(self) -> dict:
+        """JSON: each evaluation with its extractor id, counts and intervals."""
+        return {"model": asdict(self.model), "baselines": {k: asdict(v) for k, v in self.baselines.items()}, "extractor": self.extractor}
+
+    def table(self) -> str:
+        """Metrics (rows) by model and baselines (columns), value [95% interval], with each column's counts."""
+        columns = {"model": self.model, **self.baselines}
+        cells = {name: [str(getattr(e, attr)) for attr in ("kid", "fid", "inception_score")] for name, e in columns.items()}
+        heads = {name: f"{name} ({e.num_samples} vs {e.num_reference})" for name, e in columns.items()}
+        widths = {name: max(len(heads[name]), *(len(c) for c in cells[name])) for name in columns}
+        rows = [f"  {'':<4}" + "".join(f"  {heads[n]:<{widths[n]}}" for n in columns)]
+        for i, metric in enumerate(("kid", "fid", "is")):
+            rows.append(f"  {metric:<4}" + "".join(f"  {cells[n][i]:<{widths[n]}}" for n in columns))
+        return "\n".join(rows)
 
 
 class UInt8Images(Dataset):
@@ -54,9 +115,9 @@ class UInt8Images(Dataset):
 
 
 def read_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8 NHWC) and labels of one split of a shard set, in shard order."""
+    """All images (uint8 NHWC) and labels of one split of a shard set, in shard order (batches of one: none left over)."""
     images, labels = [], []
-    for x, y in make_loader(shards, 256, split=split, num_workers=0, shuffle_buffer=0):
+    for x, y in make_loader(shards, 1, split=split, num_workers=0, shuffle_buffer=0):
         images.append(x.permute(0, 2, 3, 1).numpy())
         labels.append(y.numpy())
     if not images:
@@ -64,52 +125,108 @@ def read_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
+def load_image_folder(path: str | Path, channels: int) -> np.ndarray:
+    """Every PNG/JPEG under ``path`` (sorted by relative path) as uint8 (N, H, W, channels), converted as the shard job
+    converts an image folder (8-bit modes only; to grey or RGB); images of another model, scored against our reference."""
+    try:
+        source = ImageFolderSource(path, channels=channels, test_fraction=0)
+        images = [r.image for r in source.read("train", 0, source.count("train"))]
+    except SourceError as err:
+        raise EvaluationError(str(err)) from None
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise EvaluationError(f"{path}: images of {len(shapes)} different sizes ({', '.join(map(str, sorted(shapes)[:3]))}); "
+                              "resize them to the reference size first")
+    return np.stack(images)
+
+
 class Classifier(nn.Module):
-    """A small CNN for 8–64 px images: three conv blocks, a 128-d feature layer, class logits."""
+    """A small CNN for 8–64 px images: three conv blocks with batch norm, a 128-d linear feature layer, class logits.
+    The features are taken before the head's ReLU, so none is constant (dead) on the data."""
 
     def __init__(self, channels: int, num_classes: int, width: int = 32):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(16 * width, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
+        def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.body = nn.Sequential(*block(channels, width), *block(width, width), *block(width, 2 * width, 2),
+                                  *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, 128))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
         return features, self.head(features)
 
 
-def train_classifier(shards: str, out: Path, steps: int = 1500, batch_size: int = 64, seed: int = 0) -> dict:
-    """Train the classifier on the labelled training split; save it with its test accuracy; return that record."""
+def _shifted(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The batch translated by up to 1/8 of its size (edge pixels repeated): the classifier's only augmentation."""
+    pad = max(1, x.shape[-1] // 8)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return nn.functional.pad(x, (pad,) * 4, mode="replicate")[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+
+
+def _accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((torch.cat([model(b)[1].argmax(1) for b in x.split(1024)]) == y).float().mean())
+
+
+def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64, max_epochs: int = 100, patience: int = 10) -> dict:
+    """Train the feature classifier deterministically (seeded) to convergence: a stratified 10% of the training split
+    validates, the epoch of lowest validation loss is kept (at most ``max_epochs``, stopping ``patience`` epochs after
+    the best). Saved with its validation and test accuracy; returns that record."""
     manifest = load_manifest(shards)
     x_train, y_train = read_split(shards, "train")
+    if (y_train < 0).any():
+        raise EvaluationError(f"{shards}: the classifier feature extractor needs labelled training images and this shard set "
+                              "has none; use --feature-extractor inception (with --inception-weights PATH on a machine "
+                              "without internet)")
     x_test, y_test = read_split(shards, "test")
     num_classes = len(manifest.get("classes") or []) or int(y_train.max()) + 1
-    if (y_train < 0).any():
-        raise EvaluationError(f"{shards}: the classifier extractor needs labelled training images (some labels are missing)")
-    channels = x_train.shape[-1]
-    torch.manual_seed(seed)
-    model = Classifier(channels, num_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = from_stored(x_train), torch.from_numpy(y_train).long()
-    gen = torch.Generator().manual_seed(seed)
-    log.info("training the feature classifier on %d images of %s (%d steps, once per shard set; cached in %s)", len(xt), shards, steps, out)
-    for _ in tqdm(range(steps), desc="feature classifier", unit="step", disable=None):  # a bar on a terminal only
-        idx = torch.randint(len(xt), (batch_size,), generator=gen)
-        loss = nn.functional.cross_entropy(model(xt[idx])[1], yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(from_stored(x_test))[1].argmax(1).numpy() == y_test).mean().item()
-    record = {"state_dict": model.state_dict(), "channels": channels, "num_classes": num_classes, "image_size": x_train.shape[1],
-              "test_accuracy": accuracy}
+    held = stratified_test_indices(y_train, max(num_classes, len(y_train) // 10), seed)
+    fit = np.setdiff1d(np.arange(len(y_train)), held)
+    xf, yf = from_stored(x_train[fit]), torch.from_numpy(y_train[fit]).long()
+    xv, yv = from_stored(x_train[held]), torch.from_numpy(y_train[held]).long()
+    log.info("training the feature classifier on %d images of %s (validated on %d; once per shard set, cached in %s)",
+             len(fit), shards, len(held), out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same seed gives the same weights whatever the worker's CPU count
+    try:
+        model, epochs = _fit_classifier(xf, yf, xv, yv, num_classes, seed, batch_size, max_epochs, patience)
+    finally:
+        torch.set_num_threads(threads)
+    record = {"state_dict": model.state_dict(), "channels": x_train.shape[-1], "num_classes": num_classes, "image_size": x_train.shape[1],
+              "test_accuracy": _accuracy(model, from_stored(x_test), torch.from_numpy(y_test).long()),
+              "validation_accuracy": _accuracy(model, xv, yv), "epochs": epochs, "seed": seed}
     atomic_write(out, lambda tmp: torch.save(record, tmp))
-    log.info("classifier for %s: test accuracy %.3f (%s)", shards, accuracy, out)
+    log.info("classifier for %s: validation accuracy %.3f, test accuracy %.3f after %d epochs (%s)", shards,
+             record["validation_accuracy"], record["test_accuracy"], record["epochs"], out)
     return record
+
+
+def _fit_classifier(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int, seed: int,
+                    batch_size: int, max_epochs: int, patience: int) -> tuple[Classifier, int]:
+    """The training loop of train_classifier: the model at its best epoch (in eval mode) and that epoch's number."""
+    torch.manual_seed(seed)
+    model = Classifier(xf.shape[1], num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    best_loss, best_state, best_epoch = float("inf"), None, 0
+    for epoch in tqdm(range(max_epochs), desc="feature classifier", unit="epoch", disable=None):  # a bar on a terminal only
+        model.train()
+        for idx in torch.randperm(len(xf), generator=gen).split(batch_size):
+            loss = nn.functional.cross_entropy(model(_shifted(xf[idx], gen))[1], yf[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(torch.cat([nn.functional.cross_entropy(model(b)[1], t, reduction="none")
+                                        for b, t in zip(xv.split(1024), yv.split(1024))]).mean())
+        if val_loss < best_loss:
+            best_loss, best_state, best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
+        elif epoch - best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), best_epoch + 1
 
 
 def _load_classifier(path: str) -> dict:
@@ -211,43 +328,39 @@ def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Evaluator:
-    """FID/IS/KID of uint8 sample arrays against one split of a shard set, with one feature extractor.
+    """FID/KID/IS of uint8 sample arrays against one split of a shard set, with one feature extractor.
 
-    Features come from torch-fidelity's extractor and metrics from its functions; its own cache is never used (it
-    unpickles with weights_only=False). The reference features are cached as a tensors-only file read with
-    weights_only=True; an unreadable or mismatched cache file is recomputed, never trusted."""
+    Features come from torch-fidelity's extractor, metrics and intervals from ``ncsn.metrics``; torch-fidelity's own
+    cache is never used (it unpickles with weights_only=False). The reference features are cached as a tensors-only
+    file read with weights_only=True, keyed by the extractor's weights digest; an unreadable or mismatched cache file
+    is recomputed, never trusted."""
 
     def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | dict[str, torch.Tensor] | None = None,
-                 reference_split: str = "test", cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False):
+                 reference_split: str = "test", cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False):
         if extractor not in ("classifier", "inception"):
             raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
-        if isinstance(kid_subset_size, bool) or not isinstance(kid_subset_size, int) or kid_subset_size < 2:
-            raise EvaluationError(f"kid_subset_size must be an integer >= 2, got {kid_subset_size!r}")
+        if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
+            raise EvaluationError(f"bootstrap resamples must be an integer >= 10, got {resamples!r}")
         self.shards, self.extractor, self.split = shards, extractor, reference_split
-        self.kid_subset_size, self.cuda = kid_subset_size, use_gpu and torch.cuda.is_available()
+        self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
         self.manifest = load_manifest(shards)
         self.cache = (cache_dir or default_cache_dir()) / manifest_digest(self.manifest)
         self.reference, _ = read_split(shards, reference_split)
-        self.extra: dict = {}
+        self.info: dict[str, float] = {}
         self._extractor = None
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
-            if not Path(self.weights).exists():
-                train_classifier(shards, Path(self.weights))
-            self.extra["classifier_test_accuracy"] = float(_load_classifier(self.weights)["test_accuracy"])
-            self.fidelity_name = CLASSIFIER
+            record = _load_classifier(self.weights) if Path(self.weights).exists() else train_classifier(shards, Path(self.weights))
+            self.info = {"classifier_test_accuracy": float(record["test_accuracy"]),
+                         "classifier_validation_accuracy": float(record["validation_accuracy"])}
+            self.fidelity_name, state = CLASSIFIER, record["state_dict"]
         else:
             state = (check_inception_weights(inception_weights) if isinstance(inception_weights, str)
                      else inception_weights or _download_inception_weights())
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
-        # the cache key: the weights' content (a re-saved file's bytes differ from save to save)
-        if extractor == "classifier":
-            with open(self.weights, "rb") as f:
-                self.weights_id = sha256_and_size(f)[0][:16]
-        else:
-            self.weights_id = _tensors_digest(state)
+        self.extractor_id = _tensors_digest(state)  # the weights' content: a rebuild from the same seed has the same id
 
     def _layers(self) -> dict[str, str]:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -255,86 +368,111 @@ class Evaluator:
         cls = FEATURE_EXTRACTORS_REGISTRY[self.fidelity_name]
         return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in ("fid", "isc", "kid")}
 
-    def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
-        """{layer: (N, d) features} of uint8 NHWC images from the extractor (built once)."""
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{layer: (N, d) float64 features} of uint8 NHWC images from the extractor (built once)."""
         from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
         if self._extractor is None:
             self._extractor = create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
                                                        feature_extractor_weights_path=self.weights, verbose=False)
-        return get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, False)
+        found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, False)
+        return {k: v.double().numpy() for k, v in found.items()}
 
-    def reference_features(self) -> dict[str, torch.Tensor]:
+    def reference_features(self) -> dict[str, np.ndarray]:
         """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
-        path = self.cache / f"features-{self.split}-{self.extractor}-{self.weights_id}.pt"
+        path = self.cache / f"features-{self.split}-{self.extractor}-{self.extractor_id}.pt"
         layers = set(self._layers().values())
         if path.exists():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 if (isinstance(cached, dict) and set(cached) == layers
                         and all(isinstance(v, torch.Tensor) and v.dim() == 2 and len(v) == len(self.reference) for v in cached.values())):
-                    return cached
+                    return {k: v.numpy() for k, v in cached.items()}
                 log.warning("feature cache %s does not hold this reference's features; recomputing", path)
             except Exception as err:  # noqa: BLE001 — not tensors (a pickle is refused here), truncated, …
                 log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, type(err).__name__)
         out = self.features(self.reference)
-        atomic_write(path, lambda tmp: torch.save(out, tmp))
+        atomic_write(path, lambda tmp: torch.save({k: torch.from_numpy(v) for k, v in out.items()}, tmp))
         return out
 
-    def metrics(self, samples: np.ndarray) -> dict[str, float]:
-        """fid_<extractor>, is_<extractor>, is_std_…, kid_…, kid_std_… of ``samples`` (uint8 NHWC) vs the reference split."""
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-
-        if samples.ndim != 4 or samples.dtype != np.uint8 or samples.shape[1:] != self.reference.shape[1:]:
-            raise EvaluationError(f"samples of shape {samples.shape} ({samples.dtype}) do not match the reference images "
+    def _check(self, images: np.ndarray, what: str) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != self.reference.shape[1:]:
+            raise EvaluationError(f"{what} of shape {images.shape} ({images.dtype}) do not match the reference images "
                                   f"{self.reference.shape[1:]} (uint8)")
-        layers, ours, ref = self._layers(), self.features(samples), self.reference_features()
-        raw = {**fid_statistics_to_metric(fid_features_to_statistics(ours[layers["fid"]]),
-                                          fid_features_to_statistics(ref[layers["fid"]]), False),
-               **isc_featuresdict_to_metric(ours, layers["isc"], verbose=False),
-               **kid_featuresdict_to_metric(ours, ref, layers["kid"], verbose=False,
-                                            kid_subset_size=min(self.kid_subset_size, len(samples), len(self.reference)))}
-        return {f"{short}_{self.extractor}": float(raw[key]) for key, short in _FIDELITY_KEYS.items() if key in raw}
+        if len(images) < 2:
+            raise EvaluationError(f"{what}: {len(images)} image(s); the metrics need at least 2")
 
-    def baselines(self, num_samples: int, seed: int = 0) -> dict[str, float]:
-        """The same metrics for the training split (the floor) and a fitted Gaussian, at ``num_samples``; cached."""
-        path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.weights_id}-{num_samples}-{seed}.json"
+    def compare(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int = 0) -> Evaluation:
+        """FID, KID (unbiased, standardised features) and IS of feature sets ``ours`` against ``ref``, with intervals."""
+        layers = self._layers()
+        x, y, logits = ours[layers["fid"]], ref[layers["fid"]], ours[layers["isc"]]
+        n, m = len(x), len(y)
+        fid = bootstrap(lambda ix, iy: frechet_distance(x[ix], y[iy]), n, m, self.resamples, seed)
+        kid_x, kid_y = ours[layers["kid"]], ref[layers["kid"]]
+        kid = bootstrap(kid_statistic(kid_x, kid_y), n, m, self.resamples, seed)
+        score = bootstrap(lambda ix, _: inception_score(logits[ix]), n, m, self.resamples, seed)
+        return Evaluation(self.extractor, self.extractor_id, n, m, fid, kid, score)
+
+    def evaluate(self, samples: np.ndarray, seed: int = 0) -> Evaluation:
+        """The metrics of ``samples`` (uint8 NHWC) against the reference split."""
+        self._check(samples, "samples")
+        return self.compare(self.features(samples), self.reference_features(), seed)
+
+    def metrics(self, samples: np.ndarray, seed: int = 0) -> dict[str, float]:
+        """evaluate() flattened: {fid_<extractor>: …, fid_<extractor>_low: …, …, num_samples, num_reference}."""
+        return self.evaluate(samples, seed).flat()
+
+    def baselines(self, num_samples: int, seed: int = 0) -> dict[str, Evaluation]:
+        """At ``num_samples``: two disjoint draws from the training split (same_split_floor: the estimators' noise and
+        bias at this count), training images against the reference (train_vs_test: the split shift) and a fitted
+        Gaussian (gaussian: a weak model). Cached per extractor, count, seed and resample count."""
+        path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.extractor_id}-{num_samples}-{seed}-{self.resamples}.json"
         if path.exists():
-            return json.loads(path.read_text())
-        log.info("baselines at %d samples: the training split and a fitted Gaussian against the %s split (cached)", num_samples, self.split)
+            try:
+                return {k: Evaluation.from_record(v) for k, v in json.loads(path.read_text()).items()}
+            except (ValueError, TypeError, AttributeError) as err:
+                log.warning("ignoring unreadable baseline cache %s (%s); recomputing", path, type(err).__name__)
+        log.info("baselines at %d samples against the %s split (cached in %s)", num_samples, self.split, self.cache)
         train, _ = read_split(self.shards, "train")
         rng = np.random.default_rng(seed)
-        floor = train[rng.choice(len(train), size=min(num_samples, len(train)), replace=False)]
-        out = {f"train_floor_{k}": v for k, v in self.metrics(floor).items()}
-        out.update({f"gaussian_{k}": v for k, v in self.metrics(fitted_gaussian_samples(train, num_samples, rng)).items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out))
+        order = rng.permutation(len(train))
+        n = min(num_samples, len(train) // 2)
+        m = min(len(self.reference), len(train) - n)
+        draw, other = train[order[:n]], train[order[n:n + m]]
+        out = {"same_split_floor": self.compare(self.features(draw), self.features(other), seed),
+               "train_vs_test": self.evaluate(train[order[:min(num_samples, len(train))]], seed),
+               "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed)}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({k: asdict(v) for k, v in out.items()})))
         return out
 
+    def report(self, samples: np.ndarray, baseline_samples: int = 0, seed: int = 0) -> Report:
+        """The samples' evaluation, with the baselines at ``baseline_samples`` (none when 0) and the extractor's record."""
+        model = self.evaluate(samples, seed)
+        dead = int((self.reference_features()[self._layers()["fid"]].std(0) == 0).sum())  # features constant on the reference
+        return Report(model, self.baselines(baseline_samples, seed) if baseline_samples else {},
+                      {**self.info, "extractor_dead_features": float(dead)})
 
-def _evaluate(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,
-              cache_dir: str | None, kid_subset_size: int, use_gpu: bool, baseline_samples: int, seed: int) -> dict[str, float]:
+
+def _report(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,
+            cache_dir: str | None, resamples: int, use_gpu: bool, baseline_samples: int, seed: int) -> Report:
     evaluator = Evaluator(shards, extractor, inception_weights, cache_dir=Path(cache_dir) if cache_dir else None,
-                          kid_subset_size=kid_subset_size, use_gpu=use_gpu)
-    out = {**evaluator.metrics(samples), **evaluator.extra}
-    return {**out, **evaluator.baselines(baseline_samples, seed=seed)} if baseline_samples else out
+                          resamples=resamples, use_gpu=use_gpu)
+    return evaluator.report(samples, baseline_samples, seed)
 
 
 def evaluate_on_worker(shards: str, samples: np.ndarray, extractor: str = "classifier", inception_weights: str | None = None,
-                       cache_dir: Path | None = None, kid_subset_size: int = 100, use_gpu: bool = False, baseline_samples: int = 0,
-                       seed: int = 0, num_cpus: float = 1) -> dict[str, float]:
-    """Evaluator.metrics (and, with ``baseline_samples``, its baselines) in a Ray task with the given resources (a GPU
-    when ``use_gpu``): the samples go there through Ray's object store, the reference is read from ``shards`` (a path or
-    URL) there, and only the metrics come back. Inception weights given as a file are verified here, on the driver."""
+                       cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False, baseline_samples: int = 0,
+                       seed: int = 0, num_cpus: float = 1) -> Report:
+    """Evaluator.report in a Ray task with the given resources (a GPU when ``use_gpu``): the samples go there through
+    Ray's object store, the reference is read from ``shards`` (a path or URL) there, and only the report comes back.
+    Inception weights given as a file are verified here, on the driver."""
     import ray
 
     state = check_inception_weights(inception_weights) if inception_weights else None
-    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_evaluate)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_report)
     try:
         return ray.get(task.remote(shards, ray.put(samples), extractor, state, str(cache_dir) if cache_dir else None,
-                                   kid_subset_size, use_gpu, baseline_samples, seed))
+                                   resamples, use_gpu, baseline_samples, seed))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, (EvaluationError, ValueError, OSError)):  # bad input or an unreadable location: one line
             raise err.cause from None

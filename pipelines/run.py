@@ -12,7 +12,7 @@ from ncsn.data import from_stored
 
 from pipelines import tracking
 from pipelines.config import Config, config_from_dict
-from pipelines.evaluate import evaluate_on_worker, read_split
+from pipelines.evaluate import Report, evaluate_on_worker, read_split
 from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
 from pipelines.train import run_training, set_aside_previous_run
 
@@ -26,13 +26,16 @@ class PipelineResult:
     samples: Path
     inpainting: Path
     metrics: dict[str, float]
+    evaluation: Report
     tracking_uri: str
     parent_run_id: str
     train_run_id: str
 
     def table(self) -> str:
-        width = max(len(k) for k in self.metrics)
-        return "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in self.metrics.items())
+        """The evaluation table (value [95% interval] per metric, model and baselines), then the run's other numbers."""
+        rest = {**self.evaluation.extractor, **{k: v for k, v in self.metrics.items() if k not in self.evaluation.flat()}}
+        width = max(len(k) for k in rest)
+        return self.evaluation.table() + "\n" + "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items())
 
 
 def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = "auto") -> PipelineResult:
@@ -66,22 +69,23 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
                                     progress=progress)
 
         log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
-        metrics = {**evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,
-                                        cfg.evaluation.inception_weights, cache_dir=run_dir / "eval_cache",
-                                        kid_subset_size=cfg.evaluation.kid_subset_size, use_gpu=cfg.cluster.use_gpu,
-                                        baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed,
-                                        num_cpus=cfg.cluster.cpus_per_worker),
-                   "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
+        report = evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,
+                                    cfg.evaluation.inception_weights, cache_dir=run_dir / "eval_cache",
+                                    resamples=cfg.evaluation.resamples, use_gpu=cfg.cluster.use_gpu,
+                                    baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed, num_cpus=cfg.cluster.cpus_per_worker)
+        metrics = {**report.flat(), "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
     except BaseException:
         tracking.finish_run(uri, parent, "FAILED")
         raise
-    (run_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
-    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, uri, parent, trained.run_id)
+    (run_dir / "summary.json").write_text(json.dumps({**metrics, "evaluation": report.record()}, indent=1))
+    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run_id)
     (run_dir / "summary.txt").write_text(result.table() + "\n")
     artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
     if (samples.output / "trajectory.png").exists():
         artifacts["trajectory"] = samples.output / "trajectory.png"
-    tracking.log_to_run(uri, trained.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)))
-    tracking.log_to_run(uri, parent, metrics, artifacts)
+    params = {f"evaluation.{report.model.extractor}_id": report.model.extractor_id}
+    tracking.log_to_run(uri, trained.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)),
+                        params=params)
+    tracking.log_to_run(uri, parent, metrics, artifacts, params=params)
     tracking.finish_run(uri, parent)
     return result

@@ -174,9 +174,10 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, artifacts: dict[str, Path] | None = None,
-               step: int = 0) -> bool:
-    """Add metrics and files ({artifact dir: local path}) to an existing run, e.g. the training run of a checkpoint.
-    Returns False (with a warning naming the problem) when the store cannot take them; the caller's files stay."""
+               step: int = 0, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> bool:
+    """Add metrics, files ({artifact dir: local path}), params and tags to an existing run, e.g. the training run of a
+    checkpoint. Returns False (with a warning naming the problem) when the store cannot take them; the caller's files
+    stay. A param the run already holds with another value is kept and named in a warning; the metrics still go."""
     from mlflow.entities import Metric
 
     try:
@@ -186,9 +187,16 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         for directory, path in (artifacts or {}).items():
             client.log_artifact(run_id, str(path), directory)
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
     except Exception as err:  # noqa: BLE001
         log.warning("could not log to MLflow run %s at %s: %s: %s", run_id, uri, type(err).__name__, str(err).splitlines()[0][:200])
         return False
+    for key, value in (params or {}).items():
+        try:
+            client.log_param(run_id, key, value)
+        except Exception as err:  # noqa: BLE001 — params are immutable in MLflow
+            log.warning("MLflow run %s keeps its param %s (not %s): %s", run_id, key, value, str(err).splitlines()[0][:200])
     return True
 
 
@@ -290,6 +298,9 @@ class RunLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self._submit(lambda: self._client.set_tag(self.run_id, key, value))
+
+    def log_param(self, key: str, value: str) -> None:
+        self._submit(lambda: self._client.log_param(self.run_id, key, value))
 
     def log_model(self, ckpt: Checkpoint, name: str = "model", register_as: str | None = None) -> None:
         """The final model as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the

@@ -68,7 +68,7 @@ def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: 
 
 def _objective(evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, num_samples: int,
                device: torch.device) -> dict[str, float]:
-    """FID/IS/KID of ``num_samples`` EMA samples (fixed seed) against the reference split: Tune's objective."""
+    """KID/FID/IS (with intervals) of ``num_samples`` EMA samples (fixed seed) against the reference split: Tune's objective."""
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
     shape = (num_samples, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     samples = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
@@ -125,12 +125,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from pipelines.evaluate import Evaluator
 
         evaluator = Evaluator(loop_config["shards"], evaluation["extractor"], evaluation.get("inception_weights"),
-                              cache_dir=Path(evaluation["cache_dir"]), kid_subset_size=cfg.evaluation.kid_subset_size)
+                              cache_dir=Path(evaluation["cache_dir"]), resamples=cfg.evaluation.resamples)
     if rank == 0:
         run_log = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], Path(cfg.run_dir), resumed_step=start,
                                      system_metrics=cfg.tracking.system_metrics)
         if start:
             run_log.set_tag("restored_from_step", str(start))
+        if evaluator is not None:
+            run_log.log_param(f"evaluation.{evaluator.extractor}_id", evaluator.extractor_id)
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
     ddp_model = ray.train.torch.prepare_model(model)
     amp = cfg.train.amp and device.type == "cuda"

@@ -14,16 +14,18 @@ import torch
 import yaml
 
 from data_prep.shard import load_manifest
-from data_prep.storage import absolute_location
+from data_prep.storage import Storage, absolute_location
 from ncsn.figures import save_image_grid
 from pipelines import tracking
 from pipelines.config import Config, ConfigError, config_from_dict
+from pipelines.confirm import candidates, run_confirmation, verdict
 from pipelines.evaluate import Evaluator
-from pipelines.sample import load_model
-from pipelines.train import resolve_schedule, run_training
+from pipelines.sample import SamplingError, load_model, read_checkpoint
+from pipelines.train import CHECKPOINT_FILE, resolve_schedule, run_training
 
 log = logging.getLogger(__name__)
 PARAMS = ("sigma_max", "sigma_min", "num_levels", "eps", "steps_per_level")
+RECOMMENDED_FULL = "recommended-full"  # the recommended schedule trained to the end after ASHA stopped its trial
 
 
 def recommended_point(cfg: Config, manifest: dict) -> dict:
@@ -91,6 +93,34 @@ def _train_trial(point: dict, *, base: dict, shards: str, uri: str, parent_run_i
                  extra_params={"tune.label": _label(point, rec), "tune.trial_id": trial})
 
 
+def _final_checkpoint(cfg: Config, trial_id: str) -> str | None:
+    """A trial's checkpoint at the end of its training budget: <trial>/model/checkpoint.pt, else the last of Ray Train's
+    checkpoints (Tune stops a trial that reaches max_t before that copy is made); None if training stopped earlier."""
+    trial = _trial_config(cfg.to_dict(), trial_id, cfg.tracking.tracking_uri)
+    local = Path(trial.run_dir) / "model" / CHECKPOINT_FILE
+    if local.exists():
+        return str(local)
+    store = Storage(f"{(trial.cluster.storage_path or str(Path(trial.run_dir, 'ray'))).rstrip('/')}/{trial.name}")
+    saved = [f"{name}/{CHECKPOINT_FILE}" for name in store.children() if name.startswith("checkpoint_")]  # named by time
+    last = next((rel for rel in reversed(saved) if store.exists(rel)), None)
+    if last is None:
+        return None
+    path = store.path(last)
+    try:
+        return path if read_checkpoint(path)[0].step >= cfg.train.steps else None
+    except SamplingError as err:
+        log.warning("trial %s: %s; it is left out of the confirmation", trial_id, err)
+        return None
+
+
+def _train_recommended_fully(cfg: Config, rec: dict, shards: str, uri: str, parent_run_id: str) -> None:
+    """Train the recommended schedule for the whole budget, outside the search: ASHA stopped its trial, and the verdict
+    must compare fully trained models. A child run "<name>-recommended-full" of the job."""
+    log.info("ASHA stopped the recommended trial; training the recommended schedule to the end for the confirmation")
+    trial_cfg = apply_point(_trial_config(cfg.to_dict(), RECOMMENDED_FULL, uri), rec)
+    run_training(trial_cfg, shards, parent_run_id=parent_run_id, extra_params={"tune.label": "recommended", "tune.trial_id": RECOMMENDED_FULL})
+
+
 def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri: str, parent_run_id: str, rec: dict,
                    evaluation: dict) -> None:
     """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule (the levels
@@ -108,7 +138,8 @@ def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(checkpoint)
     sigmas = ckpt.sigmas[int(point["start_level"]):]
-    evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]))
+    evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]),
+                          resamples=evaluation["resamples"])
     c, s = ckpt.model_config.channels, ckpt.model_config.image_size
     samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, cfg.sampling.eps, cfg.sampling.steps_per_level,
                             generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
@@ -131,12 +162,14 @@ class TuneSummary:
     tracking_uri: str
     stopped_early: int
     next_command: str  # train with the best schedule, or (sampler-only mode) sample with the best settings
+    verdict: str  # the confirmation's finding: the best, and whether it beat the recommended schedule
 
     def line(self) -> str:
         rec = next((r for r in self.rows if r["label"] == "recommended"), None)
         vs = f"; recommended schedule: {rec['objective']:.4g}" if rec and rec["objective"] is not None else ""
-        return (f"{len(self.rows)} trials ({self.stopped_early} stopped early by ASHA); best {self.best['trial_id']} "
-                f"({self.best['label']}): {self.best['objective']:.4g}{vs}; best config: {self.best_config}")
+        return (f"{len(self.rows)} trials ({self.stopped_early} stopped early by ASHA); search's best "
+                f"{min(r['objective'] for r in self.rows if r['objective'] is not None):.4g}{vs}\n{self.verdict}\n"
+                f"best config: {self.best_config}")
 
 
 def _max_concurrent(cfg: Config, cpus_per_trial: float) -> int:
@@ -166,7 +199,8 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     manifest = load_manifest(shards)
     t = cfg.tune
     evaluation = {"every": t.eval_every, "num_samples": t.eval_samples, "extractor": t.metric.split("_", 1)[1],
-                  "inception_weights": cfg.evaluation.inception_weights, "cache_dir": str(Path(cfg.run_dir) / "eval_cache")}
+                  "inception_weights": cfg.evaluation.inception_weights, "cache_dir": str(Path(cfg.run_dir) / "eval_cache"),
+                  "resamples": cfg.evaluation.resamples, "denoise": cfg.sampling.denoise}
     if evaluation["extractor"] == "classifier":  # train the judge once, before trials start in parallel
         Evaluator(shards, "classifier", cache_dir=Path(evaluation["cache_dir"]))
     uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
@@ -203,13 +237,13 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                                                        num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
     results = tuner.fit()
     sampler = (str(Path(checkpoint).resolve()), model_ckpt.sigmas.tolist()) if checkpoint else None
-    return _summarise(cfg, results, rec, uri, parent, sampler, rungs)
+    return _summarise(cfg, results, rec, uri, parent, sampler, rungs, shards, evaluation)
 
 
 def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: tuple[str, list[float]] | None,
-               max_t: int | None) -> TuneSummary:
-    """Results table, plots, best YAML; all logged to the parent run; children of stopped trials marked KILLED.
-    ``sampler``: (checkpoint, its σ levels) in sampler-only mode."""
+               max_t: int | None, shards: str, evaluation: dict) -> TuneSummary:
+    """Results table, confirmation, plots, best YAML; all logged to the parent run; children of stopped trials marked
+    KILLED. ``sampler``: (checkpoint, its σ levels) in sampler-only mode."""
     metric, run_dir = cfg.tune.metric, Path(cfg.run_dir)
     keys = ("start_level", "eps", "steps_per_level") if sampler else PARAMS
     rows = []
@@ -217,13 +251,36 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         m = r.metrics or {}
         iterations = m.get("training_iteration", 0)
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec),
-                     **{k: r.config.get(k) for k in keys}, "objective": m.get(metric), "iterations": iterations,
+                     **{k: r.config.get(k) for k in keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
+                     "objective_high": m.get(f"{metric}_high"), "iterations": iterations,
                      "stopped_early": bool(max_t and r.error is None and iterations < max_t), "error": str(r.error)[:200] if r.error else "",
-                     "grid": m.get("grid", "")})
+                     "grid": m.get("grid", ""), "confirmed_mean": None, "confirmed_low": None, "confirmed_high": None,
+                     "gap_vs_recommended": None, "gap_low": None, "gap_high": None})
     done = [r for r in rows if r["objective"] is not None]
     if not done:
         raise ConfigError(f"no trial reported {metric}; see the trial errors in {run_dir / 'ray'}")
-    best = min(done, key=lambda r: r["objective"])
+    best, confirmed = min(done, key=lambda r: r["objective"]), []
+    rec_row = next((r for r in rows if r["label"] == "recommended"), None)
+    if cfg.tune.confirm_top:
+        def checkpoint_of(row: dict) -> str | None:
+            if sampler:
+                return sampler[0]
+            found = _final_checkpoint(cfg, row["trial_id"])
+            return found or (_final_checkpoint(cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
+        if rec_row and rec_row["objective"] is not None and checkpoint_of(rec_row) is None:
+            _train_recommended_fully(cfg, rec, shards, uri, parent)
+        found = candidates(rows, cfg.tune.confirm_top, checkpoint_of)
+        confirmed = run_confirmation(found, shards, evaluation, metric, cfg.tune.confirm_seeds, cfg.tune.confirm_samples) if found else []
+        by_id = {r["trial_id"]: r for r in rows}
+        for c in confirmed:
+            by_id[c.candidate.trial_id].update(confirmed_mean=c.mean.value, confirmed_low=c.mean.low, confirmed_high=c.mean.high)
+            if c.vs_recommended:
+                by_id[c.candidate.trial_id].update(gap_vs_recommended=c.vs_recommended.value, gap_low=c.vs_recommended.low,
+                                                   gap_high=c.vs_recommended.high)
+        best = by_id[confirmed[0].candidate.trial_id] if confirmed else best
+    found_line = (verdict(confirmed, metric) if confirmed else
+                  f"best by the search's own evaluation ({metric} {best['objective']:.4g}); no confirmation "
+                  f"({'tune.confirm_top=0' if not cfg.tune.confirm_top else 'no trial left a checkpoint'})")
     with open(run_dir / "tune_results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -244,19 +301,24 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         grid = grids[-1] if grids else None
         next_command = f"ncsn-pipeline train --config {best_yaml}"
     best_cfg.name, best_cfg.run_dir = cfg.name.removesuffix("-tune") + "-best", str(run_dir.parent / "best")
-    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} ({metric} {best['objective']:.4g}, trial {best['trial_id']}, "
-                         f"{best['label']})\n# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    rec_row = next((r for r in rows if r["label"] == "recommended"), None)
+    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n# {found_line}\n"
+                         f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     metrics = {f"best_{metric}": best["objective"], "trials": len(rows), "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
     if rec_row and rec_row["objective"] is not None:
         metrics[f"recommended_{metric}"] = rec_row["objective"]
+    for name, row in (("best", best), ("recommended", rec_row)):
+        if row and row["confirmed_mean"] is not None:
+            metrics.update({f"confirmed_{name}_{metric}{end}": row[f"confirmed_{key}"] for end, key in (("", "mean"), ("_low", "low"), ("_high", "high"))})
+    if best["gap_vs_recommended"] is not None:
+        metrics.update({f"confirmed_gap_vs_recommended{end}": best[key] for end, key in (("", "gap_vs_recommended"), ("_low", "gap_low"), ("_high", "gap_high"))})
     artifacts = {"tune": run_dir / "tune_results.csv", "tune/plots": plot, "tune/best": best_yaml}
     if grid and grid.exists():
         artifacts["tune/best_samples"] = grid
-    tracking.log_to_run(uri, parent, metrics, artifacts)
-    _close_children(uri, parent, {r["trial_id"]: "FAILED" if r["error"] else "KILLED" if r["stopped_early"] else "FINISHED" for r in rows})
+    tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line})
+    _close_children(uri, parent, {RECOMMENDED_FULL: "FINISHED",
+                                  **{r["trial_id"]: "FAILED" if r["error"] else "KILLED" if r["stopped_early"] else "FINISHED" for r in rows}})
     tracking.finish_run(uri, parent)
-    return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command)
+    return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command, found_line)
 
 
 def _close_children(uri: str, parent: str, outcome: dict[str, str]) -> None:
@@ -274,13 +336,16 @@ def _close_children(uri: str, parent: str, outcome: dict[str, str]) -> None:
 
 
 def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Path:
+    """The objective against up to three searched settings (trials coloured by label), and, after a confirmation, each
+    confirmed trial's search value beside its confirmed mean with the 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [k for k in keys if k in ("sigma_max", "sigma_min", "num_levels", "eps", "start_level", "steps_per_level")][:3]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
+    confirmed = sorted((r for r in rows if r["confirmed_mean"] is not None), key=lambda r: r["confirmed_mean"])
+    fig, axes = plt.subplots(1, len(shown) + bool(confirmed), figsize=(4 * (len(shown) + bool(confirmed)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], shown):
         for label, colour in (("search", "tab:blue"), ("recommended", "tab:red")):
             pts = [(r[key], r["objective"]) for r in rows if r["label"] == label and r["objective"] is not None]
@@ -291,6 +356,19 @@ def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Pa
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     axes[0][0].legend()
+    if confirmed:
+        ax = axes[0][-1]
+        x = range(len(confirmed))
+        means = [r["confirmed_mean"] for r in confirmed]
+        err = [[m - r["confirmed_low"] for m, r in zip(means, confirmed)], [r["confirmed_high"] - m for m, r in zip(means, confirmed)]]
+        colours = ["tab:red" if r["label"] == "recommended" else "tab:blue" for r in confirmed]
+        ax.errorbar(x, means, yerr=err, fmt="none", ecolor="grey", capsize=4)
+        ax.scatter(x, means, c=colours, s=30, label="confirmed mean (95%)")
+        ax.scatter(x, [r["objective"] for r in confirmed], facecolors="none", edgecolors=colours, s=30, label="search")
+        ax.set_xticks(list(x), [r["trial_id"][-5:] for r in confirmed], rotation=45)
+        ax.set_ylabel(metric)
+        ax.set_title("confirmation")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

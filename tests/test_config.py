@@ -72,7 +72,8 @@ def test_dotted_overrides_are_typed():
         (["cluster.cpus_per_worker=0"], r"cluster.cpus_per_worker must be a finite number > 0, got 0.0"),
         (["data.loader_workers=-1"], r"data.loader_workers must be >= 0, got -1"),
         (["tune.reduction_factor=0"], r"tune.reduction_factor must be >= 2, got 0"),
-        (["evaluation.kid_subset_size=0"], r"evaluation.kid_subset_size must be >= 2, got 0"),
+        (["evaluation.resamples=5"], r"evaluation.resamples must be >= 10, got 5"),
+        (["tune.confirm_seeds=1"], r"tune.confirm_seeds must be >= 2 \(the interval needs two\), got 1"),
     ],
 )
 def test_bad_values_name_the_key_and_where_it_came_from(overrides, message):

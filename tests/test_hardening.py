@@ -31,14 +31,14 @@ def _plant(path: Path, marker: Path) -> None:
 def test_planted_pickles_in_the_evaluation_caches_are_never_unpickled(tmp_path, digits_shards):
     marker = tmp_path / "PWNED"
     cache = tmp_path / "cache"
-    evaluator = Evaluator(digits_shards, "classifier", cache_dir=cache, kid_subset_size=20)
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=cache, resamples=20)
     samples = evaluator.reference[:40]
     first = evaluator.metrics(samples)
     caches = sorted(evaluator.cache.glob("features-*.pt"))
     assert len(caches) == 1  # the reference features, cached as tensors
     for path in caches + [evaluator.cache / "torch-fidelity" / "fid_stats_test.pt"]:  # ours, and where torch-fidelity's went
         _plant(path, marker)
-    again = Evaluator(digits_shards, "classifier", cache_dir=cache, kid_subset_size=20).metrics(samples)
+    again = Evaluator(digits_shards, "classifier", cache_dir=cache, resamples=20).metrics(samples)
     assert not marker.exists()
     assert again == pytest.approx(first)  # recomputed, not read from the planted file
     reloaded = torch.load(caches[0], weights_only=True)  # and rewritten as plain tensors
@@ -57,10 +57,10 @@ def test_planted_inception_weights_in_the_hub_cache_are_refused(tmp_path, digits
     assert not marker.exists()
 
 
-def test_kid_subset_size_below_two_is_refused(digits_shards, tmp_path):
-    for bad in (0, 1, -3):
-        with pytest.raises(EvaluationError, match=f"kid_subset_size must be an integer >= 2, got {bad}"):
-            Evaluator(digits_shards, "classifier", cache_dir=tmp_path, kid_subset_size=bad)
+def test_too_few_bootstrap_resamples_are_refused(digits_shards, tmp_path):
+    for bad in (0, 9, -3):
+        with pytest.raises(EvaluationError, match=f"bootstrap resamples must be an integer >= 10, got {bad}"):
+            Evaluator(digits_shards, "classifier", cache_dir=tmp_path, resamples=bad)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

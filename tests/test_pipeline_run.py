@@ -34,8 +34,11 @@ def _run_args(run_dir: Path | str, config: str = "configs/digits.yaml") -> list[
 
 def _check_outputs(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"fid_classifier", "is_classifier", "kid_classifier", "train_floor_fid_classifier", "gaussian_fid_classifier",
-            "classifier_test_accuracy", "final_loss"} <= set(summary)
+    assert {"fid_classifier", "is_classifier", "kid_classifier", "kid_classifier_low", "kid_classifier_high", "num_samples",
+            "same_split_floor_kid_classifier", "train_vs_test_fid_classifier", "gaussian_fid_classifier",
+            "classifier_test_accuracy", "extractor_dead_features", "final_loss"} <= set(summary)
+    record = summary["evaluation"]["model"]  # each evaluation records its extractor's digest and its counts
+    assert record["num_samples"] == 60 and len(record["extractor_id"]) == 16 and set(record["kid"]) == {"value", "low", "high"}
     assert len(list((run_dir / "samples" / "images").glob("*.png"))) == 60
     assert (run_dir / "samples" / "grid.png").exists() and (run_dir / "inpainting" / "inpainting_centre.png").exists()
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -44,6 +47,7 @@ def _check_outputs(run_dir: Path) -> None:
     (child,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert parent.info.status == child.info.status == "FINISHED"
     assert parent.data.metrics["fid_classifier"] == summary["fid_classifier"] == child.data.metrics["fid_classifier"]
+    assert parent.data.params["evaluation.classifier_id"] == child.data.params["evaluation.classifier_id"] == record["extractor_id"]
     assert "loss_per_sigma/000" in child.data.metrics
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 6 trials of 30 steps, the objective every 10 (ASHA rungs 1, 2, 3), 100 samples per evaluation; ASHA keeps the top third.
 TINY = ["train.steps=30", "train.batch_size=32", "data.loader_workers=0", "tracking.system_metrics=false", "tune.trials=6",
         "tune.eval_every=10", "tune.eval_samples=100", "tune.steps_per_level=[2,3]", "sampling.steps_per_level=2",
-        "tune.reduction_factor=3"]
+        "tune.reduction_factor=3", "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=60"]
 
 
 def _tune_command(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -96,12 +96,27 @@ def test_parent_and_child_mlflow_runs_are_nested_with_params_curves_and_results(
     experiment = client.get_experiment_by_name("ncsn").experiment_id
     (parent,) = client.search_runs([experiment], "attributes.run_name = 'digits-tune'")
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len({c.data.params["tune.trial_id"] for c in children}) == len(children) == 6
-    stopped = {r["trial_id"] for r in _rows(run_dir) if r["stopped_early"] == "True"}
-    for child in children:
-        assert child.info.status == ("KILLED" if child.data.params["tune.trial_id"] in stopped else "FINISHED")
-        assert "fid_classifier" in child.data.metrics and child.data.params["schedule.recommend"] == "False"
-    assert "best_fid_classifier" in parent.data.metrics and "recommended_fid_classifier" in parent.data.metrics
+    rows = {r["trial_id"]: r for r in _rows(run_dir)}
+    trials = [c for c in children if c.data.params["tune.trial_id"] in rows]
+    assert len({c.data.params["tune.trial_id"] for c in trials}) == len(trials) == 6
+    for child in trials:
+        assert child.info.status == ("KILLED" if rows[child.data.params["tune.trial_id"]]["stopped_early"] == "True" else "FINISHED")
+        assert "kid_classifier" in child.data.metrics and child.data.params["schedule.recommend"] == "False"
+    # a trial the killed driver had started but not yet saved in Tune's state runs again under a new id: its first run
+    # is closed as KILLED; the only other extra child is the recommended schedule trained to the end (below)
+    others = [c for c in children if c.data.params["tune.trial_id"] not in rows]
+    assert all(c.info.status == "KILLED" or c.data.params["tune.trial_id"] == "recommended-full" for c in others)
+    assert "best_kid_classifier" in parent.data.metrics and "recommended_kid_classifier" in parent.data.metrics
+    assert {"confirmed_best_kid_classifier", "confirmed_best_kid_classifier_low"} <= set(parent.data.metrics)
+    # the recommended schedule is always confirmed: when ASHA stopped its trial, it is trained to the end after the search
+    (rec,) = [r for r in _rows(run_dir) if r["label"] == "recommended"]
+    assert "confirmed_recommended_kid_classifier" in parent.data.metrics and rec["confirmed_mean"] != ""
+    full = [c for c in children if c.data.params["tune.trial_id"] == "recommended-full"]
+    # (a stopped trial may still have trained to the end before Tune's stop reached it: then it is confirmed as it is)
+    assert len(full) <= (rec["stopped_early"] == "True") and all(c.info.status == "FINISHED" for c in full)
+    confirmed = [r for r in rows.values() if r["confirmed_mean"] != ""]
+    assert len(confirmed) == 2  # tune.confirm_top=1: the best finished trial and `recommended`
+    assert parent.data.tags["tune.verdict"].startswith("confirmed best: ")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert {"tune/tune_results.csv", "tune/plots", "tune/best"} <= artifacts
 
@@ -118,10 +133,11 @@ def test_best_config_loads_and_trains(tuned, tmp_path, digits_shards):
 def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards):
     _, schedule, checkpoint = trained_digits
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=100",
+                                                         "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=100",
                                                          "tune.steps_per_level=[2,5]", "tracking.system_metrics=false"])
     summary = run_tuning(cfg, digits_shards, checkpoint=str(checkpoint))
     rows = summary.rows
-    assert len(rows) == 4 and all(r["objective"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["objective_low"] <= r["objective"] <= r["objective_high"] for r in rows)
     (rec,) = [r for r in rows if r["label"] == "recommended"]  # the checkpoint's own sampler settings, whole schedule
     assert rec["start_level"] == 0 and rec["steps_per_level"] == schedule.steps_per_level
     assert rec["eps"] == pytest.approx(schedule.eps)
@@ -132,4 +148,7 @@ def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, d
     children = client.search_runs([client.get_run(summary.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
     assert sorted(c.data.params["tune.trial_id"] for c in children) == sorted(r["trial_id"] for r in rows)
-    assert all(c.info.status == "FINISHED" and "fid_classifier" in c.data.metrics for c in children)
+    assert all(c.info.status == "FINISHED" and "kid_classifier" in c.data.metrics for c in children)
+    confirmed = [r for r in rows if r["confirmed_mean"] is not None]  # tune.confirm_top=1: the best and `recommended`
+    assert {r["label"] for r in confirmed} == {"recommended"} or len(confirmed) == 2
+    assert summary.best["confirmed_mean"] == min(r["confirmed_mean"] for r in confirmed)
