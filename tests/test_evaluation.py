@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_prep.sources import DigitsSource, stratified_test_indices
-from ncsn.metrics import bootstrap, frechet_distance, inception_score, kid_statistic, standardise
+from ncsn.metrics import bootstrap, frechet_distance, inception_score, kid_in_blocks, kid_statistic, standardise
 from pipelines.confirm import Candidate, candidates, rank, verdict
 
 CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
@@ -28,14 +28,26 @@ def test_estimators_equal_torch_fidelitys():
     from torch_fidelity.metric_kid import kid_features_to_metric
 
     rng = np.random.default_rng(0)
-    x, y = _features(rng, 120, 0.3, d=64), _features(rng, 90, d=64)  # fewer rows than dimensions in y: the SVD form is exact
+    x, y = _features(rng, 120, 0.3, d=64), _features(rng, 90, d=64)  # n·m > d²: the d × d eigenvalue form
     stats = [fid_features_to_statistics(torch.from_numpy(v)) for v in (x, y)]
     assert frechet_distance(x, y) == pytest.approx(fid_statistics_to_metric(*stats, False)["frechet_inception_distance"], rel=1e-9)
     xs, ys = standardise(x[:90], y)  # torch-fidelity's KID: equal set sizes, one subset of all rows
     fidelity_kid = kid_features_to_metric(torch.from_numpy(xs), torch.from_numpy(ys), kid_subsets=1, kid_subset_size=90, verbose=False)
     assert kid_statistic(x[:90], y)(np.arange(90), np.arange(90)) == pytest.approx(fidelity_kid["kernel_inception_distance_mean"], rel=1e-9)
+    few, many = _features(rng, 20, 0.3, d=64), _features(rng, 30, d=64)  # n·m ≤ d²: the cross-product SVD form
+    stats = [fid_features_to_statistics(torch.from_numpy(v)) for v in (few, many)]
+    # (rank-deficient covariances: scipy's sqrtm behind torch-fidelity's value is the less precise one here)
+    assert frechet_distance(few, many) == pytest.approx(fid_statistics_to_metric(*stats, False)["frechet_inception_distance"], rel=1e-7)
     logits = rng.standard_normal((200, 10)) * 3
     assert inception_score(logits) == pytest.approx(isc_features_to_metric(torch.from_numpy(logits), splits=1)["inception_score_mean"], rel=1e-9)
+
+
+def test_kid_in_blocks_is_the_unbiased_statistic_of_its_blocks():
+    rng = np.random.default_rng(4)
+    x, y = _features(rng, 150, 0.2), _features(rng, 150)
+    assert kid_in_blocks(x, y, 1000, seed=0) == pytest.approx(kid_statistic(x, y)(np.arange(150), np.arange(150)), rel=1e-9)
+    same = [kid_in_blocks(_features(rng, 600), _features(rng, 400), 100, seed=i) for i in range(20)]  # one distribution
+    assert abs(np.mean(same)) < 2 * np.std(same) / np.sqrt(len(same))  # no bias: the mean is within its standard error of 0
 
 
 def test_kid_intervals_cover_zero_for_one_distribution_at_the_stated_rate():
@@ -137,6 +149,19 @@ def test_baselines_same_split_floor_covers_zero_and_the_gaussian_is_separated(di
     assert gaussian.kid.low > floor.kid.high
     assert floor.num_samples == 250 and floor.num_reference == 297 and base["train_vs_test"].num_reference == 297
     assert evaluator.baselines(250) == base  # cached
+
+
+def test_sets_larger_than_the_bootstrap_rows_use_all_rows_for_the_values(digits_shards, tmp_path, monkeypatch):
+    import pipelines.evaluate as evaluate
+
+    evaluator = evaluate.Evaluator(digits_shards, "classifier", cache_dir=tmp_path, resamples=20)
+    images = evaluator.reference[:250]
+    exact = evaluator.evaluate(images)
+    monkeypatch.setattr(evaluate, "BOOTSTRAP_ROWS", 100)  # as 50 000 samples against 10 000 would be
+    large = evaluator.evaluate(images)
+    assert large.fid.value == pytest.approx(exact.fid.value) and large.inception_score.value == pytest.approx(exact.inception_score.value)
+    assert abs(large.kid.value - exact.kid.value) < exact.kid.high - exact.kid.low  # KID from 100-row blocks: same estimand
+    assert large.fid.high - large.fid.low > exact.fid.high - exact.fid.low  # the widths of a 100-row subset: wider
 
 
 def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path):
