@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# The digits pipeline end to end on a local Ray and a sqlite MLflow store under runs/digits (about 11 minutes on
+# The digits pipeline end to end on a local Ray and a sqlite MLflow store under runs/digits (about 10 minutes on
 # 2 CPU cores). The variable keeps the local Ray on 127.0.0.1 instead of advertising the host's address.
 demo: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/ncsn-pipeline run --config configs/digits.yaml

@@ -272,7 +272,7 @@ class MnistSource(Source):
 
 
 # ---------------------------------------------------------------- image folder (CelebA, …)
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 _EXACT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA"}  # 8 bits per channel: converting to L/RGB keeps the values
@@ -312,7 +312,7 @@ class ImageFolderSource(Source):
         if not 0 <= test_fraction < 1:
             raise SourceError(f"test_fraction must be in [0, 1), got {test_fraction}")
         self.crop, self.resize, self.channels, self.test_fraction = crop, resize, channels, test_fraction
-        files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise SourceError(f"image folder {self.root} holds no .png/.jpg/.jpeg files")
         labelled = all(len(f.parts) >= 2 for f in files)

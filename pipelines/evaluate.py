@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
-from data_prep.sources import ImageFolderSource, SourceError, stratified_test_indices
+from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_test_indices
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 from ncsn.metrics import Estimate, bootstrap, frechet_distance, inception_score, kid_in_blocks, kid_statistic
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
+CLASSIFIER_FORMAT = 2  # 2: batch norm, linear features, validated early stopping (a cached 1 is retrained)
 BOOTSTRAP_ROWS = 2000  # up to this many rows per set, every interval is a bootstrap of all rows (O(rows²) for KID)
 
 
@@ -128,6 +129,9 @@ def read_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_image_folder(path: str | Path, channels: int) -> np.ndarray:
     """Every PNG/JPEG under ``path`` (sorted by relative path) as uint8 (N, H, W, channels), converted as the shard job
     converts an image folder (8-bit modes only; to grey or RGB); images of another model, scored against our reference."""
+    if Path(path).is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(path).rglob("*")):
+        raise EvaluationError(f"{path} holds neither sample chunks (chunks/chunk_*.npz from `ncsn-pipeline sample`) "
+                              "nor .png/.jpg/.jpeg images")
     try:
         source = ImageFolderSource(path, channels=channels, test_fraction=0)
         images = [r.image for r in source.read("train", 0, source.count("train"))]
@@ -195,7 +199,7 @@ def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64
         torch.set_num_threads(threads)
     record = {"state_dict": model.state_dict(), "channels": x_train.shape[-1], "num_classes": num_classes, "image_size": x_train.shape[1],
               "test_accuracy": _accuracy(model, from_stored(x_test), torch.from_numpy(y_test).long()),
-              "validation_accuracy": _accuracy(model, xv, yv), "epochs": epochs, "seed": seed}
+              "validation_accuracy": _accuracy(model, xv, yv), "epochs": epochs, "seed": seed, "format": CLASSIFIER_FORMAT}
     atomic_write(out, lambda tmp: torch.save(record, tmp))
     log.info("classifier for %s: validation accuracy %.3f, test accuracy %.3f after %d epochs (%s)", shards,
              record["validation_accuracy"], record["test_accuracy"], record["epochs"], out)
@@ -231,6 +235,21 @@ def _fit_classifier(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: to
 
 def _load_classifier(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _cached_classifier(path: str) -> dict | None:
+    """The classifier record cached at ``path`` if it is one of this version (tensors only); else None, to retrain."""
+    if not Path(path).exists():
+        return None
+    try:
+        record = _load_classifier(path)
+    except Exception as err:  # noqa: BLE001 — not tensors (a pickle is refused here), truncated, …
+        log.warning("ignoring unreadable classifier cache %s (%s); retraining", path, type(err).__name__)
+        return None
+    if not isinstance(record, dict) or record.get("format") != CLASSIFIER_FORMAT:
+        log.warning("classifier cache %s is from another version; retraining", path)
+        return None
+    return record
 
 
 def _make_extractor_class():
@@ -351,7 +370,7 @@ class Evaluator:
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
-            record = _load_classifier(self.weights) if Path(self.weights).exists() else train_classifier(shards, Path(self.weights))
+            record = _cached_classifier(self.weights) or train_classifier(shards, Path(self.weights))
             self.info = {"classifier_test_accuracy": float(record["test_accuracy"]),
                          "classifier_validation_accuracy": float(record["validation_accuracy"])}
             self.fidelity_name, state = CLASSIFIER, record["state_dict"]

@@ -184,9 +184,10 @@ def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path, digit
     # Shard 0: replace one sample's PNG by garbage; shard 1: cut the tar file in half.
     with tarfile.open(shards[0]) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
     with tarfile.open(shards[0], "w") as tar:
         for m, data in members:
-            if m.name.endswith(".png") and m.name.startswith("digits-00005"):
+            if m.name == victim:
                 data = b"this is not a png"
                 m.size = len(data)
             tar.addfile(m, __import__("io").BytesIO(data))

@@ -36,7 +36,8 @@ def test_planted_pickles_in_the_evaluation_caches_are_never_unpickled(tmp_path, 
     first = evaluator.metrics(samples)
     caches = sorted(evaluator.cache.glob("features-*.pt"))
     assert len(caches) == 1  # the reference features, cached as tensors
-    for path in caches + [evaluator.cache / "torch-fidelity" / "fid_stats_test.pt"]:  # ours, and where torch-fidelity's went
+    # ours (features, the classifier), and where torch-fidelity's cache went
+    for path in caches + [evaluator.cache / "classifier.pt", evaluator.cache / "torch-fidelity" / "fid_stats_test.pt"]:
         _plant(path, marker)
     again = Evaluator(digits_shards, "classifier", cache_dir=cache, resamples=20).metrics(samples)
     assert not marker.exists()

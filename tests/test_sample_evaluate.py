@@ -136,7 +136,8 @@ def test_unsafe_or_wrong_inception_weights_are_refused_before_torch_fidelity_loa
 def test_evaluate_cli_errors_name_the_problem(tmp_path, digits_shards):
     out = subprocess.run([CLI, "evaluate", "--samples", str(tmp_path), "--reference", digits_shards], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == f"ncsn-pipeline evaluate: error: {tmp_path} has no sample chunks (expected {tmp_path}/chunks/chunk_*.npz from `ncsn-pipeline sample`)"
+    assert out.stderr.strip().splitlines()[-1] == (f"ncsn-pipeline evaluate: error: {tmp_path} holds neither sample chunks "
+                                                   "(chunks/chunk_*.npz from `ncsn-pipeline sample`) nor .png/.jpg/.jpeg images")
 
 
 def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoint, digits_shards):
