@@ -142,7 +142,7 @@ def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri
                           resamples=evaluation["resamples"])
     c, s = ckpt.model_config.channels, ckpt.model_config.image_size
     samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, cfg.sampling.eps, cfg.sampling.steps_per_level,
-                            generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
+                            denoise=evaluation["denoise"], generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
     metrics = evaluator.metrics(to_stored(samples))
     grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // s))
