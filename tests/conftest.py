@@ -10,6 +10,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Ray on Linux advertises the host's network address even for a local instance; this setting (meant for
 # single-host Ray on macOS/Windows) keeps every Ray node, worker and client of the tests on 127.0.0.1.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray Train waits 10 minutes for a worker's health check before it counts the worker as lost; the worker-loss tests need
+# the restart well inside their own limits (2 minutes, still far above a poll's normal milliseconds).
+os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "120")
 
 
 # The tests' S3-compatible server (tests.servers.S3Server, started on first use) is reached the standard way; set before

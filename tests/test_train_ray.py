@@ -134,7 +134,7 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
     # Ray Train's storage (checkpoints, its snapshot) is on the test's S3 server, and the restore reads it from there.
     import threading
 
-    from tests.servers import kill_actor_process, wait_for
+    from tests.servers import kill_actor_process, ray_train_log_tail, wait_for
 
     storage_path = str(tmp_path / "ray") if storage == "local" else f"s3://ncsn-test/{tmp_path.name}"
     if storage == "s3":
@@ -147,10 +147,11 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
     runner = threading.Thread(target=lambda: done.update(result=run_training(cfg, shards)))
     runner.start()
     wait_for(lambda: not runner.is_alive() or 10 <= _registered_step(f"{storage_path}/digits") < max([0] + [r["step"] for r in _metrics(tmp_path)]),
-             300, "a registered checkpoint and steps logged past it")
+             300, "a registered checkpoint and steps logged past it", every=0.25)
     assert runner.is_alive(), "training ended before the kill"
     kill_actor_process("RayTrainWorker")
     runner.join(timeout=600)
+    assert "result" in done, f"training did not finish within 600 s of the kill; Ray Train's controller:\n{ray_train_log_tail()}"
     result = done["result"]
     steps = list(range(5, 65, 5))
     assert [r["step"] for r in _metrics(tmp_path)] == steps  # replayed steps logged once
