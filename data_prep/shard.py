@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_prep.cluster import connect_ray
 from data_prep.sources import SPLITS, Source, open_source
 from data_prep.storage import Storage, sha256_and_size
 from ncsn.sigmas import max_pairwise_distance
@@ -232,8 +233,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
             shards = [s for sp in old["splits"].values() for s in sp["shards"]]
             return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
         log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
-    if not ray.is_initialized():
-        ray.init()  # with worker logs shown: later stages (training's progress lines) may use this same instance
+    connect_ray()
     workers = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
     task_fn = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)

@@ -38,29 +38,32 @@ def main() -> None:
         runs = {r.info.run_name: r for r in client.search_runs([experiment])}
         training = next(r for r in runs.values() if "loss" in r.data.metrics and not r.info.run_name.endswith("-pipeline"))
         base = f"{server.uri}/#/experiments/{experiment}"
-        pages = {"mlflow_training_charts.png": (f"{base}/runs/{training.info.run_id}/model-metrics", None),
-                 "mlflow_sample_images.png": (f"{base}/runs?compareRunsMode=CHART", "samples")}
+        pipeline = next((name for name in runs if name.endswith("-pipeline")), None)
+        # name: (URL, the parent run whose children to show, the charts to search for)
+        pages = {"mlflow_training_charts.png": (f"{base}/runs/{training.info.run_id}/model-metrics", None, None),
+                 "mlflow_sample_images.png": (f"{base}/runs?compareRunsMode=CHART", pipeline, "samples")}
         images = sorted((a.path for a in client.list_artifacts(training.info.run_id, "images") if a.path.endswith(".png")),
                         key=lambda path: int(path.split("+step+")[1].split("+")[0]))
         if images:  # the last sample grid, as the artifact view shows it
-            pages["mlflow_sample_grid.png"] = (f"{base}/runs/{training.info.run_id}/artifacts/{images[-1]}", None)
-        if any(name.endswith("-tune") for name in runs):
-            pages["mlflow_tuning_runs.png"] = (f"{base}/runs", None)
+            pages["mlflow_sample_grid.png"] = (f"{base}/runs/{training.info.run_id}/artifacts/{images[-1]}", None, None)
+        tune = next((name for name in runs if name.endswith("-tune")), None)
+        if tune:  # the tuning job's parent run with its trials, the columns of its objective
+            pages["mlflow_tuning_runs.png"] = (f"{base}/runs", tune, None)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1440, "height": 900})
-            for name, (url, search) in pages.items():
+            for name, (url, parent, search) in pages.items():
                 page.goto(url)
                 page.wait_for_timeout(8000)  # the UI polls (auto-refresh): there is no network-idle moment to wait for
                 for label in ("Close", "close"):  # the assistant side panel, when the UI opens it
                     for button in page.get_by_role("button", name=label).all():
                         if button.is_visible():
                             button.click()
-                if search:  # the training run's charts whose name matches, e.g. the logged images
-                    for parent in [r.info.run_name for r in runs.values() if r.info.run_name.endswith("-pipeline")][:1]:
-                        box = page.get_by_text(parent, exact=True).first.bounding_box()
-                        page.mouse.click(box["x"] - 30, box["y"] + box["height"] / 2)  # the expander left of a parent run
-                        page.wait_for_timeout(2000)
+                if parent:
+                    box = page.get_by_text(parent, exact=True).first.bounding_box()
+                    page.mouse.click(box["x"] - 30, box["y"] + box["height"] / 2)  # the expander left of a parent run
+                    page.wait_for_timeout(2000)
+                if search:  # the charts whose name matches, e.g. the logged images
                     page.get_by_placeholder("Search metric charts").first.fill(search)
                     page.wait_for_timeout(6000)  # the images load after the charts
                 page.wait_for_timeout(1500)

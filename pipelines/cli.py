@@ -44,24 +44,6 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_shards(cfg) -> Path:
-    """Where shards_for writes the configured source when data.shards is not given."""
-    return Path(cfg.run_dir).resolve() / "shards" / cfg.data.source
-
-
-def shards_for(cfg, progress: bool = True) -> str:
-    """cfg.data.shards, or shard the configured source into <run_dir>/shards/<source> (a no-op when up to date)."""
-    from data_prep.shard import ShardOptions, shard_dataset
-
-    if cfg.data.shards:
-        return cfg.data.shards
-    shards = str(_local_shards(cfg))
-    options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
-                           resize=cfg.data.resize, channels=cfg.model.channels)
-    print(shard_dataset(options, shards, progress=progress).line())
-    return shards
-
-
 def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input (printed as one line), not a bug."""
     from data_prep.shard import ShardError
@@ -77,9 +59,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _with_registration(cfg, args: argparse.Namespace):
     """``cfg`` with tracking.register_model from --register-model, when given."""
-    if args.register_model:
-        cfg.tracking.register_model = args.register_model
-    return cfg
+    return cfg.evolve({"tracking.register_model": args.register_model}) if args.register_model else cfg
 
 
 def _preview(cfg, args: argparse.Namespace) -> int:
@@ -88,9 +68,9 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     import yaml
 
     from pipelines.tracking import tracking_uri
-    from pipelines.train import prepare
+    from pipelines.train import local_shards, prepare
 
-    shards, local = args.shards or cfg.data.shards, _local_shards(cfg)
+    shards, local = args.shards or cfg.data.shards, local_shards(cfg)
     if shards is None and (local / "manifest.json").exists():
         shards = str(local)
     plan = prepare(cfg, shards) if shards else None
@@ -112,13 +92,13 @@ def _preview(cfg, args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.train import run_training
+    from pipelines.train import run_training, shards_for
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_training(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), resume=args.resume)
+        result = run_training(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
         return 1
@@ -131,12 +111,13 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
+    from pipelines.train import shards_for
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_pipeline(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), progress=not args.no_progress,
+        result = run_pipeline(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), progress=not args.no_progress,
                               resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
@@ -152,13 +133,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
+    from pipelines.train import shards_for
     from pipelines.tune import run_tuning
 
     try:
         cfg = load_config(args.config, args.set)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        summary = run_tuning(cfg, args.shards or shards_for(cfg, progress=not args.no_progress), checkpoint=args.checkpoint)
+        summary = run_tuning(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), checkpoint=args.checkpoint)
     except _user_errors() as err:
         print(f"ncsn-pipeline tune: error: {err}", file=sys.stderr)
         return 1
@@ -212,13 +194,13 @@ def _sample(args: argparse.Namespace) -> int:
     print(summary.line())
     print(f"grid: {summary.output / 'grid.png'}")
     settings = summary.settings
-    if settings.get("mlflow_run_id") and not args.no_mlflow:
+    if settings.mlflow_run_id and not args.no_mlflow:
         artifacts = {"samples": summary.output / "grid.png"}
         if (summary.output / "trajectory.png").exists():
             artifacts["trajectory"] = summary.output / "trajectory.png"
         metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_langevin_steps_per_s": summary.langevin_steps_per_s} if summary.chunks_done else {}
-        if log_to_run(settings["tracking_uri"], settings["mlflow_run_id"], metrics, artifacts, step=settings["checkpoint_step"]):
-            print(f"logged to MLflow run {settings['mlflow_run_id']}")
+        if log_to_run(settings.tracking_uri, settings.mlflow_run_id, metrics, artifacts, step=settings.checkpoint_step):
+            print(f"logged to MLflow run {settings.mlflow_run_id}")
     return 0
 
 
@@ -248,11 +230,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from data_prep.shard import ShardError, load_manifest
     from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
-    from pipelines.sample import SETTINGS_FILE, SamplingError, load_samples
+    from pipelines.sample import SamplingError, load_samples, read_settings
     from pipelines.tracking import log_to_run
 
     project_samples = (Path(args.samples) / "chunks").is_dir()
     try:
+        settings = read_settings(args.samples) if project_samples else None
         samples = (load_samples(args.samples) if project_samples
                    else load_image_folder(args.samples, load_manifest(args.reference)["channels"]))
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
@@ -267,10 +250,9 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"(extractor {evaluator.extractor_id}); value [95% interval, {args.resamples} bootstrap resamples] (samples vs reference):")
     print(report.table())
     print(f"written to {out}")
-    settings_file = Path(args.samples) / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text()) if project_samples and settings_file.exists() else {}
-    uri, run_id = args.tracking_uri or settings.get("tracking_uri"), args.run_id or settings.get("mlflow_run_id")
-    if uri and run_id and log_to_run(uri, run_id, report.flat(), {"evaluation": out}, step=settings.get("checkpoint_step", 0),
+    uri = args.tracking_uri or (settings.tracking_uri if settings else None)
+    run_id = args.run_id or (settings.mlflow_run_id if settings else None)
+    if uri and run_id and log_to_run(uri, run_id, report.flat(), {"evaluation": out}, step=settings.checkpoint_step if settings else 0,
                                      params={f"evaluation.{args.feature_extractor}_id": evaluator.extractor_id}):
         print(f"logged to MLflow run {run_id}")
     return 0

@@ -2,8 +2,10 @@
 (`--set train.lr=2e-4`), validated once here with errors that name the key."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -132,6 +134,11 @@ class TuneConfig:
     max_concurrent: int | None = None  # default: cluster CPUs (or GPUs) / resources per trial
     seed: int = 0
 
+    @property
+    def extractor(self) -> str:
+        """The feature extractor ``metric`` is measured with (its suffix: kid_classifier → classifier)."""
+        return self.metric.rsplit("_", 1)[1]
+
 
 @dataclass
 class ClusterConfig:
@@ -168,6 +175,17 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def evolve(self, changes: dict[str, object]) -> Config:
+        """A copy with ``changes`` applied ({"run_dir": …, "tracking.tracking_uri": …}); this config is left as it is."""
+        out = copy.deepcopy(self)
+        for key, value in changes.items():
+            *sections, name = key.split(".")
+            target = functools.reduce(getattr, sections, out)
+            if not hasattr(target, name):
+                raise KeyError(key)
+            setattr(target, name, value)
+        return out
 
 
 def _coerce(value, tp, key: str):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ncsn.metrics import Estimate
+from pipelines.objective import ObjectiveSpec, sample_and_score
 
 log = logging.getLogger(__name__)
 SEED_BASE = 10_000  # confirmation seeds are SEED_BASE + i: never the search's own evaluation seed
@@ -84,25 +84,17 @@ def verdict(confirmed: list[Confirmed], metric: str) -> str:
     return head + f"; not distinguishable from the recommended schedule (gap {gap}, the interval covers 0)"
 
 
-def _score(candidate: Candidate, payload: bytes, seed: int, shards: str, evaluation: dict, num_samples: int, metric: str) -> float:
+def _score(candidate: Candidate, payload: bytes, seed: int, objective: ObjectiveSpec, num_samples: int, metric: str) -> float:
     """``metric`` of ``num_samples`` samples of the candidate's checkpoint with its sampler settings, on ``seed``."""
-    import torch
-
-    from ncsn.data import to_stored
-    from ncsn.sampling import sample_images
-    from pipelines.evaluate import Evaluator
     from pipelines.sample import load_model
 
     model, ckpt = load_model(payload)
-    evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]),
-                          resamples=evaluation["resamples"])
-    c, s = ckpt.model_config.channels, ckpt.model_config.image_size
-    samples = sample_images(model, (num_samples, c, s, s), ckpt.sigmas[candidate.start_level:], candidate.eps, candidate.steps_per_level,
-                            denoise=evaluation["denoise"], generator=torch.Generator().manual_seed(seed)).samples
-    return evaluator.metrics(to_stored(samples), seed=seed)[metric]
+    metrics, _ = sample_and_score(objective.evaluator(), model, ckpt.sigmas[candidate.start_level:], candidate.eps,
+                                  candidate.steps_per_level, objective, seed, num_samples)
+    return metrics[metric]
 
 
-def run_confirmation(found: list[Candidate], shards: str, evaluation: dict, metric: str, seeds: int, num_samples: int) -> list[Confirmed]:
+def run_confirmation(found: list[Candidate], objective: ObjectiveSpec, metric: str, seeds: int, num_samples: int) -> list[Confirmed]:
     """Score every candidate on every seed as parallel Ray tasks (one CPU each; checkpoints travel as bytes), then rank."""
     import ray
 
@@ -111,6 +103,6 @@ def run_confirmation(found: list[Candidate], shards: str, evaluation: dict, metr
     task = ray.remote(num_cpus=1, max_retries=0)(_score)
     payloads = {c.trial_id: ray.put(read_checkpoint(c.checkpoint)[1]) for c in found}
     log.info("confirmation: %d trials × %d fresh seeds at %d samples", len(found), seeds, num_samples)
-    refs = {c.trial_id: [task.remote(c, payloads[c.trial_id], SEED_BASE + i, shards, evaluation, num_samples, metric) for i in range(seeds)]
+    refs = {c.trial_id: [task.remote(c, payloads[c.trial_id], SEED_BASE + i, objective, num_samples, metric) for i in range(seeds)]
             for c in found}
     return rank(found, {trial: ray.get(r) for trial, r in refs.items()})

@@ -11,7 +11,7 @@ from pathlib import Path
 from ncsn.data import from_stored
 
 from pipelines import tracking
-from pipelines.config import Config, config_from_dict
+from pipelines.config import Config
 from pipelines.evaluate import Report, evaluate_on_worker, read_split
 from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
 from pipelines.train import run_training, set_aside_previous_run
@@ -42,15 +42,15 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring (``resume``: as for
     run_training)."""
     run_dir = Path(cfg.run_dir).resolve()
-    cfg.run_dir = str(run_dir)
+    cfg = cfg.evolve({"run_dir": str(run_dir)})
     if resume == "fresh":
         set_aside_previous_run(cfg, cfg.cluster.storage_path or str(run_dir / "ray"))
         resume = "auto"
-    pipeline_cfg = config_from_dict(cfg.to_dict())  # the parent run's own record, beside (not in) the training run's
-    pipeline_cfg.name, pipeline_cfg.run_dir = f"{cfg.name}-pipeline", str(run_dir / "pipeline")
-    pipeline_cfg.tracking.tracking_uri = tracking.tracking_uri(cfg)
+    # the parent run's own record, beside (not in) the training run's
+    pipeline_cfg = cfg.evolve({"name": f"{cfg.name}-pipeline", "run_dir": str(run_dir / "pipeline"),
+                               "tracking.tracking_uri": tracking.tracking_uri(cfg)})
     uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards}, resume=resume)
-    cfg.tracking.tracking_uri = uri
+    cfg = cfg.evolve({"tracking.tracking_uri": uri})
     try:
         log.info("stage 1/4: training %s", cfg.name)
         trained = run_training(cfg, shards, parent_run_id=parent, resume=resume)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_prep.cluster import connect_ray
 from data_prep.storage import absolute_location, open_binary
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
@@ -53,9 +54,44 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
-def resolve_options(ckpt: Checkpoint, options: SamplingOptions) -> dict:
+@dataclass(frozen=True)
+class SamplerSettings:
+    """A sample set's settings, resolved once on the driver: the options with the checkpoint's defaults filled in, and
+    the checkpoint they came from (its location, step and MLflow run). <output>/sampling.json holds them."""
+
+    num_samples: int
+    seed: int
+    chunk_size: int
+    steps_per_level: int
+    eps: float
+    sigmas: tuple[float, ...]
+    denoise: bool
+    trajectory_samples: int
+    checkpoint: str
+    checkpoint_step: int
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+
+    def record(self) -> dict:
+        """As written to sampling.json."""
+        return {**asdict(self), "sigmas": list(self.sigmas)}
+
+
+def read_settings(output: str | Path) -> SamplerSettings | None:
+    """The settings of the sample set in ``output`` (its sampling.json), or None for a folder without one."""
+    path = Path(output) / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return SamplerSettings(**{**record, "sigmas": tuple(record["sigmas"])})
+    except (ValueError, TypeError, KeyError) as err:
+        raise SamplingError(f"{path}: not the settings file `ncsn-pipeline sample` writes ({type(err).__name__}: {err})") from None
+
+
+def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str = "") -> SamplerSettings:
     """The options with the checkpoint's defaults filled in where not given (given values are never replaced), checked;
-    the dict written to sampling.json."""
+    ``checkpoint``: where the checkpoint was read from."""
     extra = ckpt.extra or {}
     steps = options.steps_per_level if options.steps_per_level is not None else extra.get("steps_per_level")
     eps = options.eps if options.eps is not None else extra.get("eps")
@@ -76,7 +112,8 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions) -> dict:
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
     if not 0 <= options.trajectory_samples <= options.chunk_size:
         raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
-    return {**asdict(options), "steps_per_level": int(steps), "eps": float(eps), "sigmas": sigmas}
+    return SamplerSettings(options.num_samples, options.seed, options.chunk_size, int(steps), float(eps), tuple(sigmas), options.denoise,
+                           options.trajectory_samples, checkpoint, ckpt.step, extra.get("tracking_uri"), extra.get("mlflow_run_id"))
 
 
 def plan_chunks(num_samples: int, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -146,29 +183,29 @@ class Sampler:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, self.ckpt = load_model(checkpoint, self.device)
 
-    def sample_chunk(self, settings: dict, chunk: int, start: int, count: int) -> Chunk:
+    def sample_chunk(self, settings: SamplerSettings, chunk: int, start: int, count: int) -> Chunk:
         """Sample chunk ``chunk`` (its noise seeded by (seed, chunk) alone)."""
         t = time.perf_counter()
         cfg = self.model.config
-        gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings["seed"], chunk))
-        sigmas = torch.tensor(settings["sigmas"])
+        gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings.seed, chunk))
+        sigmas = torch.tensor(settings.sigmas)
         trajectory_every = None
-        if chunk == 0 and settings["trajectory_samples"]:
-            trajectory_every = max(1, len(sigmas) * settings["steps_per_level"] // 10)
-        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), sigmas, settings["eps"],
-                               settings["steps_per_level"], denoise=settings["denoise"], trajectory_every=trajectory_every,
+        if chunk == 0 and settings.trajectory_samples:
+            trajectory_every = max(1, len(sigmas) * settings.steps_per_level // 10)
+        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), sigmas, settings.eps,
+                               settings.steps_per_level, denoise=settings.denoise, trajectory_every=trajectory_every,
                                generator=gen, device=self.device)
         if not torch.isfinite(result.samples).all():
-            raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings['eps']:.3g} may be too large for this "
+            raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings.eps:.3g} may be too large for this "
                                 "model); nothing was written")
-        trajectory = [t[: settings["trajectory_samples"]].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
+        trajectory = [t[: settings.trajectory_samples].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
         return Chunk(chunk, start, to_stored(result.samples), trajectory, time.perf_counter() - t)
 
-    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: dict, seed: int) -> torch.Tensor:
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings, seed: int) -> torch.Tensor:
         """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return inpaint(self.model, images.to(self.device), mask.to(self.device), torch.tensor(settings["sigmas"]).to(self.device),
-                       settings["eps"], settings["steps_per_level"], generator=gen).clamp(0, 1).cpu()
+        return inpaint(self.model, images.to(self.device), mask.to(self.device), torch.tensor(settings.sigmas).to(self.device),
+                       settings.eps, settings.steps_per_level, generator=gen).clamp(0, 1).cpu()
 
 
 @dataclass
@@ -180,7 +217,7 @@ class SampleSummary:
     seconds: float
     samples_per_s: float  # over the chunks sampled in this run
     langevin_steps_per_s: float  # samples × (L·T) per second: comparable across schedules
-    settings: dict
+    settings: SamplerSettings
 
     def line(self) -> str:
         return (f"{self.num_samples} samples in {self.output} ({self.chunks_done} chunks sampled, {self.chunks_skipped} already complete); "
@@ -195,16 +232,13 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
 
     checkpoint, output = absolute_location(checkpoint), Path(output).resolve()
     ckpt, payload = read_checkpoint(checkpoint)
-    settings = resolve_options(ckpt, options)
-    settings.update(checkpoint=checkpoint, checkpoint_step=ckpt.step, tracking_uri=(ckpt.extra or {}).get("tracking_uri"),
-                    mlflow_run_id=(ckpt.extra or {}).get("mlflow_run_id"))
+    settings = resolve_options(ckpt, options, checkpoint)
     _claim_output(output, settings)
     chunks = plan_chunks(options.num_samples, options.chunk_size)
     pending = [c for c in chunks if not chunk_complete(output, c[0], c[2])]
     t0 = time.perf_counter()
     if pending:
-        if not ray.is_initialized():
-            ray.init()
+        connect_ray()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
         weights = ray.put(payload)
         pool = ActorPool([actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))])
@@ -212,7 +246,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
         try:
             for done in pool.map_unordered(lambda a, c: a.sample_chunk.remote(settings, *c), pending):
                 if done.trajectory is not None:
-                    save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings["trajectory_samples"],
+                    save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings.trajectory_samples,
                                           scale=max(1, 32 // ckpt.model_config.image_size))
                 write_chunk(output, done.index, done.start, done.images)
                 bar.update(1)
@@ -224,7 +258,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
             bar.close()
     seconds = time.perf_counter() - t0
     sampled = sum(c[2] for c in pending)
-    steps = len(settings["sigmas"]) * settings["steps_per_level"]
+    steps = len(settings.sigmas) * settings.steps_per_level
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
                             sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
     save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))),
@@ -238,9 +272,9 @@ def _progress(total: int, enabled: bool, desc: str = "sampling chunks", unit: st
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
 
 
-def _claim_output(output: Path, settings: dict) -> None:
+def _claim_output(output: Path, settings: SamplerSettings) -> None:
     """Create the output directory, or check that the samples already in it were made with the same settings."""
-    path = output / SETTINGS_FILE
+    path, settings = output / SETTINGS_FILE, settings.record()
     for stale in [*output.glob(".*.tmp"), *output.glob("images/.*.tmp"), *output.glob("chunks/.*.tmp")]:
         stale.unlink(missing_ok=True)  # a write that a killed process (or a full disk) left half done
     if path.exists():
@@ -310,14 +344,14 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     import ray
 
     ckpt, payload = read_checkpoint(absolute_location(checkpoint))
-    settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps))
+    settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps),
+                               str(checkpoint))
     c, size = ckpt.model_config.channels, ckpt.model_config.image_size
     if tuple(images.shape[1:]) != (c, size, size):
         raise SamplingError(f"{checkpoint} models {c}×{size}×{size} images; the images to inpaint are "
                             f"{'×'.join(map(str, images.shape[1:]))} (another data set's shards?)")
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(payload), use_gpu)
     pending = {actor.inpaint.remote(images, mask, settings, seed + k): k for k in range(completions)}
     filled: list[torch.Tensor | None] = [None] * completions

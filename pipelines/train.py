@@ -3,6 +3,7 @@ checkpoints reported by rank 0, every worker reporting in lockstep, restored aft
 Rank 0 logs each report to <run_dir>/metrics.jsonl and to MLflow (pipelines.tracking), with sample grids."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -14,12 +15,13 @@ from urllib.parse import urlparse
 
 import torch
 
+from data_prep.cluster import connect_ray
 from data_prep.loader import check_shards_present, make_loader
 from data_prep.shard import load_manifest
 from data_prep.storage import absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from ncsn.data import random_hflip, to_stored, to_unit_interval
+from ncsn.data import random_hflip, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
@@ -27,7 +29,8 @@ from ncsn.sampling import sample_images
 from ncsn.sigmas import recommend_schedule
 from ncsn.train import NonFiniteLossError, train_steps
 from pipelines import tracking
-from pipelines.config import Config, ConfigError, config_from_dict
+from pipelines.config import Config, ConfigError
+from pipelines.objective import ObjectiveSpec, sample_and_score
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -66,14 +69,16 @@ def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: 
     return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10, scale=max(1, 64 // cfg.model.image_size))
 
 
-def _objective(evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, num_samples: int,
-               device: torch.device) -> dict[str, float]:
-    """KID/FID/IS (with intervals) of ``num_samples`` EMA samples (fixed seed) against the reference split: Tune's objective."""
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
-    shape = (num_samples, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    samples = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
-                            generator=gen, device=device).samples
-    return evaluator.metrics(to_stored(samples))
+def _load_restored(checkpoint, cfg: Config, sigmas: torch.Tensor, device: torch.device) -> Checkpoint:
+    """checkpoint.pt of the Ray Train checkpoint a restarted worker group gets. From object storage each rank downloads
+    into a directory of its own, not the one Ray shares between a node's processes behind a file lock (on CI, with S3
+    storage, one rank of a restarted group once never got past that restore)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
+    with tempfile.TemporaryDirectory(prefix="ncsn-restore-") as tmp:
+        return load_checkpoint(Path(checkpoint.to_directory(tmp)) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -84,22 +89,88 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """What each Ray Train worker runs: restore, then train_steps over this rank's shards, reporting in lockstep."""
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver hands every training worker: the run's config and its schedule (resolved once, on the driver),
+    the shards, the MLflow run, Tune's objective (tuning trials only) and the mailbox for deterministic failures."""
+
+    config: Config
+    sigmas: tuple[float, ...]
+    eps: float
+    shards: str
+    tracking_uri: str
+    run_id: str
+    mailbox: object  # a FatalMailbox actor handle
+    objective: ObjectiveSpec | None = None
+    verbose: bool = False
+
+
+class MetricsWindow:
+    """Running totals between two reports (loss, per-σ losses, gradient norm, images, time), summed over ranks into
+    one metrics row."""
+
+    def __init__(self, num_levels: int, device: torch.device):
+        self.level_sum = torch.zeros(num_levels, device=device)
+        self.level_count = torch.zeros(num_levels, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.level_sum.zero_()
+        self.level_count.zero_()
+        self.loss, self.grad_norm, self.steps, self.images, self.t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+
+    def add(self, stats) -> None:
+        """One optimiser step's ncsn.train.StepStats."""
+        self.level_sum += stats.per_level_sum.to(self.level_sum.device)
+        self.level_count += stats.per_level_count.to(self.level_count.device)
+        self.loss, self.grad_norm = self.loss + stats.loss, self.grad_norm + stats.grad_norm
+        self.steps, self.images = self.steps + 1, self.images + stats.images
+
+    def row(self, step: int, world: int, skipped: int) -> dict[str, float]:
+        """The window's metrics over all ranks (an all-reduce when ``world`` > 1); ``skipped``: this rank's skipped samples."""
+        import torch.distributed as dist
+
+        totals = torch.tensor([self.loss, float(self.images), float(skipped)], device=self.level_sum.device)
+        if world > 1:
+            for t in (self.level_sum, self.level_count, totals):
+                dist.all_reduce(t)
+        self.seconds_per_step = (time.perf_counter() - self.t0) / self.steps
+        metrics = {"step": step, "loss": totals[0].item() / (self.steps * world), "grad_norm": self.grad_norm / self.steps,
+                   "images_per_s": totals[1].item() / (self.seconds_per_step * self.steps), "skipped_samples": int(totals[2].item())}
+        for i in torch.nonzero(self.level_count).flatten().tolist():
+            metrics[f"loss_per_sigma/{i:03d}"] = (self.level_sum[i] / self.level_count[i]).item()
+        return metrics
+
+
+def replica_divergence(model: torch.nn.Module, world: int) -> float:
+    """The spread of the replicas' parameter checksums: DDP keeps replicas equal, so above 0 means they diverged."""
     import torch.distributed as dist
 
-    if not loop_config["verbose"]:  # Ray Train logs every report (22 per-σ losses) at INFO; the progress line says enough
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    if world > 1:
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        checksum = torch.cat(gathered)
+    return (checksum.max() - checksum.min()).item()
+
+
+def train_loop_per_worker(spec: WorkerSpec) -> None:
+    """What each Ray Train worker runs: restore, then train_steps over this rank's shards; at each report a metrics
+    row, and on rank 0 tracking, the objective, a sample grid and the checkpoint; every rank reports in lockstep."""
+    import ray.train
+    import ray.train.torch
+
+    if not spec.verbose:  # Ray Train logs every report (22 per-σ losses) at INFO; the progress line says enough
         from ray.train.v2._internal.execution import context as train_context
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    cfg = config_from_dict(loop_config["config"])
-    sigmas = torch.tensor(loop_config["sigmas"])
+    cfg, sigmas = spec.config, torch.tensor(spec.sigmas)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    # the model, its optimiser and EMA: fresh (the same seed on every rank) or restored from Ray Train's checkpoint
+    torch.manual_seed(cfg.train.seed)
     model = ScoreNetwork(cfg.model, sigmas).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad)
@@ -108,10 +179,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored:
         try:
-            with restored.as_directory() as directory:
-                ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, cfg.model, sigmas, map_location=device)
+            ckpt = _load_restored(restored, cfg, sigmas, device)
         except CheckpointError as err:  # every rank reads the same file: all stop, nothing to retry
-            ray.get(loop_config["mailbox"].put.remote(f"cannot resume run {cfg.name!r}: {err}"))
+            ray.get(spec.mailbox.put.remote(f"cannot resume run {cfg.name!r}: {err}"))
             return
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
@@ -120,26 +190,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _drop_metrics_after(Path(cfg.run_dir) / tracking.METRICS_FILE, start)
             log.info("resumed from step %d", start)
-    run_log, evaluator, evaluation = None, None, loop_config.get("evaluation")
-    if rank == 0 and evaluation:
-        from pipelines.evaluate import Evaluator
 
-        evaluator = Evaluator(loop_config["shards"], evaluation["extractor"], evaluation.get("inception_weights"),
-                              cache_dir=Path(evaluation["cache_dir"]), resamples=cfg.evaluation.resamples)
+    # rank 0 reports: MLflow and metrics.jsonl, and Tune's objective
+    run_log, evaluator = None, None
     if rank == 0:
-        run_log = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], Path(cfg.run_dir), resumed_step=start,
+        run_log = tracking.RunLogger(spec.tracking_uri, spec.run_id, Path(cfg.run_dir), resumed_step=start,
                                      system_metrics=cfg.tracking.system_metrics)
         if start:
             run_log.set_tag("restored_from_step", str(start))
-        if evaluator is not None:
+        if spec.objective:
+            evaluator = spec.objective.evaluator()
             run_log.log_param(f"evaluation.{evaluator.extractor}_id", evaluator.extractor_id)
+
+    # the data and the steps
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
     ddp_model = ray.train.torch.prepare_model(model)
     amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    per_rank_batch = cfg.train.batch_size // world
-    loader = make_loader(loop_config["shards"], per_rank_batch, rank, world, resampled=True,
-                         num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + start)
+    loader = make_loader(spec.shards, cfg.train.batch_size // world, rank, world, resampled=True, num_workers=cfg.data.loader_workers,
+                         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + start)
 
     def batches():
         while True:
@@ -150,9 +219,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         x = to_unit_interval(x, dequantize=cfg.data.dequantize)
         return random_hflip(x) if cfg.data.random_flip else x
 
-    level_sum = torch.zeros(len(sigmas), device=device)
-    level_count = torch.zeros(len(sigmas), device=device)
-    loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
     fatal: list[str] = []
 
     def steps():
@@ -164,43 +230,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         except NonFiniteLossError as err:
             fatal.append(str(err))
 
+    window = MetricsWindow(len(sigmas), device)
     for stats in steps():
-        level_sum += stats.per_level_sum.to(device)
-        level_count += stats.per_level_count.to(device)
-        loss_sum, grad_sum, n_steps, images = loss_sum + stats.loss, grad_sum + stats.grad_norm, n_steps + 1, images + stats.images
-        step = stats.step
-        checkpoint_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+        window.add(stats)
+        step, last = stats.step, stats.step == cfg.train.steps
+        checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
         if step % cfg.train.log_every != 0 and not checkpoint_now:
             continue
-        totals = torch.tensor([loss_sum, float(images), float(loader.skipped)], device=device)
-        if world > 1:
-            for t in (level_sum, level_count, totals):
-                dist.all_reduce(t)
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            "step": step,
-            "loss": totals[0].item() / (n_steps * world),
-            "grad_norm": grad_sum / n_steps,
-            "images_per_s": totals[1].item() / elapsed,
-            "skipped_samples": int(totals[2].item()),
-        }
-        for i in range(len(sigmas)):
-            if level_count[i] > 0:
-                metrics[f"loss_per_sigma/{i:03d}"] = (level_sum[i] / level_count[i]).item()
-        if checkpoint_now:  # DDP keeps replicas equal; a spread above 0 means they diverged
-            checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-            if world > 1:
-                gathered = [torch.zeros_like(checksum) for _ in range(world)]
-                dist.all_gather(gathered, checksum)
-                checksum = torch.cat(gathered)
-            metrics["replica_divergence"] = (checksum.max() - checksum.min()).item()
-        if evaluator is not None and (step % evaluation["every"] == 0 or step == cfg.train.steps):
-            metrics.update(_objective(evaluator, ema.model, sigmas, loop_config["eps"], cfg, evaluation["num_samples"], device))
+        metrics = window.row(step, world, loader.skipped)
+        if checkpoint_now:
+            metrics["replica_divergence"] = replica_divergence(model, world)
+        if evaluator is not None and (step % spec.objective.every == 0 or last):  # a fixed seed, so trials compare
+            metrics.update(sample_and_score(evaluator, ema.model, sigmas, spec.eps, cfg.sampling.steps_per_level, spec.objective,
+                                            seed=cfg.train.seed + 1, device=device)[0])
         if rank == 0:
             run_log.log_metrics(metrics)
-            if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
-                run_log.log_image(_sample_grid(ema.model, sigmas, loop_config["eps"], cfg, step, device), "samples", step)
-            eta = (cfg.train.steps - step) * elapsed / n_steps
+            if step % cfg.train.sample_every == 0 or last:
+                run_log.log_image(_sample_grid(ema.model, sigmas, spec.eps, cfg, step, device), "samples", step)
+            eta = (cfg.train.steps - step) * window.seconds_per_step
             log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
                      metrics["images_per_s"], eta // 60, eta % 60)
         with tempfile.TemporaryDirectory() as tmp:
@@ -208,23 +255,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if checkpoint_now and rank == 0:
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, sigmas.cpu(), model.state_dict(), ema.state_dict(),
                                                                         optimizer.state_dict(), step, extra={
-                    "run": cfg.name, "eps": loop_config["eps"], "steps_per_level": cfg.sampling.steps_per_level,
-                    "tracking_uri": loop_config["tracking_uri"], "mlflow_run_id": loop_config["run_id"]}))
+                    "run": cfg.name, "eps": spec.eps, "steps_per_level": cfg.sampling.steps_per_level,
+                    "tracking_uri": spec.tracking_uri, "mlflow_run_id": spec.run_id}))
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt)
-        level_sum.zero_()
-        level_count.zero_()
-        loss_sum, grad_sum, n_steps, images, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+        window.reset()
+
+    # the end: a deterministic failure ends the run without retries; otherwise rank 0 logs the model
     if fatal:
         if rank == 0:
             run_log.set_tag("failure", fatal[0])
             run_log.close(timeout=cfg.tracking.flush_timeout)
-        ray.get(loop_config["mailbox"].put.remote(fatal[0]))
+        ray.get(spec.mailbox.put.remote(fatal[0]))
         return
     if rank == 0:
         if start < cfg.train.steps:
             run_log.log_model(Checkpoint(cfg.model, sigmas.cpu(), {k: v.cpu() for k, v in ema.state_dict().items()}, step=step,
-                                         extra={"eps": loop_config["eps"], "steps_per_level": cfg.sampling.steps_per_level,
+                                         extra={"eps": spec.eps, "steps_per_level": cfg.sampling.steps_per_level,
                                                 "denoise": cfg.sampling.denoise}), register_as=cfg.tracking.register_model)
         run_log.close(timeout=cfg.tracking.flush_timeout)
 
@@ -304,6 +351,25 @@ class TrainingPlan:
                 f"checkpoints: {self.storage}/{cfg.name}; run directory: {Path(cfg.run_dir).resolve()}")
 
 
+def local_shards(cfg: Config) -> Path:
+    """Where shards_for writes the configured source when no shard location is given."""
+    return Path(cfg.run_dir).resolve() / "shards" / cfg.data.source
+
+
+def shards_for(cfg: Config, shards: str | None = None, progress: bool = True) -> str:
+    """The shards a run uses: ``shards``, else data.shards, else the configured source sharded into
+    <run_dir>/shards/<source> (a no-op when those are up to date)."""
+    from data_prep.shard import ShardOptions, shard_dataset
+
+    if shards or cfg.data.shards:
+        return shards or cfg.data.shards
+    out = str(local_shards(cfg))
+    options = ShardOptions(cfg.data.source, cfg.data.input, shard_size=cfg.data.shard_size, crop=cfg.data.crop,
+                           resize=cfg.data.resize, channels=cfg.model.channels)
+    log.info(shard_dataset(options, out, progress=progress).line())
+    return out
+
+
 def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> TrainingPlan:
     """Everything training checks before Ray starts: the shards (present, the config's image size), the batch split,
     the σ schedule and ε, and an object-store storage path (parsable, reachable)."""
@@ -345,14 +411,13 @@ def set_aside_previous_run(cfg: Config, storage: str) -> None:
 
 
 def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None,
-                 evaluation: dict | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None,
+                 objective: ObjectiveSpec | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None,
                  resume: str = "auto") -> TrainRun:
     """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given).
     A run directory that holds a run of this name resumes it: ``resume`` is "auto" (only with the same settings),
     "accept" (with changed ones) or "fresh" (the previous run set aside, a new one started).
 
-    ``evaluation`` ({every, num_samples, extractor, cache_dir[, inception_weights]}) adds FID/IS/KID to rank 0's reports
-    every ``every`` steps (Tune's objective); ``callbacks`` go to Ray Train (e.g. Tune's TuneReportCallback)."""
+    ``objective`` adds FID/IS/KID to rank 0's reports every ``objective.every`` steps (Tune's objective); ``callbacks`` go to Ray Train (e.g. Tune's TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -361,23 +426,21 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
 
     plan = prepare(cfg, shards, storage_path)
     shards, manifest, sigmas, eps, storage = plan.shards, plan.manifest, plan.sigmas, plan.eps, plan.storage
-    cfg.run_dir = str(Path(cfg.run_dir).resolve())  # workers run in their own directories
+    cfg = cfg.evolve({"run_dir": str(Path(cfg.run_dir).resolve())})  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     if resume == "fresh":
         set_aside_previous_run(cfg, storage)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
     uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
                                           "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
                                    parent_run_id, resume="accept" if resume == "accept" else "auto")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
+    spec = WorkerSpec(cfg, tuple(sigmas.tolist()), eps, str(shards), uri, run_id, mailbox, objective,
+                      verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "sigmas": sigmas.tolist(), "eps": eps, "shards": str(shards),
-                           "tracking_uri": uri, "run_id": run_id, "evaluation": evaluation, "mailbox": mailbox,
-                           "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)},
+        functools.partial(train_loop_per_worker, spec),
         torch_config=BoundTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),

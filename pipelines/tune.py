@@ -10,16 +10,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
+from data_prep.cluster import connect_ray
 from data_prep.shard import load_manifest
 from data_prep.storage import Storage, absolute_location
 from ncsn.figures import save_image_grid
 from pipelines import tracking
-from pipelines.config import Config, ConfigError, config_from_dict
+from pipelines.config import Config, ConfigError
 from pipelines.confirm import candidates, run_confirmation, verdict
-from pipelines.evaluate import Evaluator
+from pipelines.objective import ObjectiveSpec, sample_and_score
 from pipelines.sample import SamplingError, load_model, read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, resolve_schedule, run_training
 
@@ -30,9 +30,7 @@ RECOMMENDED_FULL = "recommended-full"  # the recommended schedule trained to the
 
 def recommended_point(cfg: Config, manifest: dict) -> dict:
     """NCSNv2's recommended schedule and ε for the data set (from the shard statistics), as a trial config."""
-    rec_cfg = config_from_dict(cfg.to_dict())
-    rec_cfg.schedule.recommend = True
-    sigmas, eps = resolve_schedule(rec_cfg, manifest)
+    sigmas, eps = resolve_schedule(cfg.evolve({"schedule.recommend": True}), manifest)
     def round6(x) -> float:  # the schedule is float32; keep the YAML free of float32 digits
         return float(f"{float(x):.6g}")
     return {"sigma_max": round6(sigmas[0]), "sigma_min": round6(sigmas[-1]), "num_levels": len(sigmas), "eps": round6(eps),
@@ -57,11 +55,9 @@ def search_space(cfg: Config, rec: dict) -> dict:
 
 def apply_point(cfg: Config, point: dict) -> Config:
     """A copy of ``cfg`` with a trial's schedule and sampler settings (the schedule then fixed, not recommended)."""
-    out = config_from_dict(cfg.to_dict())
-    out.schedule.recommend = False
-    out.schedule.sigma_max, out.schedule.sigma_min = float(point["sigma_max"]), float(point["sigma_min"])
-    out.schedule.num_levels = int(point["num_levels"])
-    out.sampling.eps, out.sampling.steps_per_level = float(point["eps"]), int(point["steps_per_level"])
+    out = cfg.evolve({"schedule.recommend": False, "schedule.sigma_max": float(point["sigma_max"]),
+                      "schedule.sigma_min": float(point["sigma_min"]), "schedule.num_levels": int(point["num_levels"]),
+                      "sampling.eps": float(point["eps"]), "sampling.steps_per_level": int(point["steps_per_level"])})
     if out.schedule.sigma_min >= out.schedule.sigma_max:
         raise ConfigError(f"trial σ_min {out.schedule.sigma_min:.4g} >= σ_max {out.schedule.sigma_max:.4g}; narrow tune.sigma_min")
     return out
@@ -71,32 +67,30 @@ def _label(point: dict, rec: dict) -> str:
     return "recommended" if all(point.get(k) == v for k, v in rec.items()) else "search"
 
 
-def _trial_config(base: dict, trial: str, uri: str) -> Config:
+def _trial_config(base: Config, trial: str, uri: str) -> Config:
     """The config of one trial: its own name and directory under <run_dir>/trials, the job's MLflow store; trials
     register no model (a registered name is for the run a user chooses)."""
-    cfg = config_from_dict(base)
-    cfg.name, cfg.run_dir = f"{cfg.name}-{trial}", str(Path(base["run_dir"]) / "trials" / trial)
-    cfg.tracking.tracking_uri, cfg.tracking.register_model = uri, None
-    return cfg
+    return base.evolve({"name": f"{base.name}-{trial}", "run_dir": str(Path(base.run_dir) / "trials" / trial),
+                        "tracking.tracking_uri": uri, "tracking.register_model": None})
 
 
-def _train_trial(point: dict, *, base: dict, shards: str, uri: str, parent_run_id: str, rec: dict, evaluation: dict) -> None:
+def _train_trial(point: dict, *, base: Config, shards: str, uri: str, parent_run_id: str, rec: dict, objective: ObjectiveSpec) -> None:
     """One trial: train with the trial's schedule, reporting the objective every tune.eval_every steps."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = tune.get_context().get_trial_id()
-    cfg = apply_point(_trial_config(base, trial, uri), point)
-    cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.sample_every = cfg.tune.eval_every
-    cfg.schedule.recommend = False
-    run_training(cfg, shards, parent_run_id=parent_run_id, evaluation=evaluation, callbacks=[TuneReportCallback()],
+    every = base.tune.eval_every
+    cfg = apply_point(_trial_config(base, trial, uri), point).evolve({"train.log_every": every, "train.checkpoint_every": every,
+                                                                      "train.sample_every": every})
+    run_training(cfg, shards, parent_run_id=parent_run_id, objective=objective, callbacks=[TuneReportCallback()],
                  extra_params={"tune.label": _label(point, rec), "tune.trial_id": trial})
 
 
 def _final_checkpoint(cfg: Config, trial_id: str) -> str | None:
     """A trial's checkpoint at the end of its training budget: <trial>/model/checkpoint.pt, else the last of Ray Train's
     checkpoints (Tune stops a trial that reaches max_t before that copy is made); None if training stopped earlier."""
-    trial = _trial_config(cfg.to_dict(), trial_id, cfg.tracking.tracking_uri)
+    trial = _trial_config(cfg, trial_id, cfg.tracking.tracking_uri)
     local = Path(trial.run_dir) / "model" / CHECKPOINT_FILE
     if local.exists():
         return str(local)
@@ -117,35 +111,25 @@ def _train_recommended_fully(cfg: Config, rec: dict, shards: str, uri: str, pare
     """Train the recommended schedule for the whole budget, outside the search: ASHA stopped its trial, and the verdict
     must compare fully trained models. A child run "<name>-recommended-full" of the job."""
     log.info("ASHA stopped the recommended trial; training the recommended schedule to the end for the confirmation")
-    trial_cfg = apply_point(_trial_config(cfg.to_dict(), RECOMMENDED_FULL, uri), rec)
+    trial_cfg = apply_point(_trial_config(cfg, RECOMMENDED_FULL, uri), rec)
     run_training(trial_cfg, shards, parent_run_id=parent_run_id, extra_params={"tune.label": "recommended", "tune.trial_id": RECOMMENDED_FULL})
 
 
-def _sampler_trial(point: dict, *, base: dict, checkpoint: str, shards: str, uri: str, parent_run_id: str, rec: dict,
-                   evaluation: dict) -> None:
+def _sampler_trial(point: dict, *, base: Config, checkpoint: str, uri: str, parent_run_id: str, rec: dict, objective: ObjectiveSpec) -> None:
     """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule (the levels
     from start_level on), evaluate, log a child MLflow run and report once."""
     from ray import tune
 
-    from ncsn.data import to_stored
-    from ncsn.sampling import sample_images
-
     trial = tune.get_context().get_trial_id()
-    cfg = _trial_config(base, trial, uri)
-    cfg.sampling.eps, cfg.sampling.steps_per_level = float(point["eps"]), int(point["steps_per_level"])
+    cfg = _trial_config(base, trial, uri).evolve({"sampling.eps": float(point["eps"]), "sampling.steps_per_level": int(point["steps_per_level"])})
     label = _label(point, rec)
     _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(checkpoint)
-    sigmas = ckpt.sigmas[int(point["start_level"]):]
-    evaluator = Evaluator(shards, evaluation["extractor"], evaluation.get("inception_weights"), cache_dir=Path(evaluation["cache_dir"]),
-                          resamples=evaluation["resamples"])
-    c, s = ckpt.model_config.channels, ckpt.model_config.image_size
-    samples = sample_images(model, (evaluation["num_samples"], c, s, s), sigmas, cfg.sampling.eps, cfg.sampling.steps_per_level,
-                            denoise=evaluation["denoise"], generator=torch.Generator().manual_seed(cfg.tune.seed)).samples
-    metrics = evaluator.metrics(to_stored(samples))
+    metrics, samples = sample_and_score(objective.evaluator(), model, ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps,
+                                        cfg.sampling.steps_per_level, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
-    save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // s))
+    save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // ckpt.model_config.image_size))
     tracking.log_to_run(uri, run_id, metrics, {"samples": grid})
     tracking.finish_run(uri, run_id)
     tune.report({**metrics, "label": label, "grid": str(grid)})
@@ -185,24 +169,20 @@ def _max_concurrent(cfg: Config, cpus_per_trial: float) -> int:
 
 def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneSummary:
     """Tune the schedule by training (default) or, with ``checkpoint``, the sampler of a trained model."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    if not ray.is_initialized():
-        ray.init()
-    job = config_from_dict(cfg.to_dict())  # the job's own run (parent of the trials) in <run_dir>/tune, same MLflow store
-    job.tracking.tracking_uri = tracking.tracking_uri(cfg)
-    job.name, job.run_dir = f"{cfg.name}-tune", str(Path(cfg.run_dir).resolve() / "tune")
-    cfg, shards = job, absolute_location(shards)
+    connect_ray()
+    # the job's own run (parent of the trials) in <run_dir>/tune, in the same MLflow store
+    cfg = cfg.evolve({"tracking.tracking_uri": tracking.tracking_uri(cfg), "name": f"{cfg.name}-tune",
+                      "run_dir": str(Path(cfg.run_dir).resolve() / "tune")})
+    shards = absolute_location(shards)
     manifest = load_manifest(shards)
     t = cfg.tune
-    evaluation = {"every": t.eval_every, "num_samples": t.eval_samples, "extractor": t.metric.split("_", 1)[1],
-                  "inception_weights": cfg.evaluation.inception_weights, "cache_dir": str(Path(cfg.run_dir) / "eval_cache"),
-                  "resamples": cfg.evaluation.resamples, "denoise": cfg.sampling.denoise}
-    if evaluation["extractor"] == "classifier":  # train the judge once, before trials start in parallel
-        Evaluator(shards, "classifier", cache_dir=Path(evaluation["cache_dir"]))
+    objective = ObjectiveSpec.from_config(cfg, shards)
+    if objective.extractor == "classifier":  # train the judge once, before trials start in parallel
+        objective.evaluator()
     uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
     if checkpoint:
         model_ckpt = load_model(checkpoint)[1]
@@ -211,15 +191,15 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
         space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
                  "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
                  "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}
-        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg.to_dict(), checkpoint=str(Path(checkpoint).resolve()),
-                                                             shards=shards, uri=uri, parent_run_id=parent, rec=rec, evaluation=evaluation),
+        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg, checkpoint=str(Path(checkpoint).resolve()),
+                                                             uri=uri, parent_run_id=parent, rec=rec, objective=objective),
                                         {"CPU": 1})
         scheduler, cpus_per_trial, rungs = FIFOScheduler(), 1.0, None
     else:
         rec = recommended_point(cfg, manifest)
         space = search_space(cfg, rec)
-        trainable = tune.with_resources(tune.with_parameters(_train_trial, base=cfg.to_dict(), shards=shards, uri=uri, parent_run_id=parent,
-                                                             rec=rec, evaluation=evaluation),
+        trainable = tune.with_resources(tune.with_parameters(_train_trial, base=cfg, shards=shards, uri=uri, parent_run_id=parent,
+                                                             rec=rec, objective=objective),
                                         {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
         rungs = max(1, math.ceil(cfg.train.steps / t.eval_every))
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=min(t.grace_period, rungs),
@@ -237,11 +217,11 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                                                        num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
     results = tuner.fit()
     sampler = (str(Path(checkpoint).resolve()), model_ckpt.sigmas.tolist()) if checkpoint else None
-    return _summarise(cfg, results, rec, uri, parent, sampler, rungs, shards, evaluation)
+    return _summarise(cfg, results, rec, uri, parent, sampler, rungs, shards, objective)
 
 
 def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: tuple[str, list[float]] | None,
-               max_t: int | None, shards: str, evaluation: dict) -> TuneSummary:
+               max_t: int | None, shards: str, objective: ObjectiveSpec) -> TuneSummary:
     """Results table, confirmation, plots, best YAML; all logged to the parent run; children of stopped trials marked
     KILLED. ``sampler``: (checkpoint, its σ levels) in sampler-only mode."""
     metric, run_dir = cfg.tune.metric, Path(cfg.run_dir)
@@ -270,7 +250,7 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         if rec_row and rec_row["objective"] is not None and checkpoint_of(rec_row) is None:
             _train_recommended_fully(cfg, rec, shards, uri, parent)
         found = candidates(rows, cfg.tune.confirm_top, checkpoint_of)
-        confirmed = run_confirmation(found, shards, evaluation, metric, cfg.tune.confirm_seeds, cfg.tune.confirm_samples) if found else []
+        confirmed = run_confirmation(found, objective, metric, cfg.tune.confirm_seeds, cfg.tune.confirm_samples) if found else []
         by_id = {r["trial_id"]: r for r in rows}
         for c in confirmed:
             by_id[c.candidate.trial_id].update(confirmed_mean=c.mean.value, confirmed_low=c.mean.low, confirmed_high=c.mean.high)
@@ -286,10 +266,9 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         writer.writeheader()
         writer.writerows(rows)
     plot = _plot(rows, keys, metric, run_dir / "tune_objective.png")
-    best_cfg = config_from_dict(cfg.to_dict())
     best_yaml = run_dir / "best_config.yaml"
     if sampler:
-        best_cfg.sampling.eps, best_cfg.sampling.steps_per_level = float(best["eps"]), int(best["steps_per_level"])
+        best_cfg = cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(best["steps_per_level"])})
         grid = Path(best["grid"]) if best["grid"] else None
         sigmas = sampler[1][int(best["start_level"]):]
         next_command = (f"ncsn-pipeline sample --checkpoint {sampler[0]} --num-samples {cfg.sampling.num_samples} "
@@ -300,7 +279,7 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         grids = sorted((run_dir / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
         grid = grids[-1] if grids else None
         next_command = f"ncsn-pipeline train --config {best_yaml}"
-    best_cfg.name, best_cfg.run_dir = cfg.name.removesuffix("-tune") + "-best", str(run_dir.parent / "best")
+    best_cfg = best_cfg.evolve({"name": cfg.name.removesuffix("-tune") + "-best", "run_dir": str(run_dir.parent / "best")})
     best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n# {found_line}\n"
                          f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     metrics = {f"best_{metric}": best["objective"], "trials": len(rows), "trials_stopped_early": sum(r["stopped_early"] for r in rows)}

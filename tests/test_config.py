@@ -106,3 +106,24 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_evolve_returns_a_changed_copy_and_leaves_the_config_as_it_was():
+    cfg = load_config(CONFIGS / "digits.yaml")
+    given = cfg.to_dict()
+    out = cfg.evolve({"run_dir": "/elsewhere", "tracking.tracking_uri": "sqlite:///x.db", "schedule.num_levels": 3})
+    assert (out.run_dir, out.tracking.tracking_uri, out.schedule.num_levels) == ("/elsewhere", "sqlite:///x.db", 3)
+    out.train.steps += 1  # the copy shares no section with the original
+    assert cfg.to_dict() == given
+    with pytest.raises(KeyError):
+        cfg.evolve({"tracking.no_such_key": 1})
+
+
+@pytest.mark.parametrize("metric, extractor", [("kid_classifier", "classifier"), ("fid_inception", "inception")])
+def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings_from_the_config(metric, extractor):
+    from pipelines.objective import ObjectiveSpec
+
+    cfg = load_config(CONFIGS / "digits.yaml", [f"tune.metric={metric}", "tune.eval_samples=123", "evaluation.resamples=17",
+                                                 "sampling.denoise=false", "tune.eval_every=40", "run_dir=/r"])
+    spec = ObjectiveSpec.from_config(cfg, "/shards")
+    assert spec == ObjectiveSpec("/shards", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)

@@ -1,5 +1,6 @@
 """Ray Train DDP training on the digits shards: 2 workers on a local Ray and on a 2-node Ray cluster, tracked in MLflow."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,10 @@ def test_sliced_objective_trains_under_ddp(tmp_path, shards):
 
 
 def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
-    cfg = _config(tmp_path, 20)
+    cfg = _config(Path(os.path.relpath(tmp_path)), 20)  # relative, as a user writes it: the workers get it resolved
+    given = cfg.to_dict()
     result = run_training(cfg, shards)
+    assert cfg.to_dict() == given  # the caller's config is not changed
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]

@@ -1,0 +1,51 @@
+"""The tuning objective: a score model's samples under given sampler settings, scored against the reference split.
+One typed spec and one function serve a training trial's periodic evaluations, the sampler-only trials and the
+confirmation, so all three measure the same thing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ncsn.data import to_stored
+from ncsn.sampling import sample_images
+from pipelines.config import Config
+from pipelines.evaluate import Evaluator
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """How a tuning job scores a model: the reference shards, the feature extractor and its settings, the sample count
+    and sampler's final denoising step; ``every``: training steps between evaluations in a training trial."""
+
+    shards: str
+    extractor: str  # "classifier" or "inception"
+    cache_dir: str
+    num_samples: int
+    resamples: int
+    denoise: bool
+    every: int
+    inception_weights: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, shards: str) -> ObjectiveSpec:
+        """The objective of ``cfg.tune`` (its metric names the extractor), cached under <run_dir>/eval_cache."""
+        return cls(shards, cfg.tune.extractor, str(Path(cfg.run_dir) / "eval_cache"), cfg.tune.eval_samples, cfg.evaluation.resamples,
+                   cfg.sampling.denoise, cfg.tune.eval_every, cfg.evaluation.inception_weights)
+
+    def evaluator(self) -> Evaluator:
+        """The Evaluator (trains and caches the classifier on first use in ``cache_dir``)."""
+        return Evaluator(self.shards, self.extractor, self.inception_weights, cache_dir=Path(self.cache_dir), resamples=self.resamples)
+
+
+def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, steps_per_level: int,
+                     spec: ObjectiveSpec, seed: int, num_samples: int | None = None,
+                     device: torch.device | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """FID/KID/IS with intervals (flat, as logged) of ``num_samples`` (default ``spec.num_samples``) annealed-Langevin
+    samples drawn with ``seed``, and the samples in [0, 1]."""
+    device = device or next(model.parameters()).device
+    c, s = model.config.channels, model.config.image_size
+    samples = sample_images(model, (num_samples or spec.num_samples, c, s, s), sigmas, eps, steps_per_level, denoise=spec.denoise,
+                            generator=torch.Generator(device=device).manual_seed(seed), device=device).samples
+    return evaluator.metrics(to_stored(samples), seed=seed), samples
