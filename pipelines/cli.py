@@ -258,6 +258,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_HELP = ("a checkpoint.pt written by training (a path or an s3:// / gs:// URL), a training run directory (its "
+                   "model/checkpoint.pt), or the MLflow model training logged: runs:/RUN_ID/model or models:/NAME/VERSION "
+                   "(the server from $MLFLOW_TRACKING_URI)")
+
 EXAMPLES = {
     "shard": "  ncsn-pipeline shard --source digits --output runs/digits/shards/digits\n"
              "  ncsn-pipeline shard --source cifar10 --input cifar-10-python.tar.gz --output s3://bucket/shards/cifar10\n"
@@ -270,7 +274,9 @@ EXAMPLES = {
            "  ncsn-pipeline run --config configs/digits.yaml --print-config",
     "tune": "  ncsn-pipeline tune --config configs/digits.yaml\n"
             "  ncsn-pipeline tune --config configs/digits.yaml --checkpoint runs/digits/model/checkpoint.pt   # sampler only",
-    "sample": "  ncsn-pipeline sample --checkpoint runs/digits/model/checkpoint.pt --num-samples 1000 --output runs/digits/samples1k",
+    "sample": "  ncsn-pipeline sample --checkpoint runs/digits/model/checkpoint.pt --num-samples 1000 --output runs/digits/samples1k\n"
+              "  ncsn-pipeline sample --checkpoint runs/digits --num-samples 100 --output runs/digits/samples100   # a run directory\n"
+              "  ncsn-pipeline sample --checkpoint models:/ncsn-digits/1 --num-samples 100 --output samples   # $MLFLOW_TRACKING_URI's registry",
     "inpaint": "  ncsn-pipeline inpaint --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits "
                "--output runs/digits/inpaint --mask half",
     "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits\n"
@@ -330,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         again.add_argument("--fresh", dest="resume", action="store_const", const="fresh",
                            help="start the run of this name anew; the previous one is moved to <run_dir>/previous-<time>")
     tune = _config_command(sub, "tune", _tune, "tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
-    tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained checkpoint")
+    tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained model; " + CHECKPOINT_HELP)
 
     sample = sub.add_parser("sample", help="annealed Langevin samples from a checkpoint on parallel Ray actors (resumable)")
-    sample.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training")
+    sample.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     sample.add_argument("--num-samples", type=int, required=True)
     sample.add_argument("--output", required=True, help="directory: images/NNNNNN.png, chunks/*.npz, grid.png, sampling.json")
     sample.add_argument("--workers", type=int, default=2, help="Ray actors, each holding the model once (default 2)")
@@ -346,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", type=int, default=8, metavar="K", help="write trajectory.png for K samples (0: none)")
     sample.add_argument("--gpu", action="store_true", help="one GPU per actor")
     sample.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
-    sample.add_argument("--no-progress", action="store_true")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
     paint = sub.add_parser("inpaint", help="complete occluded test images (NCSN Figure 6)")
-    paint.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training (a path or an s3:// / gs:// URL)")
+    paint.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     paint.add_argument("--shards", required=True, help="shard directory or URL whose images to occlude")
     paint.add_argument("--split", default="test", help="which split's images (default %(default)s)")
     paint.add_argument("--mask", choices=["centre", "half", "random"], default="centre",

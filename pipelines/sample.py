@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from data_prep.cluster import connect_ray
-from data_prep.storage import absolute_location, open_binary
+from data_prep.storage import absolute_location, is_url, open_binary
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
@@ -148,17 +149,56 @@ def load_model(checkpoint: str | Path | bytes, device: torch.device | str = "cpu
     return ckpt.build_model().to(device).eval().requires_grad_(False), ckpt
 
 
+MLFLOW_MODEL_URIS = ("runs:/", "models:/")
+
+
+def checkpoint_location(reference: str | Path) -> str:
+    """Where the checkpoint a user names lies: an MLflow model URI as it is, a run directory's model/checkpoint.pt, a
+    checkpoint file or URL as an absolute location."""
+    reference = str(reference)
+    if reference.startswith(MLFLOW_MODEL_URIS):
+        return reference
+    location = absolute_location(reference)
+    if not is_url(location) and Path(location).is_dir():
+        candidates = [Path(location, "model", "checkpoint.pt"), Path(location, "checkpoint.pt")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise SamplingError(f"{reference} is a directory without {candidates[0].relative_to(location)} or "
+                                f"{candidates[1].name}: is it a training run directory?")
+        return str(found)
+    return location
+
+
+def _mlflow_checkpoint_bytes(uri: str) -> bytes:
+    """The checkpoint inside an MLflow model that training logged (its pyfunc's ``checkpoint`` artifact), downloaded into a
+    private temporary directory."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="ncsn-model-") as tmp:
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        found = sorted(model_dir.rglob("checkpoint.pt"))
+        if not found:
+            raise SamplingError(f"{uri} holds no checkpoint.pt: is it a model logged by ncsn-pipeline training?")
+        return found[0].read_bytes()
+
+
 def read_checkpoint(checkpoint: str | Path) -> tuple[Checkpoint, bytes]:
-    """The checkpoint at ``checkpoint`` (a local path or an object-store URL) and its bytes, if its weights fit its model
-    and are finite; else a SamplingError naming it and what is wrong (checked on the driver, before any actor starts).
+    """The checkpoint at ``checkpoint`` (see checkpoint_location) and its bytes, if its weights fit its model and are
+    finite; else a SamplingError naming it and what is wrong (checked on the driver, before any actor starts).
     Actors get the bytes through Ray's object store, so no node needs the driver's disk."""
     try:
-        with open_binary(str(checkpoint)) as f:
-            payload = f.read()
+        location = checkpoint_location(checkpoint)
+        if location.startswith(MLFLOW_MODEL_URIS):
+            payload = _mlflow_checkpoint_bytes(location)
+        else:
+            with open_binary(location) as f:
+                payload = f.read()
         ckpt = load_checkpoint(payload, name=str(checkpoint))
         model = ckpt.build_model()
-    except Exception as err:  # noqa: BLE001 — CheckpointError or StorageError: name the file
-        raise SamplingError(f"{checkpoint}: {err}") from None
+    except SamplingError:
+        raise
+    except Exception as err:  # noqa: BLE001 — CheckpointError, StorageError or MLflow's error: name the checkpoint
+        raise SamplingError(f"{checkpoint}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise SamplingError(f"{checkpoint}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); the model diverged before this checkpoint")
@@ -230,7 +270,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     import ray
     from ray.util import ActorPool
 
-    checkpoint, output = absolute_location(checkpoint), Path(output).resolve()
+    checkpoint, output = checkpoint_location(checkpoint), Path(output).resolve()
     ckpt, payload = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, options, checkpoint)
     _claim_output(output, settings)
@@ -343,9 +383,10 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
     import ray
 
-    ckpt, payload = read_checkpoint(absolute_location(checkpoint))
+    checkpoint = checkpoint_location(checkpoint)
+    ckpt, payload = read_checkpoint(checkpoint)
     settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps),
-                               str(checkpoint))
+                               checkpoint)
     c, size = ckpt.model_config.channels, ckpt.model_config.image_size
     if tuple(images.shape[1:]) != (c, size, size):
         raise SamplingError(f"{checkpoint} models {c}×{size}×{size} images; the images to inpaint are "

@@ -20,7 +20,7 @@ from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.confirm import candidates, run_confirmation, verdict
 from pipelines.objective import ObjectiveSpec, sample_and_score
-from pipelines.sample import SamplingError, load_model, read_checkpoint
+from pipelines.sample import SamplingError, checkpoint_location, load_model, read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, resolve_schedule, run_training
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _sampler_trial(point: dict, *, base: Config, checkpoint: str, uri: str, pare
     label = _label(point, rec)
     _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = load_model(read_checkpoint(checkpoint)[1])
     metrics, samples = sample_and_score(objective.evaluator(), model, ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps,
                                         cfg.sampling.steps_per_level, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
@@ -173,6 +173,7 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    checkpoint = checkpoint_location(checkpoint) if checkpoint else None  # a file, a run directory or an MLflow model URI
     connect_ray()
     # the job's own run (parent of the trials) in <run_dir>/tune, in the same MLflow store
     cfg = cfg.evolve({"tracking.tracking_uri": tracking.tracking_uri(cfg), "name": f"{cfg.name}-tune",
@@ -185,13 +186,13 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
         objective.evaluator()
     uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
     if checkpoint:
-        model_ckpt = load_model(checkpoint)[1]
+        model_ckpt = read_checkpoint(checkpoint)[0]
         eps0 = float((model_ckpt.extra or {}).get("eps", cfg.sampling.eps))
         rec = {"start_level": 0, "eps": eps0, "steps_per_level": int((model_ckpt.extra or {}).get("steps_per_level", cfg.sampling.steps_per_level))}
         space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
                  "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
                  "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}
-        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg, checkpoint=str(Path(checkpoint).resolve()),
+        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg, checkpoint=checkpoint,
                                                              uri=uri, parent_run_id=parent, rec=rec, objective=objective),
                                         {"CPU": 1})
         scheduler, cpus_per_trial, rungs = FIFOScheduler(), 1.0, None
@@ -216,7 +217,7 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                            tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=scheduler,
                                                        num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
     results = tuner.fit()
-    sampler = (str(Path(checkpoint).resolve()), model_ckpt.sigmas.tolist()) if checkpoint else None
+    sampler = (checkpoint, model_ckpt.sigmas.tolist()) if checkpoint else None
     return _summarise(cfg, results, rec, uri, parent, sampler, rungs, shards, objective)
 
 

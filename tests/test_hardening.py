@@ -176,6 +176,12 @@ def test_sampling_input_is_checked_and_nothing_given_is_replaced(tmp_path):
     with pytest.raises(SamplingError, match=r"nan.pt: 1 weight tensor\(s\) hold NaN or inf"):
         read_checkpoint(_write_checkpoint(tmp_path / "nan.pt", nan=True))
     ckpt, _ = read_checkpoint(_write_checkpoint(tmp_path / "ok.pt"))
+    run_dir = tmp_path / "run"
+    with pytest.raises(SamplingError, match=r"run is a directory without model/checkpoint.pt or checkpoint.pt: is it a training run"):
+        read_checkpoint(run_dir.mkdir() or run_dir)
+    _write_checkpoint(run_dir / "model" / "checkpoint.pt", nan=True)  # a run directory names its model/checkpoint.pt
+    with pytest.raises(SamplingError, match=r"hold NaN or inf"):
+        read_checkpoint(run_dir)
     bad = {"eps": (0.0, r"--eps must be a finite number > 0, got 0.0"), "steps_per_level": (0, r"--steps-per-level must be an integer >= 1, got 0"),
            "sigmas": ([0.5, 0.9], r"--sigmas must be strictly decreasing"),
            "trajectory_samples": (-1, r"trajectory_samples must be in \[0, chunk_size = 100\], got -1")}
