@@ -241,6 +241,20 @@ def _as_metrics(row: dict, metric_cls) -> list:
     return [metric_cls(k, float(v), now, row["step"]) for k, v in row.items() if k != "step"]
 
 
+def start_system_metrics(uri: str, run_id: str, node_id: str | None = None):
+    """MLflow's system metrics monitor for this node (CPU, memory, disk, network; GPU with the `gpu` extra), every 10 s
+    under system/ (system/<node_id>/ when given); stop it with its finish(). None when it cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, node_id=node_id, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001 — system metrics are a nicety
+        log.warning("system metrics are off: %s", err)
+        return None
+
+
 class RunLogger:
     """Rank 0's MLflow logger: calls queue up and a thread sends them in order, retrying while the server is away.
 
@@ -248,29 +262,16 @@ class RunLogger:
     logged: after a restore, steps between the checkpoint and the failure keep the values first sent.
     """
 
-    def __init__(self, uri: str, run_id: str, run_dir: Path, resumed_step: int = 0, system_metrics: bool = True,
-                 retry_seconds: float = 10.0):
+    def __init__(self, uri: str, run_id: str, run_dir: Path, resumed_step: int = 0, retry_seconds: float = 10.0):
         self.uri, self.run_id, self.metrics_file = uri, run_id, Path(run_dir) / METRICS_FILE
         self.retry_seconds = retry_seconds
         self._queue: queue.Queue = queue.Queue()
         self._sent: set[int] | None = None  # steps MLflow has; fetched by the thread
         self._down_since: float | None = None
         self._client = _client(uri)
-        self._monitor = None
-        if system_metrics:
-            self._start_system_metrics()
         self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self._thread.start()
         self._submit(lambda: self._resync(resumed_step))
-
-    def _start_system_metrics(self) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True, tracking_uri=self.uri)
-            self._monitor.start()
-        except Exception as err:  # noqa: BLE001 — system metrics are a nicety
-            log.warning("system metrics are off: %s", err)
 
     def log_metrics(self, row: dict) -> None:
         """Append ``row`` (with its "step") to metrics.jsonl now, and queue it for MLflow."""
@@ -322,11 +323,6 @@ class RunLogger:
 
     def close(self, timeout: float = 60.0) -> bool:
         """Wait up to ``timeout`` s for queued calls; returns False (and says how to re-sync) if some remain."""
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as err:  # noqa: BLE001
-                log.warning("system metrics monitor: %s", err)
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive() or not self._queue.empty():

@@ -194,13 +194,18 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     # rank 0 reports: MLflow and metrics.jsonl, and Tune's objective
     run_log, evaluator = None, None
     if rank == 0:
-        run_log = tracking.RunLogger(spec.tracking_uri, spec.run_id, Path(cfg.run_dir), resumed_step=start,
-                                     system_metrics=cfg.tracking.system_metrics)
+        run_log = tracking.RunLogger(spec.tracking_uri, spec.run_id, Path(cfg.run_dir), resumed_step=start)
         if start:
             run_log.set_tag("restored_from_step", str(start))
         if spec.objective:
             evaluator = spec.objective.evaluator()
             run_log.log_param(f"evaluation.{evaluator.extractor}_id", evaluator.extractor_id)
+
+    # system metrics from every node, by its first worker (keys system/node<N>/… when the run spans several nodes)
+    monitor = None
+    if cfg.tracking.system_metrics and ctx.get_local_rank() == 0:
+        several = ctx.get_local_world_size() < world
+        monitor = tracking.start_system_metrics(spec.tracking_uri, spec.run_id, f"node{ctx.get_node_rank()}" if several else None)
 
     # the data and the steps
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
@@ -262,6 +267,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         window.reset()
 
     # the end: a deterministic failure ends the run without retries; otherwise rank 0 logs the model
+    if monitor is not None:
+        monitor.finish()
     if fatal:
         if rank == 0:
             run_log.set_tag("failure", fatal[0])
