@@ -9,12 +9,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from data_prep.shard import load_manifest, manifest_digest
 from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
+from pipelines.sample import read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training
 from tests.servers import logged_image_steps, only_ray_instance
 
@@ -62,7 +64,7 @@ def test_sliced_objective_trains_under_ddp(tmp_path, shards):
     assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0]
 
 
-def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
+def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeypatch):
     cfg = _config(Path(os.path.relpath(tmp_path)), 20)  # relative, as a user writes it: the workers get it resolved
     given = cfg.to_dict()
     result = run_training(cfg, shards)
@@ -101,6 +103,11 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
     sampler = mlflow.pyfunc.load_model(models[0].artifact_location)  # (mlflow.set_tracking_uri would leak into other tests' env)
     images = sampler.predict(pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
+    # the checkpoint references sample, inpaint and tune take: the file, the run directory, the logged MLflow model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)
+    for reference in (result.model_file, tmp_path, f"runs:/{result.run_id}/model"):
+        ckpt, _ = read_checkpoint(reference)
+        assert ckpt.step == 20 and torch.allclose(ckpt.sigmas, sigmas), reference
 
     # Same name, more steps: refused as it is (the settings differ), continued with resume="accept" (--resume) at step 21
     # with the step-20 optimiser state, in the same MLflow run; its final model is registered under the name given.
@@ -110,7 +117,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards):
         run_training(more, shards)
     resumed = run_training(more, shards, resume="accept")
     (version,) = MlflowClient(resumed.tracking_uri).search_model_versions("name = 'ncsn-digits'")
-    assert version.run_id == resumed.run_id
+    assert version.run_id == resumed.run_id and read_checkpoint(f"models:/ncsn-digits/{version.version}")[0].step == 30
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20, 25, 30]
     assert resumed.run_id == result.run_id and _mlflow_steps(resumed) == [5, 10, 15, 20, 25, 30]
     tags = MlflowClient(resumed.tracking_uri).get_run(resumed.run_id).data.tags
@@ -168,14 +175,17 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
 def test_two_node_cluster_one_worker_per_node_trains(tmp_path, shards):
     script = Path(__file__).parent / "scripts" / "two_node_train.py"
     with only_ray_instance():
-        out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, str(tmp_path / "run")], capture_output=True,
-                             text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, str(tmp_path / "run")], capture_output=True, text=True,
+                             timeout=600, cwd=Path(__file__).resolve().parents[1],
+                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
     assert result["step"] == 10
     assert len(result["cluster_nodes"]) == 2 and result["worker_nodes"] == result["cluster_nodes"]  # one worker on each node
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [5, 10]
+    for node in ("node0", "node1"):  # system metrics from each node, by its first worker
+        assert f"system/{node}/cpu_utilization_percentage" in result["metrics"], result["metrics"]
 
 
 def test_local_storage_on_a_multi_host_cluster_is_an_error():
