@@ -22,17 +22,14 @@ from PIL import Image
 
 from data_prep.loader import make_loader
 from data_prep.shard import ShardOptions, shard_dataset
+from tests.datasets import smooth_images
 
 
 def write_smooth_images(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """n RGB PNGs of low-frequency noise (bilinear upsampled 4×4 fields plus mild grain), in one folder."""
-    rng = np.random.default_rng(seed)
+    """n RGB PNGs of tests.datasets.smooth_images, in one folder."""
     root.mkdir(parents=True)
-    for i in range(n):
-        coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 4, 4)).astype(np.float32))
-        image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)[0]
-        image = (image + torch.from_numpy(rng.normal(0, 6, image.shape).astype(np.float32))).clamp(0, 255)
-        Image.fromarray(image.permute(1, 2, 0).to(torch.uint8).numpy()).save(root / f"{i:06d}.png")
+    for i, image in enumerate(smooth_images(np.random.default_rng(seed), n, size)):
+        Image.fromarray(image).save(root / f"{i:06d}.png")
 
 
 def rate(shards: str, batch: int, workers: int, batches: int) -> float:

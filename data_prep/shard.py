@@ -1,6 +1,7 @@
 """The sharding job: Ray tasks write WebDataset tar shards of a Source in parallel, plus manifest.json.
 
-Each task reads its own index range from the source, writes `{__key__, png, cls}` samples to tar files
+Each task reads its own index range from the source (the driver's Source object, which archive sources fill as the
+driver counts them, reaches the tasks through Ray's object store), writes `{__key__, png, cls}` samples to tar files
 of ``shard_size`` samples (fewer when --max-shard-mb is reached first), and returns their sizes, hashes
 and pixel statistics; the driver writes the manifest last, atomically. Re-running with the same
 input and options finds the manifest and every shard intact and does nothing.
@@ -23,7 +24,7 @@ import torch
 from data_prep.cluster import connect_ray
 from data_prep.sources import SPLITS, Source, open_source
 from data_prep.storage import Storage, sha256_and_size
-from ncsn.sigmas import max_pairwise_distance
+from ncsn.sigmas import bound_factors, farthest, principal_basis, scan_pairs, squared_distance
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ class ShardSummary:
     bytes: int
     seconds: float
     up_to_date: bool
+    distance_seconds: float = 0.0  # of ``seconds``: the exact max pairwise distance (σ_1), after the shards are written
 
     def line(self) -> str:
         if self.up_to_date:
             return f"{self.output} is up to date: {self.images} images in {self.shards} shards ({self.bytes / 1e6:.1f} MB); nothing to do"
         rate = self.images / self.seconds if self.seconds > 0 else float("inf")
-        return f"wrote {self.images} images in {self.shards} shards ({self.bytes / 1e6:.1f} MB) to {self.output} in {self.seconds:.1f} s ({rate:.0f} images/s)"
+        return (f"wrote {self.images} images in {self.shards} shards ({self.bytes / 1e6:.1f} MB) to {self.output} in {self.seconds:.1f} s "
+                f"({rate:.0f} images/s; the max pairwise distance over every pair of training images took {self.distance_seconds:.1f} s)")
 
 
 def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
@@ -85,18 +88,17 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, task: int, output: str) -> tuple[dict, np.ndarray | None]:
+def write_shard_range(source: Source, options: ShardOptions, split: str, start: int, stop: int, task: int,
+                      output: str) -> tuple[dict, np.ndarray | None]:
     """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and
     statistics, and (training split only) the images as uint8 (N, H, W, C) for the exact max pairwise distance."""
     import webdataset as wds
 
     storage = Storage(output)
-    source = options.open()
     max_bytes = int(options.max_shard_mb * 1e6) if options.max_shard_mb else None
     shards: list[dict] = []
     shape = None
-    pix_sum = pix_sq = None
-    kept: list[np.ndarray] = []
+    images: list[np.ndarray] = []
     part, writer, tmp, count = 0, None, None, 0
 
     def close() -> None:
@@ -113,7 +115,6 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
         for rec in source.read(split, start, stop):
             if shape is None:
                 shape = rec.image.shape
-                pix_sum, pix_sq = np.zeros(shape[-1]), np.zeros(shape[-1])
             elif rec.image.shape != shape:
                 raise ShardError(f"{rec.key}: image shape {rec.image.shape} differs from {shape}; set --resize (and --crop) to make them equal")
             if writer is None:
@@ -124,11 +125,7 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
                 sample_dict["cls"] = rec.label
             writer.write(sample_dict)
             count += 1
-            pixels = rec.image.reshape(-1, shape[-1]).astype(np.float64) / 255.0
-            pix_sum += pixels.sum(0)
-            pix_sq += (pixels**2).sum(0)
-            if split == "train":
-                kept.append(rec.image)
+            images.append(rec.image)
             if count >= options.shard_size or (max_bytes and writer.tarstream.fileobj.tell() >= max_bytes):
                 close()
         if writer is not None:
@@ -136,24 +133,27 @@ def write_shard_range(options: ShardOptions, split: str, start: int, stop: int, 
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    stack = np.stack(images) if images else None
+    pix_sum, pix_sq = pixel_sums(stack) if stack is not None else (None, None)
     return {
         "shards": shards,
         "shape": list(shape) if shape is not None else None,
-        "pixel_sum": pix_sum.tolist() if pix_sum is not None else None,
-        "pixel_sq_sum": pix_sq.tolist() if pix_sq is not None else None,
-    }, (np.stack(kept) if kept else None)
+        "pixel_sum": pix_sum,
+        "pixel_sq_sum": pix_sq,
+    }, (stack if split == "train" else None)
 
 
-def block_max_distance(a: np.ndarray, b: np.ndarray | None) -> float:
-    """Exact max Euclidean distance between images of blocks ``a`` and ``b`` (within ``a`` when b is None), in [0, 1] units."""
-    if b is None:  # on the uint8 values (exact in float32 and float64), scaled once: distances are linear in the scale
-        return max_pairwise_distance(torch.from_numpy(a)) / 255.0 if len(a) > 1 else 0.0
-    return max_pairwise_distance(torch.from_numpy(a), torch.from_numpy(b)) / 255.0
+def pixel_sums(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per channel, the sum and the sum of squares of uint8 ``images`` (N, H, W, C) in [0, 1] units, exact: from each
+    channel's histogram of the 256 values."""
+    values = np.arange(256, dtype=np.float64)
+    counts = [np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])]
+    return [float(h @ values) / 255.0 for h in counts], [float(h @ values**2) / 255.0**2 for h in counts]
 
 
 def _plan_tasks(source: Source, shard_size: int, workers: int) -> list[tuple[str, int, int, int]]:
-    """(split, start, stop, task) ranges: whole shards, at most 4 tasks per worker, so that each task opens
-    its input once (a gzip tarball is read from the start) while a lost task still costs little."""
+    """(split, start, stop, task) ranges: whole shards, at most 4 tasks per worker (few blocks for the max distance's
+    pairs of blocks) while a lost task still costs little."""
     counts = {split: source.count(split) for split in SPLITS}
     n_shards = sum(math.ceil(n / shard_size) for n in counts.values())
     shards_per_task = max(1, math.ceil(n_shards / (4 * workers)))
@@ -238,13 +238,13 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     task_fn = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)
     total = sum(stop - lo for _, lo, stop, _ in plan)
-    pending, results, train_blocks, queue = {}, {}, [], list(plan)
+    pending, results, train_blocks, queue, source_ref = {}, {}, [], list(plan), ray.put(source)
     bar = tqdm(total=total, unit="img", desc=f"shard {options.source}", disable=not progress)
     try:
         while queue or pending:
             while queue and len(pending) < workers:
                 split, lo, stop, task = queue.pop(0)
-                stats_ref, images_ref = task_fn.remote(options, split, lo, stop, task, output)
+                stats_ref, images_ref = task_fn.remote(source_ref, options, split, lo, stop, task, output)
                 pending[stats_ref] = (split, task, stop - lo)
                 if split == "train":
                     train_blocks.append(images_ref)  # stays in the object store for the distance tasks
@@ -260,25 +260,64 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
-    manifest = _build_manifest(options, fingerprint, source, plan, results, _max_distance(train_blocks))
+    distance_start = time.perf_counter()
+    max_distance = _max_distance(train_blocks)
+    distance_seconds = time.perf_counter() - distance_start
+    manifest = _build_manifest(options, fingerprint, source, plan, results, max_distance)
     old_paths = {s["path"] for sp in old["splits"].values() for s in sp["shards"]} if old is not None else set()
     storage.write_text_atomic(MANIFEST, json.dumps(manifest, indent=2))
     new_paths = {s["path"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for stale in old_paths - new_paths:
         storage.remove(stale)
     shards = [s for sp in manifest["splits"].values() for s in sp["shards"]]
-    return ShardSummary(output, manifest["total_count"], len(shards), sum(s["bytes"] for s in shards), time.perf_counter() - start_time, False)
+    return ShardSummary(output, manifest["total_count"], len(shards), sum(s["bytes"] for s in shards), time.perf_counter() - start_time, False,
+                        distance_seconds)
 
 
 def _max_distance(blocks: list) -> float | None:
-    """The exact max pairwise distance of the training images: one Ray task per pair of blocks (and per block)."""
+    """The exact max pairwise distance of the training images (``blocks``: the shard tasks' image arrays in the object
+    store), in [0, 1] units: the bound's factors per block, a start from a few exact distances, then one task per pair
+    of blocks (and per block) that computes only the pairs the bound leaves (ncsn.sigmas.scan_pairs)."""
     import ray
 
     if not blocks:
         return None
-    pair_fn = ray.remote(num_cpus=1, max_retries=2)(block_max_distance)
-    refs = [pair_fn.remote(a, blocks[j] if j != i else None) for i, a in enumerate(blocks) for j in range(i, len(blocks))]
-    return max(ray.get(refs))
+    remote = ray.remote(num_cpus=1, max_retries=2)
+    first = ray.get(blocks[0])
+    mean, basis = principal_basis(torch.from_numpy(first[:: max(1, len(first) // 512)]))
+    factors = [remote(_block_factors).remote(block, mean, basis) for block in blocks]
+    norms = [f[0][:, -2] for f in ray.get(factors)]  # squared distances to the mean
+    if sum(len(n) for n in norms) < 2:
+        return 0.0
+    b = max(range(len(blocks)), key=lambda k: norms[k].max().item())
+    x = ray.get(blocks[b])[int(norms[b].argmax())]  # the image farthest from the mean, its farthest, and that one's farthest
+    y = _farthest_image(blocks, x, remote)
+    x = _farthest_image(blocks, y, remote)
+    best, scale = squared_distance(torch.from_numpy(x), torch.from_numpy(y)), max(n.max().item() for n in norms)
+    scans = [remote(_scan_blocks).remote(blocks[i], factors[i], blocks[j], factors[j], best, scale, i == j)
+             for i in range(len(blocks)) for j in range(i, len(blocks))]
+    return math.sqrt(max(ray.get(scans))) / 255.0  # on the uint8 values (exact in float32), scaled once
+
+
+def _block_factors(block: np.ndarray, mean: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return bound_factors(torch.from_numpy(block), mean, basis)
+
+
+def _farthest_image(blocks: list, x: np.ndarray, remote) -> np.ndarray:
+    """The training image farthest from ``x``: one task per block."""
+    import ray
+
+    found = ray.get([remote(_farthest_in_block).remote(block, x) for block in blocks])
+    b = max(range(len(blocks)), key=lambda k: found[k][1])
+    return ray.get(blocks[b])[found[b][0]]
+
+
+def _farthest_in_block(block: np.ndarray, x: np.ndarray) -> tuple[int, float]:
+    return farthest(torch.from_numpy(block), torch.from_numpy(x))
+
+
+def _scan_blocks(a: np.ndarray, factors_a: tuple, b: np.ndarray, factors_b: tuple, best: float, scale: float, same: bool) -> float:
+    return scan_pairs(torch.from_numpy(a), factors_a, torch.from_numpy(b), factors_b, best, scale, same=same)
 
 
 def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict,

@@ -26,10 +26,10 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> tor
     return exponents.exp().float()
 
 
-def max_pairwise_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 2048) -> float:
+def max_pairwise_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 4096, rank: int = 64) -> float:
     """Exact largest Euclidean distance between a row of ``a`` (N, ...) and a row of ``b`` (M, ...), or between two
-    rows of ``a`` when ``b`` is None (NCSNv2 technique 1's σ_1). Chunks of ``chunk`` rows bound the memory; the
-    squared distances are ranked in float32 (‖x‖² + ‖y‖² − 2xᵀy) and the winning pair is recomputed in float64."""
+    rows of ``a`` when ``b`` is None (NCSNv2 technique 1's σ_1): a start from a few exact distances, then a scan of every
+    pair with an upper bound (``bound_factors``) that computes exactly only the pairs it cannot rule out."""
     positive_int("chunk", chunk)
     fa = a.reshape(a.shape[0], -1)
     fb = fa if b is None else b.reshape(b.shape[0], -1)
@@ -37,16 +37,83 @@ def max_pairwise_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk:
         raise ValueError(f"data must hold at least 2 samples, got {fa.shape[0]}")
     if fa.shape[1] != fb.shape[1] or fb.shape[0] < 1:
         raise ValueError(f"a and b must be non-empty with rows of one size, got {tuple(fa.shape)} and {tuple(fb.shape)}")
-    best, pair = -math.inf, (0, 0)
+    mean, basis = principal_basis(torch.cat([fa[:: max(1, fa.shape[0] // 256)], fb[:: max(1, fb.shape[0] // 256)]]), rank)
+    factors_a = bound_factors(fa, mean, basis, chunk)
+    factors_b = factors_a if b is None else bound_factors(fb, mean, basis, chunk)
+    scale = max(factors_a[0][:, -2].max().item(), factors_b[0][:, -2].max().item())
+    x = fa[int(factors_a[0][:, -2].argmax())]  # the row farthest from the mean, its farthest, and that one's farthest
+    y = fb[farthest(fb, x, chunk)[0]]
+    x = fa[farthest(fa, y, chunk)[0]]
+    best = scan_pairs(fa, factors_a, fb, factors_b, squared_distance(x, y), scale, same=b is None, chunk=chunk)
+    return math.sqrt(best)
+
+
+def principal_basis(sample: torch.Tensor, rank: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and an orthonormal basis (D, ≤ ``rank``) of the leading directions of ``sample``'s rows, float64. Any
+    orthonormal basis makes ``bound_factors`` an upper bound; one that holds most of the data's spread makes it tight."""
+    positive_int("rank", rank)
+    rows = sample.reshape(sample.shape[0], -1).double()
+    mean = rows.mean(0)
+    centred = rows - mean
+    top = torch.linalg.eigh(centred @ centred.T)[1][:, -rank:]  # from the Gram matrix: cheap for a few hundred rows
+    return mean, torch.linalg.qr(centred.T @ top)[0]
+
+
+def bound_factors(rows: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors L, R (float32, N × (k+3)) with L_x · R_y = ‖p_x − p_y‖² + (r_x + r_y)² ≥ ‖x − y‖², where p are the
+    coordinates of x − mean on ``basis`` and r the norm of the rest (orthogonal to the basis, so the bound holds);
+    L[:, -2] is ‖x − mean‖²."""
+    left, right = [], []
+    for i in range(0, rows.shape[0], chunk):
+        x = rows[i : i + chunk].reshape(min(chunk, rows.shape[0] - i), -1).double() - mean
+        p = x @ basis
+        norm = x.pow(2).sum(1, keepdim=True)
+        r = (norm - p.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt()
+        one = torch.ones_like(r)
+        left.append(torch.cat([p, r, norm, one], 1).float())
+        right.append(torch.cat([-2 * p, 2 * r, one, norm], 1).float())
+    return torch.cat(left), torch.cat(right)
+
+
+def farthest(rows: torch.Tensor, x: torch.Tensor, chunk: int = 4096) -> tuple[int, float]:
+    """The index of the row of ``rows`` farthest from ``x`` and its squared distance (ranked in float32)."""
+    dist = torch.cat([(rows[i : i + chunk].reshape(min(chunk, rows.shape[0] - i), -1).float() - x.reshape(-1).float()).pow(2).sum(1)
+                      for i in range(0, rows.shape[0], chunk)])
+    index = int(dist.argmax())
+    return index, dist[index].item()
+
+
+def squared_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖x − y‖², in float64."""
+    return (x.reshape(-1).double() - y.reshape(-1).double()).pow(2).sum().item()
+
+
+def scan_pairs(a: torch.Tensor, factors_a: tuple[torch.Tensor, torch.Tensor], b: torch.Tensor, factors_b: tuple[torch.Tensor, torch.Tensor],
+               best: float, scale: float, same: bool = False, chunk: int = 4096) -> float:
+    """The largest squared distance between a row of ``a`` and one of ``b`` (pairs of one set when ``same``), or ``best``
+    (an exact squared distance found before) if none is larger. Blocks of pairs are ruled out by the bound (float32, with
+    a margin of 1e-4 × ``scale``, the largest squared norm about the mean, far above its rounding); the pairs it leaves
+    are computed in float64, or, where it rules out little, the block is ranked as one float32 GEMM."""
+    fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    margin = 1e-4 * scale
     for i in range(0, fa.shape[0], chunk):
-        x = fa[i : i + chunk].float()
-        for j in range(i if b is None else 0, fb.shape[0], chunk):  # for one set, blocks j ≥ i cover every pair
-            y = fb[j : j + chunk].float()
-            sq = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None] - 2 * x @ y.T
-            value, flat = sq.max().item(), int(sq.argmax())
-            if value > best:
-                best, pair = value, (i + flat // y.shape[0], j + flat % y.shape[0])
-    return (fa[pair[0]].double() - fb[pair[1]].double()).norm().item()
+        for j in range(i if same else 0, fb.shape[0], chunk):  # for one set, blocks j ≥ i cover every pair
+            left = factors_a[0][i : i + chunk] @ factors_b[1][j : j + chunk].T > best - margin
+            count = int(left.sum())
+            if count == 0:
+                continue
+            if 64 * count > left.numel():  # the bound rules out little here (noise-like data)
+                x, y = fa[i : i + chunk].float(), fb[j : j + chunk].float()
+                sq = x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None] - 2 * x @ y.T
+                flat = int(sq.argmax())
+                p, q = i + flat // sq.shape[1], j + flat % sq.shape[1]
+            else:
+                candidates = torch.nonzero(left)
+                sq = torch.cat([(fa[i + c[:, 0]].double() - fb[j + c[:, 1]].double()).pow(2).sum(1) for c in candidates.split(4096)])
+                k = int(sq.argmax())
+                p, q = i + int(candidates[k, 0]), j + int(candidates[k, 1])
+            best = max(best, squared_distance(fa[p], fb[q]))
+    return best
 
 
 def _normal_cdf(x: float) -> float:

@@ -12,13 +12,25 @@ import numpy as np
 from PIL import Image
 
 
-def write_cifar10_tarball(path: Path, per_batch: int = 6, seed: int = 0, evil_member: str | None = None) -> dict:
-    """A cifar-10-python.tar.gz with ``per_batch`` images per batch; returns {split: (images NHWC, labels)}."""
+def smooth_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """n uint8 RGB images (N, H, W, 3) of low-frequency noise (bilinear upsampled 4×4 fields plus mild grain): PNG
+    compresses them about as it does photographs, and like photographs they vary along few directions."""
+    import torch
+
+    coarse = torch.from_numpy(rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32))
+    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
+    images = (images + torch.from_numpy(rng.normal(0, 6, images.shape).astype(np.float32))).clamp(0, 255)
+    return images.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def write_cifar10_tarball(path: Path, per_batch: int = 6, seed: int = 0, evil_member: str | None = None, smooth: bool = False) -> dict:
+    """A cifar-10-python.tar.gz with ``per_batch`` images per batch (uniform random pixels, or ``smooth_images``);
+    returns {split: (images NHWC, labels)}."""
     rng = np.random.default_rng(seed)
     truth = {"train": ([], []), "test": ([], [])}
     with tarfile.open(path, "w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+            images = smooth_images(rng, per_batch, 32) if smooth else rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
             labels = rng.integers(0, 10, per_batch).tolist()
             batch = {b"data": images.transpose(0, 3, 1, 2).reshape(per_batch, -1), b"labels": labels, b"batch_label": b"x"}
             payload = pickle.dumps(_Evil() if name == evil_member else batch, protocol=2)

@@ -88,6 +88,32 @@ def test_max_pairwise_distance_is_exact_across_chunks(gen):
     assert max_pairwise_distance(data[:30]) <= max_pairwise_distance(data)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_max_pairwise_distance_is_exact_where_the_bound_prunes(seed):
+    # Images-like rows: a few strong directions plus noise, so the projected bound prunes most pairs; with rank 2 the
+    # residual holds a strong direction too, and a bound without it (or a residual added once) misses the extreme pair.
+    gen = torch.Generator().manual_seed(seed)
+    structure = torch.randn(700, 3, generator=gen, dtype=torch.float64) * torch.tensor([20.0, 8.0, 4.0], dtype=torch.float64)
+    data = structure @ torch.randn(3, 60, generator=gen, dtype=torch.float64) + torch.randn(700, 60, generator=gen, dtype=torch.float64)
+    for rank, chunk in ((2, 64), (8, 700), (64, 33)):
+        assert max_pairwise_distance(data, chunk=chunk, rank=rank) == pytest.approx(torch.cdist(data, data).max().item(), rel=1e-12)
+    a, b = data[:300], data[300:]
+    assert max_pairwise_distance(a, b, chunk=50, rank=2) == pytest.approx(torch.cdist(a, b).max().item(), rel=1e-12)
+
+
+def test_max_pairwise_distance_keeps_the_pair_its_start_misses():
+    # The search starts from the point farthest from the mean (P), its farthest (W) and back: |PW| = 16. The widest pair,
+    # U and V (18 apart), differs only along x, which a rank-1 basis (y, where the data spread) leaves to the residual
+    # term of the bound: only a bound that keeps it finds U and V.
+    spread = torch.zeros(200, 4, dtype=torch.float64)
+    spread[:, 1] = torch.linspace(-2, 2, 200)
+    points = torch.tensor([[0, 10, 0, 0], [0, -6, 0, 0], [-9, -3, 0, 0], [9, -3, 0, 0]], dtype=torch.float64)  # P, W, U, V
+    data = torch.cat([spread, points])
+    for chunk in (3, 64, 1000):
+        assert max_pairwise_distance(data, chunk=chunk, rank=1) == pytest.approx(18.0, rel=1e-12)
+    assert max_pairwise_distance(data[:203], data[203:], rank=1) == pytest.approx(18.0, rel=1e-12)  # V against the rest
+
+
 def test_recommend_schedule_rejects_bad_input():
     with pytest.raises(ValueError, match="steps_per_level"):
         recommend_schedule(None, steps_per_level=0, sigma_max=1.0, dim=4)
