@@ -33,10 +33,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     model, ckpt = load_model(args.checkpoint)
-    eps, steps = ckpt.extra["eps"], ckpt.extra["steps_per_level"]
+    eps, steps = ckpt.schedule.eps, ckpt.schedule.steps_per_level
     k = args.confirm_seeds
     with tempfile.TemporaryDirectory() as tmp:
-        spec = ObjectiveSpec(args.shards, "classifier", tmp, 0, resamples=100, denoise=bool(ckpt.extra.get("denoise", True)), every=0)
+        spec = ObjectiveSpec(args.shards, "classifier", tmp, 0, resamples=100, denoise=ckpt.schedule.denoise, every=0)
         evaluator = spec.evaluator()
 
         def evaluate(n: int, sigmas: torch.Tensor, seed: int) -> dict[str, float]:

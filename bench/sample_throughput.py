@@ -17,7 +17,7 @@ import torch
 
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ScoreNetwork
-from ncsn.sigmas import geometric_sigmas
+from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
 from pipelines.sample import Sampler, SamplingOptions, plan_chunks, resolve_options, run_sampling, write_chunk
 
@@ -28,8 +28,7 @@ def make_checkpoint(path: Path, levels: int, steps_per_level: int) -> None:
     cfg = load_config(CONFIG)
     torch.manual_seed(0)
     model = ScoreNetwork(cfg.model, geometric_sigmas(5.0, 0.01, levels))
-    save_checkpoint(path, Checkpoint(cfg.model, model.sigmas.clone(), model.state_dict(), model.state_dict(), None, 0,
-                                     extra={"eps": 2e-5, "steps_per_level": steps_per_level}))
+    save_checkpoint(path, Checkpoint(cfg.model, Schedule(model.sigmas, 2e-5, steps_per_level), model.state_dict(), model.state_dict(), None, 0))
 
 
 def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads: int) -> float:

@@ -30,7 +30,7 @@ WARMUP = 20
 def plain_loop(cfg, shards: str, threads: int) -> float:
     """Steps/s of train_steps over the same loader in this process, after WARMUP steps."""
     torch.set_num_threads(threads)
-    sigmas, _ = resolve_schedule(cfg, load_manifest(shards))
+    sigmas = resolve_schedule(cfg, load_manifest(shards)).tensor()
     torch.manual_seed(0)
     model = ScoreNetwork(cfg.model, sigmas)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)

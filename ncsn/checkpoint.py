@@ -1,11 +1,12 @@
-"""One self-describing checkpoint format: config, schedule, weights, EMA, optimiser, step, RNG."""
+"""One self-describing checkpoint format: model config, schedule, weights, EMA, optimiser, step, MLflow run."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -13,12 +14,22 @@ import torch
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
+from ncsn.sigmas import Schedule
 
-FORMAT = "ncsn-pipeline/checkpoint/1"
+FORMAT = "ncsn-pipeline/checkpoint/2"  # 2: typed schedule and run fields (1: σs, with ε, T and the run in a free-form dict)
+READABLE = (FORMAT, "ncsn-pipeline/checkpoint/1")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit what it is loaded into."""
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The MLflow run a checkpoint belongs to (where sample, inpaint and evaluate log what they make of it)."""
+
+    tracking_uri: str
+    run_id: str
 
 
 @dataclass
@@ -26,12 +37,16 @@ class Checkpoint:
     """Everything needed to resume training or to sample."""
 
     model_config: ModelConfig
-    sigmas: torch.Tensor
+    schedule: Schedule
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     step: int = 0
-    extra: dict = field(default_factory=dict)
+    run: RunRef | None = None
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.schedule.tensor()
 
     def build_model(self, use_ema: bool = True) -> ScoreNetwork:
         """A ScoreNetwork with the EMA weights (if present and ``use_ema``) or the raw weights."""
@@ -50,12 +65,12 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
     payload = {
         "format": FORMAT,
         "model_config": ckpt.model_config.to_dict(),
-        "sigmas": ckpt.sigmas.detach().cpu(),
+        "schedule": {**asdict(ckpt.schedule), "sigmas": ckpt.sigmas},
         "model": ckpt.model,
         "ema": ckpt.ema,
         "optimizer": ckpt.optimizer,
         "step": int(ckpt.step),
-        "extra": ckpt.extra,
+        "run": asdict(ckpt.run) if ckpt.run is not None else None,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
     return path
@@ -79,27 +94,25 @@ def load_checkpoint(
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint: {first}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path} is not an ncsn-pipeline checkpoint (format {found!r}, expected {FORMAT!r})")
+    if raw["format"] != FORMAT:
+        raw = _from_format_1(raw)
     try:
         config = ModelConfig(**raw["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid model_config: {err}") from None
-    missing = [k for k in ("sigmas", "model", "ema", "optimizer", "step", "extra") if k not in raw]
+    missing = [k for k in ("schedule", "model", "ema", "optimizer", "step", "run") if k not in raw]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
-    sigmas = raw["sigmas"]
-    try:
-        noise_schedule(sigmas, "sigmas")
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    schedule, run = _schedule(raw["schedule"], path), _run(raw["run"], path)
     for key in ("model", "ema"):
         if not (raw[key] is None and key == "ema") and not (isinstance(raw[key], dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values())):
             raise CheckpointError(f"checkpoint {path}: {key} must be a state dict of tensors")
     if isinstance(raw["step"], bool) or not isinstance(raw["step"], int) or raw["step"] < 0:
         raise CheckpointError(f"checkpoint {path}: step must be an integer >= 0, got {raw['step']!r}")
-    ckpt = Checkpoint(config, sigmas, raw["model"], raw["ema"], raw["optimizer"], raw["step"], raw["extra"] or {})
+    ckpt = Checkpoint(config, schedule, raw["model"], raw["ema"], raw["optimizer"], raw["step"], run)
     if expect_model_config is not None and expect_model_config != config:
         diffs = [
             f"model.{k}: checkpoint {v!r}, config {getattr(expect_model_config, k)!r}"
@@ -116,3 +129,39 @@ def load_checkpoint(
             f"σ_1={expect_sigmas[0].item():.4g}, σ_L={expect_sigmas[-1].item():.4g}"
         )
     return ckpt
+
+
+def _from_format_1(raw: dict) -> dict:
+    """A format-1 checkpoint's fields as format 2 has them: ε, T, denoise and the MLflow run came in a free-form dict."""
+    extra = raw.get("extra") if isinstance(raw.get("extra"), dict) else {}
+    run = ({"tracking_uri": extra["tracking_uri"], "run_id": extra["mlflow_run_id"]}
+           if extra.get("tracking_uri") and extra.get("mlflow_run_id") else None)
+    schedule = {"sigmas": raw.get("sigmas"), "eps": extra.get("eps"), "steps_per_level": extra.get("steps_per_level"),
+                "denoise": extra.get("denoise", True)}
+    return {**raw, "schedule": schedule, "run": run}
+
+
+def _schedule(raw: object, path: object) -> Schedule:
+    """The checkpoint's schedule, checked: a valid σ sequence, ε a finite number > 0, T an integer >= 1 (or not recorded)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path}: schedule must be a dict, got {type(raw).__name__}")
+    try:
+        noise_schedule(raw.get("sigmas"), "sigmas")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    eps, steps, denoise = raw.get("eps"), raw.get("steps_per_level"), raw.get("denoise", True)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0):
+        raise CheckpointError(f"checkpoint {path}: schedule eps must be a finite number > 0, got {eps!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise CheckpointError(f"checkpoint {path}: schedule steps_per_level must be an integer >= 1, got {steps!r}")
+    if not isinstance(denoise, bool):
+        raise CheckpointError(f"checkpoint {path}: schedule denoise must be true or false, got {denoise!r}")
+    return Schedule(raw["sigmas"], None if eps is None else float(eps), steps, denoise)
+
+
+def _run(raw: object, path: object) -> RunRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) for k in ("tracking_uri", "run_id")):
+        raise CheckpointError(f"checkpoint {path}: run must name a tracking_uri and a run_id, got {raw!r}")
+    return RunRef(raw["tracking_uri"], raw["run_id"])

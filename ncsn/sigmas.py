@@ -116,6 +116,24 @@ def scan_pairs(a: torch.Tensor, factors_a: tuple[torch.Tensor, torch.Tensor], b:
     return best
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """σ_1 > … > σ_L and the annealed-Langevin settings a model samples with unless told otherwise: Algorithm 1's step
+    ε, T steps per level, and the final denoising step. Resolved once, on the driver; stored in every checkpoint."""
+
+    sigmas: tuple[float, ...]
+    eps: float | None = None
+    steps_per_level: int | None = None
+    denoise: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in torch.as_tensor(self.sigmas).reshape(-1).tolist()))
+
+    def tensor(self) -> torch.Tensor:
+        """The σ levels as a float32 tensor (as the model's buffer holds them)."""
+        return torch.tensor(self.sigmas, dtype=torch.float32)
+
+
 def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 

@@ -77,8 +77,9 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     if args.print_config:
         tree = cfg.to_dict()
         if plan:  # what the run will use, beside what the file says
-            tree["resolved"] = {"shards": plan.shards, "storage_path": plan.storage, "sigmas": [round(float(s), 6) for s in plan.sigmas],
-                                "eps": float(plan.eps), "steps_per_level": cfg.sampling.steps_per_level}
+            schedule = plan.schedule
+            tree["resolved"] = {"shards": plan.shards, "storage_path": plan.storage, "sigmas": [round(s, 6) for s in schedule.sigmas],
+                                "eps": schedule.eps, "steps_per_level": schedule.steps_per_level}
         print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
         if not plan:
             print(f"# resolved: after sharding {cfg.data.source} into {local}")
@@ -104,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.model_file}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
-    print(f"MLflow run {result.run_id} in {result.tracking_uri} — open it with: {ui_command(result.tracking_uri)}")
+    print(f"MLflow run {result.run.run_id} in {result.run.tracking_uri} — open it with: {ui_command(result.run.tracking_uri)}")
     return 0
 
 
@@ -211,7 +212,7 @@ def _inpaint(args: argparse.Namespace) -> int:
     from pipelines.tracking import log_to_run
 
     try:
-        extra = read_checkpoint(args.checkpoint)[0].extra or {}
+        run = read_checkpoint(args.checkpoint)[0].run
         images, _ = read_split(args.shards, args.split)
         x = from_stored(images[: args.num_images])
         out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
@@ -220,8 +221,8 @@ def _inpaint(args: argparse.Namespace) -> int:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1
     print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
-    if extra.get("mlflow_run_id") and not args.no_mlflow and log_to_run(extra["tracking_uri"], extra["mlflow_run_id"], artifacts={"inpainting": out}):
-        print(f"logged to MLflow run {extra['mlflow_run_id']}")
+    if run and not args.no_mlflow and log_to_run(run.tracking_uri, run.run_id, artifacts={"inpainting": out}):
+        print(f"logged to MLflow run {run.run_id}")
     return 0
 
 

@@ -78,13 +78,13 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
         tracking.finish_run(uri, parent, "FAILED")
         raise
     (run_dir / "summary.json").write_text(json.dumps({**metrics, "evaluation": report.record()}, indent=1))
-    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run_id)
+    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id)
     (run_dir / "summary.txt").write_text(result.table() + "\n")
     artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
     if (samples.output / "trajectory.png").exists():
         artifacts["trajectory"] = samples.output / "trajectory.png"
     params = {f"evaluation.{report.model.extractor}_id": report.model.extractor_id}
-    tracking.log_to_run(uri, trained.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)),
+    tracking.log_to_run(uri, trained.run.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)),
                         params=params)
     tracking.log_to_run(uri, parent, metrics, artifacts, params=params)
     tracking.finish_run(uri, parent)

@@ -93,28 +93,28 @@ def read_settings(output: str | Path) -> SamplerSettings | None:
 def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str = "") -> SamplerSettings:
     """The options with the checkpoint's defaults filled in where not given (given values are never replaced), checked;
     ``checkpoint``: where the checkpoint was read from."""
-    extra = ckpt.extra or {}
-    steps = options.steps_per_level if options.steps_per_level is not None else extra.get("steps_per_level")
-    eps = options.eps if options.eps is not None else extra.get("eps")
+    steps = options.steps_per_level if options.steps_per_level is not None else ckpt.schedule.steps_per_level
+    eps = options.eps if options.eps is not None else ckpt.schedule.eps
     if steps is None or eps is None:
         raise SamplingError("the checkpoint does not record the sampler settings; pass --steps-per-level and --eps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SamplingError(f"--steps-per-level must be an integer >= 1, got {steps!r}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise SamplingError(f"--eps must be a finite number > 0, got {eps!r}")
-    sigmas = [float(x) for x in options.sigmas] if options.sigmas is not None else ckpt.sigmas.tolist()
+    sigmas = [float(x) for x in options.sigmas] if options.sigmas is not None else list(ckpt.schedule.sigmas)
     try:
         noise_schedule(torch.tensor(sigmas, dtype=torch.float64), "--sigmas")
     except ValueError as err:
         raise SamplingError(str(err)) from None
-    if options.sigmas and ckpt.model_config.arch == "ncsn" and not set(np.round(options.sigmas, 8)) <= set(np.round(ckpt.sigmas.tolist(), 8)):
+    if options.sigmas and ckpt.model_config.arch == "ncsn" and not set(np.round(options.sigmas, 8)) <= set(np.round(ckpt.schedule.sigmas, 8)):
         raise SamplingError("--sigmas: a conditional (arch ncsn) model only takes σ levels it was trained on; use a subset of them")
     if options.num_samples < 1 or options.chunk_size < 1:
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
     if not 0 <= options.trajectory_samples <= options.chunk_size:
         raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
     return SamplerSettings(options.num_samples, options.seed, options.chunk_size, int(steps), float(eps), tuple(sigmas), options.denoise,
-                           options.trajectory_samples, checkpoint, ckpt.step, extra.get("tracking_uri"), extra.get("mlflow_run_id"))
+                           options.trajectory_samples, checkpoint, ckpt.step, ckpt.run.tracking_uri if ckpt.run else None,
+                           ckpt.run.run_id if ckpt.run else None)
 
 
 def plan_chunks(num_samples: int, chunk_size: int) -> list[tuple[int, int, int]]:

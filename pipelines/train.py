@@ -20,13 +20,13 @@ from data_prep.loader import check_shards_present, make_loader
 from data_prep.shard import load_manifest
 from data_prep.storage import absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
-from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from ncsn.checkpoint import Checkpoint, CheckpointError, RunRef, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.figures import save_image_grid
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import sample_images
-from ncsn.sigmas import recommend_schedule
+from ncsn.sigmas import Schedule, recommend_schedule
 from ncsn.train import NonFiniteLossError, train_steps
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
@@ -40,17 +40,18 @@ class TrainingError(RuntimeError):
     """Training stopped on a failure a retry would repeat (a non-finite loss, a checkpoint that does not fit)."""
 
 
-def resolve_schedule(cfg: Config, manifest: dict) -> tuple[torch.Tensor, float]:
-    """The σ schedule and Langevin ε: fixed from the config, or NCSNv2's rules on the manifest's statistics."""
+def resolve_schedule(cfg: Config, manifest: dict) -> Schedule:
+    """The σ schedule and the sampler's defaults: σs and ε fixed in the config, or by NCSNv2's rules on the manifest's
+    statistics; T and denoising from the config."""
+    steps, denoise = cfg.sampling.steps_per_level, cfg.sampling.denoise
     if not cfg.schedule.recommend:
-        return cfg.sigmas(), cfg.sampling.eps
+        return Schedule(cfg.sigmas(), cfg.sampling.eps, steps, denoise)
     stats = manifest["splits"]["train"].get("statistics")
     if not stats:
         raise ConfigError("schedule.recommend needs the training statistics in the shard manifest; re-run `ncsn-pipeline shard`")
     h, w, c = manifest["image_shape"]
-    rec = recommend_schedule(None, cfg.sampling.steps_per_level, cfg.schedule.sigma_min,
-                             sigma_max=stats["max_pairwise_distance"], dim=h * w * c)
-    return rec.sigmas(), rec.eps
+    rec = recommend_schedule(None, steps, cfg.schedule.sigma_min, sigma_max=stats["max_pairwise_distance"], dim=h * w * c)
+    return Schedule(rec.sigmas(), rec.eps, steps, denoise)
 
 
 def _check_shapes(cfg: Config, manifest: dict) -> None:
@@ -60,11 +61,11 @@ def _check_shapes(cfg: Config, manifest: dict) -> None:
                           f"the shards' images {h}×{w}×{c}; set them to match or re-shard with --resize")
 
 
-def _sample_grid(model: torch.nn.Module, sigmas: torch.Tensor, eps: float, cfg: Config, step: int, device: torch.device) -> Path:
+def _sample_grid(model: torch.nn.Module, schedule: Schedule, cfg: Config, step: int, device: torch.device) -> Path:
     """A 10×10 grid from the EMA model (fixed seed, so grids of different steps compare), under <run_dir>/samples."""
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     shape = (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    images = sample_images(model, shape, sigmas, eps, cfg.sampling.steps_per_level, denoise=cfg.sampling.denoise,
+    images = sample_images(model, shape, schedule.tensor(), schedule.eps, schedule.steps_per_level, denoise=schedule.denoise,
                            generator=gen, device=device).samples
     return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10, scale=max(1, 64 // cfg.model.image_size))
 
@@ -95,11 +96,9 @@ class WorkerSpec:
     the shards, the MLflow run, Tune's objective (tuning trials only) and the mailbox for deterministic failures."""
 
     config: Config
-    sigmas: tuple[float, ...]
-    eps: float
+    schedule: Schedule
     shards: str
-    tracking_uri: str
-    run_id: str
+    run: RunRef
     mailbox: object  # a FatalMailbox actor handle
     objective: ObjectiveSpec | None = None
     verbose: bool = False
@@ -164,7 +163,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         from ray.train.v2._internal.execution import context as train_context
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    cfg, sigmas = spec.config, torch.tensor(spec.sigmas)
+    cfg, schedule, sigmas = spec.config, spec.schedule, spec.schedule.tensor()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -194,7 +193,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     # rank 0 reports: MLflow and metrics.jsonl, and Tune's objective
     run_log, evaluator = None, None
     if rank == 0:
-        run_log = tracking.RunLogger(spec.tracking_uri, spec.run_id, Path(cfg.run_dir), resumed_step=start)
+        run_log = tracking.RunLogger(spec.run.tracking_uri, spec.run.run_id, Path(cfg.run_dir), resumed_step=start)
         if start:
             run_log.set_tag("restored_from_step", str(start))
         if spec.objective:
@@ -205,7 +204,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     monitor = None
     if cfg.tracking.system_metrics and ctx.get_local_rank() == 0:
         several = ctx.get_local_world_size() < world
-        monitor = tracking.start_system_metrics(spec.tracking_uri, spec.run_id, f"node{ctx.get_node_rank()}" if several else None)
+        monitor = tracking.start_system_metrics(spec.run.tracking_uri, spec.run.run_id, f"node{ctx.get_node_rank()}" if several else None)
 
     # the data and the steps
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + start)  # noise and levels differ per rank and segment
@@ -246,22 +245,20 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         if checkpoint_now:
             metrics["replica_divergence"] = replica_divergence(model, world)
         if evaluator is not None and (step % spec.objective.every == 0 or last):  # a fixed seed, so trials compare
-            metrics.update(sample_and_score(evaluator, ema.model, sigmas, spec.eps, cfg.sampling.steps_per_level, spec.objective,
+            metrics.update(sample_and_score(evaluator, ema.model, sigmas, schedule.eps, schedule.steps_per_level, spec.objective,
                                             seed=cfg.train.seed + 1, device=device)[0])
         if rank == 0:
             run_log.log_metrics(metrics)
             if step % cfg.train.sample_every == 0 or last:
-                run_log.log_image(_sample_grid(ema.model, sigmas, spec.eps, cfg, step, device), "samples", step)
+                run_log.log_image(_sample_grid(ema.model, schedule, cfg, step, device), "samples", step)
             eta = (cfg.train.steps - step) * window.seconds_per_step
             log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
                      metrics["images_per_s"], eta // 60, eta % 60)
         with tempfile.TemporaryDirectory() as tmp:
             report_ckpt = None
             if checkpoint_now and rank == 0:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, sigmas.cpu(), model.state_dict(), ema.state_dict(),
-                                                                        optimizer.state_dict(), step, extra={
-                    "run": cfg.name, "eps": spec.eps, "steps_per_level": cfg.sampling.steps_per_level,
-                    "tracking_uri": spec.tracking_uri, "mlflow_run_id": spec.run_id}))
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, schedule, model.state_dict(), ema.state_dict(),
+                                                                        optimizer.state_dict(), step, spec.run))
                 report_ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=report_ckpt)
         window.reset()
@@ -277,9 +274,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         return
     if rank == 0:
         if start < cfg.train.steps:
-            run_log.log_model(Checkpoint(cfg.model, sigmas.cpu(), {k: v.cpu() for k, v in ema.state_dict().items()}, step=step,
-                                         extra={"eps": spec.eps, "steps_per_level": cfg.sampling.steps_per_level,
-                                                "denoise": cfg.sampling.denoise}), register_as=cfg.tracking.register_model)
+            run_log.log_model(Checkpoint(cfg.model, schedule, {k: v.cpu() for k, v in ema.state_dict().items()}, step=step),
+                              register_as=cfg.tracking.register_model)
         run_log.close(timeout=cfg.tracking.flush_timeout)
 
 
@@ -304,10 +300,8 @@ class TrainRun:
     checkpoint: object  # ray.train.Checkpoint (its directory holds checkpoint.pt)
     model_file: Path  # <run_dir>/model/checkpoint.pt: a local copy of that checkpoint
     metrics: dict
-    tracking_uri: str
-    run_id: str
-    sigmas: torch.Tensor
-    eps: float
+    run: RunRef
+    schedule: Schedule
 
 
 def check_storage_url(storage: str) -> None:
@@ -343,18 +337,18 @@ class TrainingPlan:
 
     shards: str
     manifest: dict
-    sigmas: torch.Tensor
-    eps: float
+    schedule: Schedule
     storage: str  # Ray Train's storage_path
 
     def describe(self, cfg: Config) -> str:
         """A few lines for --dry-run and --print-config."""
+        sigmas = self.schedule.sigmas
         return (f"train {cfg.name!r} for {cfg.train.steps} steps on {cfg.cluster.num_workers} worker(s) "
                 f"({'GPU' if cfg.cluster.use_gpu else 'CPU'}), batch {cfg.train.batch_size}\n"
                 f"shards: {self.shards} ({self.manifest['splits']['train']['count']} training images "
                 f"{'×'.join(map(str, self.manifest['image_shape']))})\n"
-                f"schedule: L = {len(self.sigmas)} levels, σ {self.sigmas[0]:.4g} → {self.sigmas[-1]:.4g}, "
-                f"ε = {self.eps:.4g}, T = {cfg.sampling.steps_per_level}\n"
+                f"schedule: L = {len(sigmas)} levels, σ {sigmas[0]:.4g} → {sigmas[-1]:.4g}, "
+                f"ε = {self.schedule.eps:.4g}, T = {self.schedule.steps_per_level}\n"
                 f"checkpoints: {self.storage}/{cfg.name}; run directory: {Path(cfg.run_dir).resolve()}")
 
 
@@ -386,11 +380,11 @@ def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> Traini
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
-    sigmas, eps = resolve_schedule(cfg, manifest)
+    schedule = resolve_schedule(cfg, manifest)
     storage = storage_path or cfg.cluster.storage_path or str(Path(cfg.run_dir, "ray").resolve())
     if is_url(storage):
         check_storage_url(storage)
-    return TrainingPlan(shards, manifest, sigmas, eps, storage)
+    return TrainingPlan(shards, manifest, schedule, storage)
 
 
 _PREVIOUS_RUN_FILES = (tracking.RUN_FILE, tracking.METRICS_FILE, "model", "samples", "inpainting", "pipeline", "summary.json", "summary.txt")
@@ -432,19 +426,21 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     from pipelines.rendezvous import BoundTorchConfig
 
     plan = prepare(cfg, shards, storage_path)
-    shards, manifest, sigmas, eps, storage = plan.shards, plan.manifest, plan.sigmas, plan.eps, plan.storage
+    shards, manifest, schedule, storage = plan.shards, plan.manifest, plan.schedule, plan.storage
     cfg = cfg.evolve({"run_dir": str(Path(cfg.run_dir).resolve())})  # workers run in their own directories
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     if resume == "fresh":
         set_aside_previous_run(cfg, storage)
     connect_ray()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
-    uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(sigmas)),
-                                          "sampling.resolved_eps": f"{eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
+    uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{schedule.sigmas[0]:.6g}",
+                                          "schedule.resolved_num_levels": str(len(schedule.sigmas)),
+                                          "sampling.resolved_eps": f"{schedule.eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
                                    parent_run_id, resume="accept" if resume == "accept" else "auto")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
-    spec = WorkerSpec(cfg, tuple(sigmas.tolist()), eps, str(shards), uri, run_id, mailbox, objective,
+    run = RunRef(uri, run_id)
+    spec = WorkerSpec(cfg, schedule, str(shards), run, mailbox, objective,
                       verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
@@ -469,4 +465,4 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     with result.checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
         atomic_write(model_file, lambda tmp: shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp))
     log.info("final checkpoint: %s", model_file)
-    return TrainRun(result.checkpoint, model_file, result.metrics, uri, run_id, sigmas, eps)
+    return TrainRun(result.checkpoint, model_file, result.metrics, run, schedule)

@@ -30,7 +30,8 @@ RECOMMENDED_FULL = "recommended-full"  # the recommended schedule trained to the
 
 def recommended_point(cfg: Config, manifest: dict) -> dict:
     """NCSNv2's recommended schedule and ε for the data set (from the shard statistics), as a trial config."""
-    sigmas, eps = resolve_schedule(cfg.evolve({"schedule.recommend": True}), manifest)
+    schedule = resolve_schedule(cfg.evolve({"schedule.recommend": True}), manifest)
+    sigmas, eps = schedule.sigmas, schedule.eps
     def round6(x) -> float:  # the schedule is float32; keep the YAML free of float32 digits
         return float(f"{float(x):.6g}")
     return {"sigma_max": round6(sigmas[0]), "sigma_min": round6(sigmas[-1]), "num_levels": len(sigmas), "eps": round6(eps),
@@ -187,8 +188,10 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
     if checkpoint:
         model_ckpt = read_checkpoint(checkpoint)[0]
-        eps0 = float((model_ckpt.extra or {}).get("eps", cfg.sampling.eps))
-        rec = {"start_level": 0, "eps": eps0, "steps_per_level": int((model_ckpt.extra or {}).get("steps_per_level", cfg.sampling.steps_per_level))}
+        trained = model_ckpt.schedule
+        eps0 = trained.eps if trained.eps is not None else cfg.sampling.eps
+        rec = {"start_level": 0, "eps": eps0,
+               "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
         space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
                  "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
                  "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}

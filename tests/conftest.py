@@ -72,6 +72,7 @@ def trained_digits(tmp_path_factory):
     from pathlib import Path
 
     from ncsn.checkpoint import Checkpoint, save_checkpoint
+    from ncsn.sigmas import Schedule
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from digits import train_digits
@@ -79,8 +80,8 @@ def trained_digits(tmp_path_factory):
     torch.set_num_threads(2)
     model, schedule = train_digits(seed=0)
     path = tmp_path_factory.mktemp("digits_model") / "checkpoint.pt"
-    save_checkpoint(path, Checkpoint(model.config, schedule.sigmas(), model.state_dict(), model.state_dict(), None, 2500,
-                                     extra={"eps": schedule.eps, "steps_per_level": schedule.steps_per_level}))
+    save_checkpoint(path, Checkpoint(model.config, Schedule(schedule.sigmas(), schedule.eps, schedule.steps_per_level), model.state_dict(),
+                                     model.state_dict(), None, 2500))
     return model, schedule, path
 
 

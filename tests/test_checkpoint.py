@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from ncsn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from ncsn.checkpoint import Checkpoint, CheckpointError, RunRef, load_checkpoint, save_checkpoint
 from ncsn.ema import EMA
 from ncsn.models import ModelConfig, ScoreNetwork
-from ncsn.sigmas import geometric_sigmas
+from ncsn.sigmas import Schedule, geometric_sigmas
 
 CONFIG = ModelConfig("ncsn", 8, 1, 8)
 SIGMAS = geometric_sigmas(1.0, 0.01, 5)
@@ -22,7 +22,8 @@ def _trained_checkpoint():
         loss.backward()
         opt.step()
         ema.update(model)
-    ckpt = Checkpoint(CONFIG, SIGMAS, model.state_dict(), ema.state_dict(), opt.state_dict(), step=2, extra={"run": "test"})
+    ckpt = Checkpoint(CONFIG, Schedule(SIGMAS, 2e-5, 7, denoise=False), model.state_dict(), ema.state_dict(), opt.state_dict(), step=2,
+                      run=RunRef("sqlite:///mlflow.db", "abc123"))
     return model, ema, opt, ckpt
 
 
@@ -39,7 +40,8 @@ def test_round_trip_gives_identical_outputs_and_optimizer_state(tmp_path):
     opt2.load_state_dict(loaded.optimizer)
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    assert loaded.step == 2 and loaded.extra == {"run": "test"}
+    assert loaded.step == 2 and loaded.run == RunRef("sqlite:///mlflow.db", "abc123")
+    assert loaded.schedule == Schedule(SIGMAS, 2e-5, 7, denoise=False) and torch.equal(loaded.sigmas, SIGMAS)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
 
 
@@ -69,6 +71,30 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="evil.pt is corrupt"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_format_1_checkpoint_reads_with_its_sampler_settings_and_run(tmp_path):
+    # format 1 kept σs apart and ε, T, denoise and the MLflow run in a free-form dict
+    _, _, _, ckpt = _trained_checkpoint()
+    torch.save({"format": "ncsn-pipeline/checkpoint/1", "model_config": CONFIG.to_dict(), "sigmas": SIGMAS, "model": ckpt.model,
+                "ema": ckpt.ema, "optimizer": ckpt.optimizer, "step": 2,
+                "extra": {"run": "old", "eps": 3e-5, "steps_per_level": 4, "tracking_uri": "http://127.0.0.1:5000", "mlflow_run_id": "r1"}},
+               tmp_path / "v1.pt")
+    loaded = load_checkpoint(tmp_path / "v1.pt", expect_model_config=CONFIG, expect_sigmas=SIGMAS)
+    assert loaded.schedule == Schedule(SIGMAS, 3e-5, 4, denoise=True) and loaded.run == RunRef("http://127.0.0.1:5000", "r1")
+
+
+def test_ill_typed_schedule_or_run_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", _trained_checkpoint()[3])
+    raw = torch.load(path, weights_only=True)
+    bad = {"eps": ("schedule", {**raw["schedule"], "eps": float("nan")}, r"schedule eps must be a finite number > 0, got nan"),
+           "steps": ("schedule", {**raw["schedule"], "steps_per_level": 2.5}, r"steps_per_level must be an integer >= 1, got 2.5"),
+           "sigmas": ("schedule", {**raw["schedule"], "sigmas": [1.0, 0.5]}, r"sigmas must be a non-empty 1-D float tensor"),
+           "run": ("run", {"run_id": 7}, r"run must name a tracking_uri and a run_id")}
+    for name, (key, value, message) in bad.items():
+        torch.save({**raw, key: value}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: .*{message}"):
+            load_checkpoint(tmp_path / f"{name}.pt")
 
 
 def test_mismatched_config_or_schedule_is_a_clear_error(tmp_path):

@@ -42,7 +42,8 @@ def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_pat
     out = subprocess.run([*base, "--shards", digits_shards, "--print-config"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
-    sigmas, eps = resolve_schedule(load_config(config), load_manifest(digits_shards))
+    schedule = resolve_schedule(load_config(config), load_manifest(digits_shards))
+    sigmas, eps = schedule.sigmas, schedule.eps
     assert printed["resolved"]["sigmas"] == [round(float(s), 6) for s in sigmas] and printed["resolved"]["eps"] == eps
     assert printed["optim"]["lr"] == load_config(config).optim.lr and "Ray" not in out.stderr  # nothing started
 

@@ -9,7 +9,7 @@ from ncsn.data import to_unit_interval
 from ncsn.ema import EMA
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sampling import inpaint, sample_images
-from ncsn.sigmas import geometric_sigmas
+from ncsn.sigmas import Schedule, geometric_sigmas
 from ncsn.train import infinite_batches, train_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -57,7 +57,7 @@ def test_checkpoint_saved_on_the_gpu_loads_on_the_cpu_and_back(tmp_path):
     list(train_steps(model, infinite_batches(_bars(), 16, torch.Generator().manual_seed(0)), SIGMAS, opt, num_steps=3,
                      ema=EMA(model, 0.9), transform=to_unit_interval))
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, Checkpoint(config, SIGMAS, model.state_dict(), model.state_dict(), opt.state_dict(), 3))
+    save_checkpoint(path, Checkpoint(config, Schedule(SIGMAS), model.state_dict(), model.state_dict(), opt.state_dict(), 3))
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         expected = model.eval()(x.to(CUDA), SIGMAS[[0, 1, 2, 3]].to(CUDA)).cpu()

@@ -159,14 +159,14 @@ def test_a_torn_metrics_line_is_left_out_and_the_file_repaired(tmp_path):
 def _write_checkpoint(path: Path, nan: bool = False, size: int = 8):
     from ncsn.checkpoint import Checkpoint, save_checkpoint
     from ncsn.models import ModelConfig, ScoreNetwork
-    from ncsn.sigmas import geometric_sigmas
+    from ncsn.sigmas import Schedule, geometric_sigmas
 
     sigmas = geometric_sigmas(1.0, 0.01, 4)
     model = ScoreNetwork(ModelConfig("ncsnv2", size, 1, 8), sigmas)
     state = model.state_dict()
     if nan:
         next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
-    save_checkpoint(path, Checkpoint(model.config, sigmas, state, state, None, 3, extra={"eps": 1e-4, "steps_per_level": 2}))
+    save_checkpoint(path, Checkpoint(model.config, Schedule(sigmas, 1e-4, 2), state, state, None, 3))
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ModelConfig, ScoreNetwork
-from ncsn.sigmas import geometric_sigmas
+from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.evaluate import EvaluationError, Evaluator
 from pipelines.sample import SamplingError, SamplingOptions, load_samples, run_sampling, sample_set_digest
 
@@ -26,8 +26,7 @@ def small_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 16), sigmas)
     path = tmp_path_factory.mktemp("small") / "checkpoint.pt"
-    save_checkpoint(path, Checkpoint(model.config, sigmas, model.state_dict(), model.state_dict(), None, 7,
-                                     extra={"eps": 1e-4, "steps_per_level": 2}))
+    save_checkpoint(path, Checkpoint(model.config, Schedule(sigmas, 1e-4, 2), model.state_dict(), model.state_dict(), None, 7))
     return path
 
 

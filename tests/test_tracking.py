@@ -46,9 +46,9 @@ def test_training_survives_a_tracking_server_outage_and_resends_what_it_missed(t
         watcher.join(120)
         assert seen["rows_when_restarted"] - seen["rows_when_stopped"] >= 2, f"fewer than 2 rows were logged during the outage: {seen}"
         client = MlflowClient(server.uri)
-        assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [5, 10, 15, 20, 25, 30]
-        assert logged_image_steps(client, result.run_id, "samples") == [10, 20, 30]
-        assert client.get_run(result.run_id).info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(result.run.run_id, "loss")) == [5, 10, 15, 20, 25, 30]
+        assert logged_image_steps(client, result.run.run_id, "samples") == [10, 20, 30]
+        assert client.get_run(result.run.run_id).info.status == "FINISHED"
     finally:
         server.stop()
 

@@ -50,7 +50,7 @@ def _registered_step(experiment: str) -> int:
 
 
 def _mlflow_steps(result, key: str = "loss") -> list[int]:
-    return sorted(m.step for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, key))
+    return sorted(m.step for m in MlflowClient(result.run.tracking_uri).get_metric_history(result.run.run_id, key))
 
 
 def test_sliced_objective_trains_under_ddp(tmp_path, shards):
@@ -72,7 +72,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
-    sigmas, _ = resolve_schedule(cfg, load_manifest(shards))
+    sigmas = resolve_schedule(cfg, load_manifest(shards)).tensor()
     assert all(f"loss_per_sigma/{i:03d}" in rows[-1] for i in range(len(sigmas)))
     assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0, 0.0]  # replicas identical
     assert result.model_file == tmp_path.resolve() / "model" / CHECKPOINT_FILE  # the last checkpoint, where README says
@@ -81,18 +81,18 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
 
     # The MLflow run, read back through the client: the whole config, per-σ losses at every logged step,
     # the sample grid, the config file and the final model.
-    client = MlflowClient(result.tracking_uri)
-    run = client.get_run(result.run_id)
+    client = MlflowClient(result.run.tracking_uri)
+    run = client.get_run(result.run.run_id)
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.002" and run.data.params["cluster.num_workers"] == "2"
     assert _mlflow_steps(result) == [5, 10, 15, 20]
     (dataset,) = run.inputs.dataset_inputs  # the shard set, as the run's input
     assert dataset.dataset.digest == manifest_digest(load_manifest(shards)) and shards in dataset.dataset.source
     assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
     assert _mlflow_steps(result, f"loss_per_sigma/{len(sigmas) - 1:03d}") == [5, 10, 15, 20]  # one group in the UI
-    assert client.get_metric_history(result.run_id, "loss_per_sigma/000")[-1].value == pytest.approx(rows[-1]["loss_per_sigma/000"])
-    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"config.yaml", "images"}
-    assert logged_image_steps(client, result.run_id, "samples") == [20]  # an image with its step (the UI's slider)
-    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run_id}'")
+    assert client.get_metric_history(result.run.run_id, "loss_per_sigma/000")[-1].value == pytest.approx(rows[-1]["loss_per_sigma/000"])
+    assert {a.path for a in client.list_artifacts(result.run.run_id)} >= {"config.yaml", "images"}
+    assert logged_image_steps(client, result.run.run_id, "samples") == [20]  # an image with its step (the UI's slider)
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run.run_id}'")
     assert [m.name for m in models] == ["model"]
     artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()  # beside mlflow.db, not in ./mlruns
     assert run.info.artifact_uri.startswith(artifacts) and models[0].artifact_location.startswith(artifacts)
@@ -104,8 +104,8 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     images = sampler.predict(pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
     # the checkpoint references sample, inpaint and tune take: the file, the run directory, the logged MLflow model
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)
-    for reference in (result.model_file, tmp_path, f"runs:/{result.run_id}/model"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.run.tracking_uri)
+    for reference in (result.model_file, tmp_path, f"runs:/{result.run.run_id}/model"):
         ckpt, _ = read_checkpoint(reference)
         assert ckpt.step == 20 and torch.allclose(ckpt.sigmas, sigmas), reference
 
@@ -116,11 +116,11 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     with pytest.raises(ConfigError, match=r"^run 'digits' in .* was started with other settings \(train.steps: 20 → 30\): pass --resume"):
         run_training(more, shards)
     resumed = run_training(more, shards, resume="accept")
-    (version,) = MlflowClient(resumed.tracking_uri).search_model_versions("name = 'ncsn-digits'")
-    assert version.run_id == resumed.run_id and read_checkpoint(f"models:/ncsn-digits/{version.version}")[0].step == 30
+    (version,) = MlflowClient(resumed.run.tracking_uri).search_model_versions("name = 'ncsn-digits'")
+    assert version.run_id == resumed.run.run_id and read_checkpoint(f"models:/ncsn-digits/{version.version}")[0].step == 30
     assert [r["step"] for r in _metrics(tmp_path)] == [5, 10, 15, 20, 25, 30]
-    assert resumed.run_id == result.run_id and _mlflow_steps(resumed) == [5, 10, 15, 20, 25, 30]
-    tags = MlflowClient(resumed.tracking_uri).get_run(resumed.run_id).data.tags
+    assert resumed.run.run_id == result.run.run_id and _mlflow_steps(resumed) == [5, 10, 15, 20, 25, 30]
+    tags = MlflowClient(resumed.run.tracking_uri).get_run(resumed.run.run_id).data.tags
     assert tags["resumed.train.steps"] == "30" and tags["restored_from_step"] == "20"
     with resumed.checkpoint.as_directory() as directory:
         final = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
@@ -130,11 +130,11 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
 
     # --fresh: a new run from step 0 under the same name; the previous one is moved aside, not deleted.
     fresh = run_training(_config(tmp_path, 10), shards, resume="fresh")
-    assert fresh.run_id != result.run_id and [r["step"] for r in _metrics(tmp_path)] == [5, 10]
+    assert fresh.run.run_id != result.run.run_id and [r["step"] for r in _metrics(tmp_path)] == [5, 10]
     (kept,) = tmp_path.glob("previous-*")
     assert [r["step"] for r in _metrics(kept)] == [5, 10, 15, 20, 25, 30] and (kept / "model" / CHECKPOINT_FILE).is_file()
     assert len(list((tmp_path / "ray").glob("digits.previous-*"))) == 1
-    assert "restored_from_step" not in MlflowClient(fresh.tracking_uri).get_run(fresh.run_id).data.tags
+    assert "restored_from_step" not in MlflowClient(fresh.run.tracking_uri).get_run(fresh.run.run_id).data.tags
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
@@ -166,7 +166,7 @@ def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp
     steps = list(range(5, 65, 5))
     assert [r["step"] for r in _metrics(tmp_path)] == steps  # replayed steps logged once
     assert _mlflow_steps(result) == steps  # and once in MLflow
-    restored = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags.get("restored_from_step")
+    restored = MlflowClient(result.run.tracking_uri).get_run(result.run.run_id).data.tags.get("restored_from_step")
     assert restored is not None and int(restored) % 10 == 0 and 10 <= int(restored) < 60  # it did restore from a checkpoint
     assert result.checkpoint.path.startswith(storage_path.removeprefix("s3://"))  # where the checkpoints went
     assert load_checkpoint(result.model_file).step == 60

@@ -127,7 +127,7 @@ def test_best_config_loads_and_trains(tuned, tmp_path, digits_shards):
                                                                "train.checkpoint_every=5", "train.sample_every=5"])
     assert not cfg.schedule.recommend
     result = run_training(cfg, digits_shards)
-    assert result.metrics["step"] == 5 and len(result.sigmas) == cfg.schedule.num_levels
+    assert result.metrics["step"] == 5 and len(result.schedule.sigmas) == cfg.schedule.num_levels
 
 
 def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards):

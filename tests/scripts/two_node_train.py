@@ -24,7 +24,7 @@ try:
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
     print("RESULT " + json.dumps({"step": result.metrics["step"], "worker_nodes": sorted({a.node_id for a in workers}),
                                   "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
-                                  "metrics": sorted(MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics)}))
+                                  "metrics": sorted(MlflowClient(result.run.tracking_uri).get_run(result.run.run_id).data.metrics)}))
 finally:
     ray.shutdown()
     cluster.shutdown()
