@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -284,7 +285,7 @@ def _max_distance(blocks: list) -> float | None:
         return None
     remote = ray.remote(num_cpus=1, max_retries=2)
     first = ray.get(blocks[0])
-    mean, basis = principal_basis(torch.from_numpy(first[:: max(1, len(first) // 512)]))
+    mean, basis = principal_basis(_tensor(first[:: max(1, len(first) // 512)]))
     factors = [remote(_block_factors).remote(block, mean, basis) for block in blocks]
     norms = [f[0][:, -2] for f in ray.get(factors)]  # squared distances to the mean
     if sum(len(n) for n in norms) < 2:
@@ -293,14 +294,21 @@ def _max_distance(blocks: list) -> float | None:
     x = ray.get(blocks[b])[int(norms[b].argmax())]  # the image farthest from the mean, its farthest, and that one's farthest
     y = _farthest_image(blocks, x, remote)
     x = _farthest_image(blocks, y, remote)
-    best, scale = squared_distance(torch.from_numpy(x), torch.from_numpy(y)), max(n.max().item() for n in norms)
+    best, scale = squared_distance(_tensor(x), _tensor(y)), max(n.max().item() for n in norms)
     scans = [remote(_scan_blocks).remote(blocks[i], factors[i], blocks[j], factors[j], best, scale, i == j)
              for i in range(len(blocks)) for j in range(i, len(blocks))]
     return math.sqrt(max(ray.get(scans))) / 255.0  # on the uint8 values (exact in float32), scaled once
 
 
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    """A tensor over an image array without a copy; arrays from Ray's object store are read-only, and nothing here writes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's warning about non-writable arrays
+        return torch.from_numpy(images)
+
+
 def _block_factors(block: np.ndarray, mean: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return bound_factors(torch.from_numpy(block), mean, basis)
+    return bound_factors(_tensor(block), mean, basis)
 
 
 def _farthest_image(blocks: list, x: np.ndarray, remote) -> np.ndarray:
@@ -313,11 +321,11 @@ def _farthest_image(blocks: list, x: np.ndarray, remote) -> np.ndarray:
 
 
 def _farthest_in_block(block: np.ndarray, x: np.ndarray) -> tuple[int, float]:
-    return farthest(torch.from_numpy(block), torch.from_numpy(x))
+    return farthest(_tensor(block), _tensor(x))
 
 
 def _scan_blocks(a: np.ndarray, factors_a: tuple, b: np.ndarray, factors_b: tuple, best: float, scale: float, same: bool) -> float:
-    return scan_pairs(torch.from_numpy(a), factors_a, torch.from_numpy(b), factors_b, best, scale, same=same)
+    return scan_pairs(_tensor(a), factors_a, _tensor(b), factors_b, best, scale, same=same)
 
 
 def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, plan: list, results: dict,
