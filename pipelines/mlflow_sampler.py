@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mlflow.models
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
@@ -22,7 +23,7 @@ class NCSNSampler(PythonModel):
         self.model = ckpt.build_model().to(self.device).eval().requires_grad_(False)
         self.sigmas, self.schedule = ckpt.sigmas.to(self.device), ckpt.schedule
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         cfg, batches = self.model.config, []
         for row in model_input.to_dict("records"):
             n, seed = int(row["num_samples"]), int(row.get("seed") or 0)

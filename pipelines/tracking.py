@@ -313,7 +313,7 @@ class RunLogger:
             mlflow.set_tracking_uri(self.uri)
             with (tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id, log_system_metrics=False),
                   warnings.catch_warnings()):
-                warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time), no type hints
+                warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time)
                 checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
                 mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
                                         artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
