@@ -240,7 +240,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         samples = (load_samples(args.samples) if project_samples
                    else load_image_folder(args.samples, load_manifest(args.reference)["channels"]))
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
-                              Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu)
+                              Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu,
+                              progress=not args.no_progress)
         report = evaluator.report(samples, 0 if args.no_baselines else len(samples), seed=args.seed)
     except (EvaluationError, SamplingError, ShardError) as err:
         print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
     ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")
     ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars (classifier training, feature extraction)")
     ev.set_defaults(func=_evaluate)
 
     sync = sub.add_parser("sync-metrics", help="send metrics.jsonl rows that an unreachable MLflow server missed")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,7 +174,8 @@ def _accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((torch.cat([model(b)[1].argmax(1) for b in x.split(1024)]) == y).float().mean())
 
 
-def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64, max_epochs: int = 100, patience: int = 10) -> dict:
+def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64, max_epochs: int = 100, patience: int = 10,
+                     progress: bool = True) -> dict:
     """Train the feature classifier deterministically (seeded) to convergence: a stratified 10% of the training split
     validates, the epoch of lowest validation loss is kept (at most ``max_epochs``, stopping ``patience`` epochs after
     the best). Saved with its validation and test accuracy; returns that record."""
@@ -194,7 +196,7 @@ def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same seed gives the same weights whatever the worker's CPU count
     try:
-        model, epochs = _fit_classifier(xf, yf, xv, yv, num_classes, seed, batch_size, max_epochs, patience)
+        model, epochs = _fit_classifier(xf, yf, xv, yv, num_classes, seed, batch_size, max_epochs, patience, progress)
     finally:
         torch.set_num_threads(threads)
     record = {"state_dict": model.state_dict(), "channels": x_train.shape[-1], "num_classes": num_classes, "image_size": x_train.shape[1],
@@ -207,14 +209,14 @@ def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64
 
 
 def _fit_classifier(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int, seed: int,
-                    batch_size: int, max_epochs: int, patience: int) -> tuple[Classifier, int]:
+                    batch_size: int, max_epochs: int, patience: int, progress: bool = True) -> tuple[Classifier, int]:
     """The training loop of train_classifier: the model at its best epoch (in eval mode) and that epoch's number."""
     torch.manual_seed(seed)
     model = Classifier(xf.shape[1], num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     best_loss, best_state, best_epoch = float("inf"), None, 0
-    for epoch in tqdm(range(max_epochs), desc="feature classifier", unit="epoch", disable=None):  # a bar on a terminal only
+    for epoch in tqdm(range(max_epochs), desc="feature classifier", unit="epoch", disable=None if progress else True):  # on a terminal
         model.train()
         for idx in torch.randperm(len(xf), generator=gen).split(batch_size):
             loss = nn.functional.cross_entropy(model(_shifted(xf[idx], gen))[1], yf[idx])
@@ -355,13 +357,15 @@ class Evaluator:
     is recomputed, never trusted."""
 
     def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | dict[str, torch.Tensor] | None = None,
-                 reference_split: str = "test", cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False):
+                 reference_split: str = "test", cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False,
+                 progress: bool = True):
         if extractor not in ("classifier", "inception"):
             raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
         if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
             raise EvaluationError(f"bootstrap resamples must be an integer >= 10, got {resamples!r}")
         self.shards, self.extractor, self.split = shards, extractor, reference_split
         self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
+        self.progress = progress and sys.stderr.isatty()  # torch-fidelity's feature-extraction bar, on a terminal only
         self.manifest = load_manifest(shards)
         self.cache = (cache_dir or default_cache_dir()) / manifest_digest(self.manifest)
         self.reference, _ = read_split(shards, reference_split)
@@ -370,7 +374,7 @@ class Evaluator:
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
-            record = _cached_classifier(self.weights) or train_classifier(shards, Path(self.weights))
+            record = _cached_classifier(self.weights) or train_classifier(shards, Path(self.weights), progress=progress)
             self.info = {"classifier_test_accuracy": float(record["test_accuracy"]),
                          "classifier_validation_accuracy": float(record["validation_accuracy"])}
             self.fidelity_name, state = CLASSIFIER, record["state_dict"]
@@ -394,7 +398,7 @@ class Evaluator:
         if self._extractor is None:
             self._extractor = create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
                                                        feature_extractor_weights_path=self.weights, verbose=False)
-        found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, False)
+        found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, self.progress)
         return {k: v.double().numpy() for k, v in found.items()}
 
     def reference_features(self) -> dict[str, np.ndarray]:

@@ -159,10 +159,12 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
     import ray.train
     import ray.train.torch
 
-    if not spec.verbose:  # Ray Train logs every report (22 per-σ losses) at INFO; the progress line says enough
+    if not spec.verbose:  # Ray Train logs every report (22 per-σ losses) and every checkpoint's path at INFO
         from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import storage as train_storage
 
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        for module in (train_context, train_storage):
+            module.logger.setLevel(logging.WARNING)
     cfg, schedule, sigmas = spec.config, spec.schedule, spec.schedule.tensor()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

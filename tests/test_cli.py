@@ -77,3 +77,13 @@ def test_every_help_example_parses():
             words = shlex.split(line.split("#")[0])
             assert words[:2] == ["ncsn-pipeline", command]
             build_parser().parse_args(words[1:])  # SystemExit (a failed test) if an option is wrong
+
+
+def test_every_long_command_takes_no_progress():
+    import shlex
+
+    from pipelines.cli import EXAMPLES, build_parser
+
+    for command in ("shard", "train", "run", "tune", "sample", "inpaint", "evaluate"):
+        words = shlex.split(EXAMPLES[command].splitlines()[0].split("#")[0])
+        assert build_parser().parse_args([*words[1:], "--no-progress"]).no_progress, command
