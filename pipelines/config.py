@@ -107,7 +107,7 @@ class TrackingConfig:
 
     tracking_uri: str | None = None
     experiment: str = "ncsn"
-    system_metrics: bool = True  # CPU, memory, disk, network (GPU with the `gpu` extra) of every node, every 10 s
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with the `gpu` extra) of every host, every 10 s
     flush_timeout: float = 60.0  # seconds to wait at the end for an unreachable server before leaving it to sync-metrics
     register_model: str | None = None  # also register the final model under this name in MLflow's model registry
 

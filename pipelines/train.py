@@ -202,7 +202,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
             evaluator = spec.objective.evaluator()
             run_log.log_param(f"evaluation.{evaluator.extractor}_id", evaluator.extractor_id)
 
-    # system metrics from every node, by its first worker (keys system/node<N>/… when the run spans several nodes)
+    # system metrics from every host, by its first worker (Ray Train's local ranks are per node IP; keys system/node<N>/…
+    # when the run spans several hosts)
     monitor = None
     if cfg.tracking.system_metrics and ctx.get_local_rank() == 0:
         several = ctx.get_local_world_size() < world

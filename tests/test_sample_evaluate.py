@@ -146,7 +146,7 @@ def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, smal
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("s")).info.run_id
     ckpt = torch.load(small_checkpoint, weights_only=True)
-    ckpt["extra"].update(tracking_uri=uri, mlflow_run_id=run_id)
+    ckpt["run"] = {"tracking_uri": uri, "run_id": run_id}  # the checkpoint's typed MLflow run field
     torch.save(ckpt, tmp_path / "tracked.pt")
     out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "10",
                           "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300)
