@@ -208,21 +208,20 @@ def _sample(args: argparse.Namespace) -> int:
 def _inpaint(args: argparse.Namespace) -> int:
     from ncsn.data import from_stored
     from pipelines.evaluate import read_split
-    from pipelines.sample import read_checkpoint, run_inpainting
+    from pipelines.sample import run_inpainting
     from pipelines.tracking import log_to_run
 
     try:
-        run = read_checkpoint(args.checkpoint)[0].run
         images, _ = read_split(args.shards, args.split)
         x = from_stored(images[: args.num_images])
-        out = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
+        out, settings = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
                              steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu, progress=not args.no_progress)
     except _user_errors() as err:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1
     print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
-    if run and not args.no_mlflow and log_to_run(run.tracking_uri, run.run_id, artifacts={"inpainting": out}):
-        print(f"logged to MLflow run {run.run_id}")
+    if settings.mlflow_run_id and not args.no_mlflow and log_to_run(settings.tracking_uri, settings.mlflow_run_id, artifacts={"inpainting": out}):
+        print(f"logged to MLflow run {settings.mlflow_run_id}")
     return 0
 
 

@@ -64,9 +64,9 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
 
         log.info("stage 3/4: inpainting")
         test_images, _ = read_split(shards, "test")
-        inpainting = run_inpainting(checkpoint, from_stored(test_images[:8]), "centre",
-                                    run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
-                                    progress=progress)
+        inpainting, _ = run_inpainting(checkpoint, from_stored(test_images[:8]), "centre",
+                                       run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
+                                       progress=progress)
 
         log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
         report = evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,

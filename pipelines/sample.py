@@ -379,8 +379,9 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 
 def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str, output: str | Path, completions: int = 4,
                    seed: int = 0, steps_per_level: int | None = None, eps: float | None = None, use_gpu: bool = False,
-                   progress: bool = True) -> Path:
-    """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid."""
+                   progress: bool = True) -> tuple[Path, SamplerSettings]:
+    """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid.
+    Returns the grid's path and the settings used (the checkpoint's MLflow run among them)."""
     import ray
 
     checkpoint = checkpoint_location(checkpoint)
@@ -404,4 +405,4 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     occluded = images * mask + 0.5 * (1 - mask)
     rows = torch.stack([occluded, *filled, images], dim=1)  # (n, completions + 2, C, H, W)
     out = Path(output) / f"inpainting_{mask_kind}.png"
-    return save_image_grid(rows.flatten(0, 1), out, nrow=completions + 2, scale=max(1, 32 // images.shape[-1]))
+    return save_image_grid(rows.flatten(0, 1), out, nrow=completions + 2, scale=max(1, 32 // images.shape[-1])), settings
