@@ -173,6 +173,20 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
+def close_child_runs(uri: str, parent: str, outcome: dict[str, str], key: str = "tune.trial_id") -> None:
+    """Give each child run of ``parent`` the status ``outcome`` names by its ``key`` param (FINISHED | KILLED | FAILED;
+    KILLED for one not named); a tracking outage is logged, not raised."""
+    try:
+        client = _client(uri)
+        experiment = client.get_run(parent).info.experiment_id
+        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
+            status = outcome.get(run.data.params.get(key), "KILLED")
+            if run.info.status != status:
+                client.set_terminated(run.info.run_id, status)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not close the child runs of %s: %s", parent, err)
+
+
 def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, artifacts: dict[str, Path] | None = None,
                step: int = 0, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> bool:
     """Add metrics, files ({artifact dir: local path}), params and tags to an existing run, e.g. the training run of a

@@ -1,13 +1,16 @@
-"""σ-schedule and sampler tuning with Ray Tune (Train V2 pattern: each trial is a function that builds and fits a
-TorchTrainer, whose reports reach Tune through TuneReportCallback). ASHA stops weak trials at the objective's
-evaluations; Optuna proposes the next ones, starting from NCSNv2's recommended schedule (trial "recommended").
-One MLflow parent run for the job, a child run per trial; restarting the same job resumes it."""
+"""σ-schedule and sampler tuning with Ray Tune, in two modes over one job: `ScheduleSearch` (each trial trains a model
+with its σ schedule and sampler; Train V2 pattern: a function that fits a TorchTrainer whose reports reach Tune through
+TuneReportCallback; ASHA stops weak trials at the objective's evaluations) and `SamplerSearch` (each trial samples a
+trained checkpoint once with its ε, T and first σ level). Optuna proposes trials, starting from the recommended point
+(trial "recommended"); a confirmation re-ranks the best. One MLflow parent run for the job, a child run per trial;
+restarting the same job resumes it."""
 from __future__ import annotations
 
 import csv
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import yaml
@@ -46,22 +49,35 @@ def search_space(cfg: Config, rec: dict) -> dict:
     lo_min, hi_min = min(t.sigma_min[0], rec["sigma_min"]), max(t.sigma_min[1], rec["sigma_min"])
     levels = (max(2, math.floor(rec["num_levels"] * t.num_levels_scale[0])), max(2, math.ceil(rec["num_levels"] * t.num_levels_scale[1])))
     return {
-        "sigma_max": tune.loguniform(rec["sigma_max"] * t.sigma_max_scale[0], rec["sigma_max"] * t.sigma_max_scale[1] * (1 + 1e-9)),
-        "sigma_min": tune.loguniform(lo_min, hi_min * (1 + 1e-9)),
+        "sigma_max": _log_range(rec["sigma_max"], t.sigma_max_scale),
+        "sigma_min": _log_range(1.0, [lo_min, hi_min]),
         "num_levels": tune.randint(min(levels[0], rec["num_levels"]), max(levels[1], rec["num_levels"]) + 1),
-        "eps": tune.loguniform(rec["eps"] * t.eps_scale[0], rec["eps"] * t.eps_scale[1] * (1 + 1e-9)),
-        "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]})),
+        **_sampler_space(cfg, rec),
     }
+
+
+def _log_range(centre: float, scale: list[float]):
+    """Log-uniform over [centre·low, centre·high], the upper end included."""
+    from ray import tune
+
+    return tune.loguniform(centre * scale[0], centre * scale[1] * (1 + 1e-9))
+
+
+def _sampler_space(cfg: Config, rec: dict) -> dict:
+    """ε (× the recommended one) and T (the listed choices and the recommended one): searched in both modes."""
+    from ray import tune
+
+    return {"eps": _log_range(rec["eps"], cfg.tune.eps_scale),
+            "steps_per_level": tune.choice(sorted(set(cfg.tune.steps_per_level) | {rec["steps_per_level"]}))}
 
 
 def apply_point(cfg: Config, point: dict) -> Config:
     """A copy of ``cfg`` with a trial's schedule and sampler settings (the schedule then fixed, not recommended)."""
-    out = cfg.evolve({"schedule.recommend": False, "schedule.sigma_max": float(point["sigma_max"]),
-                      "schedule.sigma_min": float(point["sigma_min"]), "schedule.num_levels": int(point["num_levels"]),
-                      "sampling.eps": float(point["eps"]), "sampling.steps_per_level": int(point["steps_per_level"])})
-    if out.schedule.sigma_min >= out.schedule.sigma_max:
-        raise ConfigError(f"trial σ_min {out.schedule.sigma_min:.4g} >= σ_max {out.schedule.sigma_max:.4g}; narrow tune.sigma_min")
-    return out
+    if point["sigma_min"] >= point["sigma_max"]:
+        raise ConfigError(f"trial σ_min {point['sigma_min']:.4g} >= σ_max {point['sigma_max']:.4g}; narrow tune.sigma_min")
+    return cfg.evolve({"schedule.recommend": False, "schedule.sigma_max": float(point["sigma_max"]),
+                       "schedule.sigma_min": float(point["sigma_min"]), "schedule.num_levels": int(point["num_levels"]),
+                       "sampling.eps": float(point["eps"]), "sampling.steps_per_level": int(point["steps_per_level"])})
 
 
 def _label(point: dict, rec: dict) -> str:
@@ -168,10 +184,100 @@ def _max_concurrent(cfg: Config, cpus_per_trial: float) -> int:
     return max(1, int(res.get("CPU", 1) // cpus_per_trial))
 
 
+class ScheduleSearch:
+    """Each trial trains a model with its σ schedule, ε and T; ASHA stops weak trials at the objective's evaluations."""
+
+    label = "schedule"
+    keys = PARAMS
+
+    def __init__(self, cfg: Config, shards: str):
+        self.cfg, self.shards = cfg, shards
+        self.rec = recommended_point(cfg, load_manifest(shards))
+        self.max_t = max(1, math.ceil(cfg.train.steps / cfg.tune.eval_every))  # evaluations in a full trial
+        self.cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+
+    def space(self) -> dict:
+        return search_space(self.cfg, self.rec)
+
+    def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
+        from ray import tune
+
+        return tune.with_resources(tune.with_parameters(_train_trial, base=self.cfg, shards=self.shards, uri=uri, parent_run_id=parent,
+                                                        rec=self.rec, objective=objective),
+                                   {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
+
+    def scheduler(self):
+        from ray.tune.schedulers import ASHAScheduler
+
+        t = self.cfg.tune
+        return ASHAScheduler(time_attr="training_iteration", max_t=self.max_t, grace_period=min(t.grace_period, self.max_t),
+                             reduction_factor=t.reduction_factor)
+
+    def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
+        """Each row's checkpoint at the end of the training budget; first trains the recommended schedule to the end when
+        ASHA stopped its trial (the verdict compares fully trained models)."""
+        def checkpoint_of(row: dict) -> str | None:
+            found = _final_checkpoint(self.cfg, row["trial_id"])
+            return found or (_final_checkpoint(self.cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
+
+        rec_row = next((r for r in rows if r["label"] == "recommended" and r["objective"] is not None), None)
+        if rec_row and checkpoint_of(rec_row) is None:
+            _train_recommended_fully(self.cfg, self.rec, self.shards, uri, parent)
+        return checkpoint_of
+
+    def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
+        """The best trial's config, the command that uses it, its last sample grid."""
+        grids = sorted((Path(self.cfg.run_dir) / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
+        return apply_point(self.cfg, best), f"ncsn-pipeline train --config {best_yaml}", grids[-1] if grids else None
+
+
+class SamplerSearch:
+    """Each trial samples a trained checkpoint once with its ε, T and first σ level (the levels from start_level on)."""
+
+    label = "sampler"
+    keys = ("start_level", "eps", "steps_per_level")
+    max_t = None  # one report per trial: nothing to stop early
+    cpus_per_trial = 1.0
+
+    def __init__(self, cfg: Config, checkpoint: str):
+        self.cfg, self.checkpoint = cfg, checkpoint
+        ckpt = read_checkpoint(checkpoint)[0]
+        self.sigmas, trained = ckpt.sigmas.tolist(), ckpt.schedule
+        self.rec = {"start_level": 0, "eps": trained.eps if trained.eps is not None else cfg.sampling.eps,
+                    "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
+
+    def space(self) -> dict:
+        from ray import tune
+
+        return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1), **_sampler_space(self.cfg, self.rec)}
+
+    def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
+        from ray import tune
+
+        return tune.with_resources(tune.with_parameters(_sampler_trial, base=self.cfg, checkpoint=self.checkpoint, uri=uri,
+                                                        parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
+
+    def scheduler(self):
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+
+    def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
+        return lambda row: self.checkpoint
+
+    def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
+        """The config with the best sampler settings, the `sample` command that uses them, the trial's grid."""
+        sigmas, out = self.sigmas[int(best["start_level"]):], Path(self.cfg.run_dir).parent / "best" / "samples"
+        command = (f"ncsn-pipeline sample --checkpoint {self.checkpoint} --num-samples {self.cfg.sampling.num_samples} --output {out} "
+                   f"--eps {best['eps']:.6g} --steps-per-level {best['steps_per_level']}"
+                   + (f" --sigmas {' '.join(f'{x:.6g}' for x in sigmas)}" if best["start_level"] else ""))
+        best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(best["steps_per_level"])})
+        return best_cfg, command, Path(best["grid"]) if best["grid"] else None
+
+
 def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneSummary:
     """Tune the schedule by training (default) or, with ``checkpoint``, the sampler of a trained model."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     checkpoint = checkpoint_location(checkpoint) if checkpoint else None  # a file, a run directory or an MLflow model URI
@@ -180,64 +286,38 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     cfg = cfg.evolve({"tracking.tracking_uri": tracking.tracking_uri(cfg), "name": f"{cfg.name}-tune",
                       "run_dir": str(Path(cfg.run_dir).resolve() / "tune")})
     shards = absolute_location(shards)
-    manifest = load_manifest(shards)
-    t = cfg.tune
+    mode = SamplerSearch(cfg, checkpoint) if checkpoint else ScheduleSearch(cfg, shards)
     objective = ObjectiveSpec.from_config(cfg, shards)
     if objective.extractor == "classifier":  # train the judge once, before trials start in parallel
         objective.evaluator()
-    uri, parent = tracking.open_run(cfg, {"tune.mode": "sampler" if checkpoint else "schedule"})
-    if checkpoint:
-        model_ckpt = read_checkpoint(checkpoint)[0]
-        trained = model_ckpt.schedule
-        eps0 = trained.eps if trained.eps is not None else cfg.sampling.eps
-        rec = {"start_level": 0, "eps": eps0,
-               "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
-        space = {"start_level": tune.randint(0, max(1, len(model_ckpt.sigmas) // 2) + 1),
-                 "eps": tune.loguniform(eps0 * t.eps_scale[0], eps0 * t.eps_scale[1] * (1 + 1e-9)),
-                 "steps_per_level": tune.choice(sorted(set(t.steps_per_level) | {rec["steps_per_level"]}))}
-        trainable = tune.with_resources(tune.with_parameters(_sampler_trial, base=cfg, checkpoint=checkpoint,
-                                                             uri=uri, parent_run_id=parent, rec=rec, objective=objective),
-                                        {"CPU": 1})
-        scheduler, cpus_per_trial, rungs = FIFOScheduler(), 1.0, None
-    else:
-        rec = recommended_point(cfg, manifest)
-        space = search_space(cfg, rec)
-        trainable = tune.with_resources(tune.with_parameters(_train_trial, base=cfg, shards=shards, uri=uri, parent_run_id=parent,
-                                                             rec=rec, objective=objective),
-                                        {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
-        rungs = max(1, math.ceil(cfg.train.steps / t.eval_every))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=min(t.grace_period, rungs),
-                                  reduction_factor=t.reduction_factor)
-        cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    storage, name = str(Path(cfg.run_dir) / "ray"), cfg.name
-    run_config = tune.RunConfig(name=name, storage_path=storage)
+    uri, parent = tracking.open_run(cfg, {"tune.mode": mode.label})
+    trainable = mode.trainable(uri, parent, objective)
+    storage, name, t = str(Path(cfg.run_dir) / "ray"), cfg.name, cfg.tune
     if tune.Tuner.can_restore(str(Path(storage) / name)):
         log.info("resuming the tuning job in %s", Path(storage) / name)
         tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
-        searcher = OptunaSearch(metric=t.metric, mode="min", points_to_evaluate=[rec], seed=t.seed)
-        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=scheduler,
-                                                       num_samples=t.trials, max_concurrent_trials=_max_concurrent(cfg, cpus_per_trial)))
-    results = tuner.fit()
-    sampler = (checkpoint, model_ckpt.sigmas.tolist()) if checkpoint else None
-    return _summarise(cfg, results, rec, uri, parent, sampler, rungs, shards, objective)
+        searcher = OptunaSearch(metric=t.metric, mode="min", points_to_evaluate=[mode.rec], seed=t.seed)
+        tuner = tune.Tuner(trainable, param_space=mode.space(), run_config=tune.RunConfig(name=name, storage_path=storage),
+                           tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=mode.scheduler(),
+                                                       num_samples=t.trials,
+                                                       max_concurrent_trials=_max_concurrent(cfg, mode.cpus_per_trial)))
+    return _summarise(cfg, tuner.fit(), mode, uri, parent, objective)
 
 
-def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: tuple[str, list[float]] | None,
-               max_t: int | None, shards: str, objective: ObjectiveSpec) -> TuneSummary:
+def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: str, parent: str, objective: ObjectiveSpec) -> TuneSummary:
     """Results table, confirmation, plots, best YAML; all logged to the parent run; children of stopped trials marked
-    KILLED. ``sampler``: (checkpoint, its σ levels) in sampler-only mode."""
-    metric, run_dir = cfg.tune.metric, Path(cfg.run_dir)
-    keys = ("start_level", "eps", "steps_per_level") if sampler else PARAMS
+    KILLED."""
+    metric, run_dir, rec = cfg.tune.metric, Path(cfg.run_dir), mode.rec
     rows = []
     for r in results:
         m = r.metrics or {}
         iterations = m.get("training_iteration", 0)
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec),
-                     **{k: r.config.get(k) for k in keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
+                     **{k: r.config.get(k) for k in mode.keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
                      "objective_high": m.get(f"{metric}_high"), "iterations": iterations,
-                     "stopped_early": bool(max_t and r.error is None and iterations < max_t), "error": str(r.error)[:200] if r.error else "",
+                     "stopped_early": bool(mode.max_t and r.error is None and iterations < mode.max_t),
+                     "error": str(r.error)[:200] if r.error else "",
                      "grid": m.get("grid", ""), "confirmed_mean": None, "confirmed_low": None, "confirmed_high": None,
                      "gap_vs_recommended": None, "gap_low": None, "gap_high": None})
     done = [r for r in rows if r["objective"] is not None]
@@ -246,14 +326,7 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
     best, confirmed = min(done, key=lambda r: r["objective"]), []
     rec_row = next((r for r in rows if r["label"] == "recommended"), None)
     if cfg.tune.confirm_top:
-        def checkpoint_of(row: dict) -> str | None:
-            if sampler:
-                return sampler[0]
-            found = _final_checkpoint(cfg, row["trial_id"])
-            return found or (_final_checkpoint(cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
-        if rec_row and rec_row["objective"] is not None and checkpoint_of(rec_row) is None:
-            _train_recommended_fully(cfg, rec, shards, uri, parent)
-        found = candidates(rows, cfg.tune.confirm_top, checkpoint_of)
+        found = candidates(rows, cfg.tune.confirm_top, mode.checkpoints(rows, uri, parent))
         confirmed = run_confirmation(found, objective, metric, cfg.tune.confirm_seeds, cfg.tune.confirm_samples) if found else []
         by_id = {r["trial_id"]: r for r in rows}
         for c in confirmed:
@@ -269,20 +342,9 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot = _plot(rows, keys, metric, run_dir / "tune_objective.png")
+    plot = _plot(rows, mode.keys, metric, run_dir / "tune_objective.png")
     best_yaml = run_dir / "best_config.yaml"
-    if sampler:
-        best_cfg = cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(best["steps_per_level"])})
-        grid = Path(best["grid"]) if best["grid"] else None
-        sigmas = sampler[1][int(best["start_level"]):]
-        next_command = (f"ncsn-pipeline sample --checkpoint {sampler[0]} --num-samples {cfg.sampling.num_samples} "
-                        f"--output {run_dir.parent / 'best' / 'samples'} --eps {best['eps']:.6g} --steps-per-level {best['steps_per_level']}"
-                        + (f" --sigmas {' '.join(f'{x:.6g}' for x in sigmas)}" if best["start_level"] else ""))
-    else:
-        best_cfg = apply_point(cfg, best)
-        grids = sorted((run_dir / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
-        grid = grids[-1] if grids else None
-        next_command = f"ncsn-pipeline train --config {best_yaml}"
+    best_cfg, next_command, grid = mode.outcome(best, best_yaml)
     best_cfg = best_cfg.evolve({"name": cfg.name.removesuffix("-tune") + "-best", "run_dir": str(run_dir.parent / "best")})
     best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n# {found_line}\n"
                          f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
@@ -298,24 +360,10 @@ def _summarise(cfg: Config, results, rec: dict, uri: str, parent: str, sampler: 
     if grid and grid.exists():
         artifacts["tune/best_samples"] = grid
     tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line})
-    _close_children(uri, parent, {RECOMMENDED_FULL: "FINISHED",
-                                  **{r["trial_id"]: "FAILED" if r["error"] else "KILLED" if r["stopped_early"] else "FINISHED" for r in rows}})
+    tracking.close_child_runs(uri, parent, {RECOMMENDED_FULL: "FINISHED", **{r["trial_id"]: "FAILED" if r["error"] else "KILLED"
+                                                                            if r["stopped_early"] else "FINISHED" for r in rows}})
     tracking.finish_run(uri, parent)
     return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command, found_line)
-
-
-def _close_children(uri: str, parent: str, outcome: dict[str, str]) -> None:
-    """Give each trial's MLflow run the status Tune's result says ({trial id: FINISHED | KILLED | FAILED}). A trial
-    that Tune stops (ASHA, or at max_t) is killed mid-call, so its run may have recorded FAILED or nothing (RUNNING)."""
-    try:
-        client = tracking._client(uri)
-        experiment = client.get_run(parent).info.experiment_id
-        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
-            status = outcome.get(run.data.params.get("tune.trial_id"), "KILLED")
-            if run.info.status != status:
-                client.set_terminated(run.info.run_id, status)
-    except Exception as err:  # noqa: BLE001
-        log.warning("could not close the trial runs of %s: %s", parent, err)
 
 
 def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Path:

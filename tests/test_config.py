@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipelines.config import ConfigError, load_config
 
@@ -57,7 +58,7 @@ def test_dotted_overrides_are_typed():
         (["train.steps=1.5"], r"train.steps must be int, got 1.5"),
         (["model.arch=unet"], r"model.arch must be one of"),
         (["schedule.recommend=false", "schedule.sigma_min=2"], r"schedule.sigma_min must be > 0 and < schedule.sigma_max, got 2.0"),
-        (["schedule.sigma_min=0"], r"schedule.sigma_min must be > 0, got 0.0"),
+        (["schedule.sigma_min=0"], r"schedule.sigma_min must be a finite number > 0, got 0.0"),
         (["schedule.recommend=false", "schedule.sigma_max=.inf"], r"schedule.sigma_max must be a finite number > 0, got inf"),
         (["data.source=cifar10"], r"data.input must be a path for source 'cifar10', got None"),
         (["train=3"], r"train must be a mapping"),
@@ -113,10 +114,13 @@ def test_evolve_returns_a_changed_copy_and_leaves_the_config_as_it_was():
     given = cfg.to_dict()
     out = cfg.evolve({"run_dir": "/elsewhere", "tracking.tracking_uri": "sqlite:///x.db", "schedule.num_levels": 3})
     assert (out.run_dir, out.tracking.tracking_uri, out.schedule.num_levels) == ("/elsewhere", "sqlite:///x.db", 3)
-    out.train.steps += 1  # the copy shares no section with the original
     assert cfg.to_dict() == given
+    with pytest.raises(ValidationError, match="frozen"):  # no section of a config can be changed in place
+        out.train.steps += 1
     with pytest.raises(KeyError):
         cfg.evolve({"tracking.no_such_key": 1})
+    with pytest.raises(ConfigError, match="schedule.num_levels must be >= 1, got 0"):  # a copy is validated like a file
+        cfg.evolve({"schedule.num_levels": 0})
 
 
 @pytest.mark.parametrize("metric, extractor", [("kid_classifier", "classifier"), ("fid_inception", "inception")])
@@ -127,3 +131,25 @@ def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings
                                                  "sampling.denoise=false", "tune.eval_every=40", "run_dir=/r"])
     spec = ObjectiveSpec.from_config(cfg, "/shards")
     assert spec == ObjectiveSpec("/shards", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.use_gpu=1"], r"cluster.use_gpu must be bool, got 1"),  # no silent conversions
+    (["train.steps=true"], r"train.steps must be int, got True"),
+    (["train.steps='10'"], r"train.steps must be int, got '10'"),
+    (["name=7"], r"name must be str, got 7"),
+    (["train.steps=null"], r"train.steps must not be null"),
+    (["tune.sigma_min=[0.1]"], r"tune.sigma_min must be \[low, high\] with 0 < low <= high, got \[0.1\]"),
+    (["tune.steps_per_level=[5, x]"], r"tune.steps_per_level.1 must be int, got 'x'"),
+    (["model.image_size=9"], r"model.image_size must be one of"),
+    (["data.source=svhn"], r"data.source must be one of digits, cifar10, mnist, image-folder, got 'svhn'"),
+])
+def test_types_are_not_converted_silently(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "digits.yaml", overrides)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 2e-4\nsampling:\n  eps: 1e-5\n")  # YAML 1.1: strings
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.optim.lr, cfg.sampling.eps) == (2e-4, 1e-5)
