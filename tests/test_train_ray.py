@@ -111,8 +111,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
 
     # Same name, more steps: refused as it is (the settings differ), continued with resume="accept" (--resume) at step 21
     # with the step-20 optimiser state, in the same MLflow run; its final model is registered under the name given.
-    more = _config(tmp_path, 30)
-    more.tracking.register_model = "ncsn-digits"
+    more = _config(tmp_path, 30).evolve({"tracking.register_model": "ncsn-digits"})
     with pytest.raises(ConfigError, match=r"^run 'digits' in .* was started with other settings \(train.steps: 20 → 30\): pass --resume"):
         run_training(more, shards)
     resumed = run_training(more, shards, resume="accept")
