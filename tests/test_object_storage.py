@@ -2,6 +2,7 @@
 standalone server), reached through exactly the client code a user's run uses (s3fs via fsspec, configured by
 AWS_ENDPOINT_URL and the AWS credential variables); its failures are one line naming the object."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,20 +111,25 @@ def _pipeline_on(nodes: int, shards: str, storage: str, run_dir: Path) -> dict:
     script = Path(__file__).parent / "scripts" / "two_node_run.py"
     with only_ray_instance():
         out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, storage, str(run_dir), str(nodes)],
-                             capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+                             capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1],
+                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[0][len("RESULT "):])
 
 
 def test_run_on_two_nodes_with_s3_equals_the_run_on_local_files(digits_shards, s3_server, tmp_path):
-    # Shards and Ray Train's checkpoints on S3, the training workers and the sampling actors spread over two nodes,
-    # evaluation in a Ray task: the same metrics as one node on local files with the same seeds.
+    # Shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling actors spread over
+    # two nodes, evaluation in a Ray task: the same metrics as one node on local files with the same seeds.
     url = _upload(digits_shards, f"s3://ncsn-test/{tmp_path.name}/shards")
     remote = _pipeline_on(2, url, f"s3://ncsn-test/{tmp_path.name}/ray", tmp_path / "s3-run")
     local = _pipeline_on(1, digits_shards, str(tmp_path / "ray"), tmp_path / "local-run")
     assert len(remote["cluster_nodes"]) == 2 and remote["nodes"]["RayTrainWorker"] == remote["cluster_nodes"]  # one per node
     assert remote["nodes"]["Sampler"] == remote["cluster_nodes"]
+    # System metrics come from the first worker of each host (Ray Train's local ranks group workers by node IP): both of
+    # these Ray nodes are 127.0.0.1, one host, so one monitor and no per-node prefix (system/node<N>/… needs two hosts).
+    system = [key for key in remote["logged"] if key.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and not [key for key in system if key.startswith("system/node")], system
     fs, base = fsspec.core.url_to_fs(f"s3://ncsn-test/{tmp_path.name}/ray/digits")
     assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
     assert set(remote["metrics"]) == set(local["metrics"]) >= {"fid_classifier", "kid_classifier", "final_loss"}

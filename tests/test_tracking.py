@@ -23,7 +23,7 @@ def _rows(path: Path) -> int:
 def test_training_survives_a_tracking_server_outage_and_resends_what_it_missed(tmp_path, digits_shards):
     server = MlflowServer(tmp_path / "mlflow").start()
     run_dir = tmp_path / "run"
-    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={run_dir}", "train.steps=30", "train.batch_size=32", "train.log_every=5",
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={run_dir}", "train.steps=30", "train.batch_size=32", "sampling.steps_per_level=2", "train.log_every=5",
                                                 "train.checkpoint_every=10", "train.sample_every=10", "data.loader_workers=0",
                                                 f"tracking.tracking_uri={server.uri}", "tracking.flush_timeout=120"])
     seen: dict[str, int] = {}
