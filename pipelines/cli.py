@@ -215,7 +215,8 @@ def _inpaint(args: argparse.Namespace) -> int:
         images, _ = read_split(args.shards, args.split)
         x = from_stored(images[: args.num_images])
         out, settings = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
-                             steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu, progress=not args.no_progress)
+                                       steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu,
+                                       progress=not args.no_progress)
     except _user_errors() as err:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ class _Invalid(ValueError):
 def _rule(predicate: Callable[[Any], bool], expected: str) -> AfterValidator:
     """A field check whose error reads "<key> must be <expected>, got <value>"."""
     def check(value):
-        if value is not None and not predicate(value):
+        if not predicate(value):
             raise _Invalid(expected, value)
         return value
     return AfterValidator(check)

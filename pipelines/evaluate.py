@@ -209,7 +209,7 @@ def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64
 
 
 def _fit_classifier(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int, seed: int,
-                    batch_size: int, max_epochs: int, patience: int, progress: bool = True) -> tuple[Classifier, int]:
+                    batch_size: int, max_epochs: int, patience: int, progress: bool) -> tuple[Classifier, int]:
     """The training loop of train_classifier: the model at its best epoch (in eval mode) and that epoch's number."""
     torch.manual_seed(seed)
     model = Classifier(xf.shape[1], num_classes)

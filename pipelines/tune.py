@@ -10,8 +10,8 @@ import csv
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -49,25 +49,25 @@ def search_space(cfg: Config, rec: dict) -> dict:
     lo_min, hi_min = min(t.sigma_min[0], rec["sigma_min"]), max(t.sigma_min[1], rec["sigma_min"])
     levels = (max(2, math.floor(rec["num_levels"] * t.num_levels_scale[0])), max(2, math.ceil(rec["num_levels"] * t.num_levels_scale[1])))
     return {
-        "sigma_max": _log_range(rec["sigma_max"], t.sigma_max_scale),
-        "sigma_min": _log_range(1.0, [lo_min, hi_min]),
+        "sigma_max": _log_uniform(rec["sigma_max"] * t.sigma_max_scale[0], rec["sigma_max"] * t.sigma_max_scale[1]),
+        "sigma_min": _log_uniform(lo_min, hi_min),
         "num_levels": tune.randint(min(levels[0], rec["num_levels"]), max(levels[1], rec["num_levels"]) + 1),
         **_sampler_space(cfg, rec),
     }
 
 
-def _log_range(centre: float, scale: list[float]):
-    """Log-uniform over [centre·low, centre·high], the upper end included."""
+def _log_uniform(low: float, high: float):
+    """Log-uniform over [low, high], the upper end included (the recommended point may lie on it)."""
     from ray import tune
 
-    return tune.loguniform(centre * scale[0], centre * scale[1] * (1 + 1e-9))
+    return tune.loguniform(low, high * (1 + 1e-9))
 
 
 def _sampler_space(cfg: Config, rec: dict) -> dict:
     """ε (× the recommended one) and T (the listed choices and the recommended one): searched in both modes."""
     from ray import tune
 
-    return {"eps": _log_range(rec["eps"], cfg.tune.eps_scale),
+    return {"eps": _log_uniform(rec["eps"] * cfg.tune.eps_scale[0], rec["eps"] * cfg.tune.eps_scale[1]),
             "steps_per_level": tune.choice(sorted(set(cfg.tune.steps_per_level) | {rec["steps_per_level"]}))}
 
 
