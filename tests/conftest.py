@@ -66,7 +66,7 @@ def digits_shards(tmp_path_factory, ray_local) -> str:
 
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory):
-    """The digits NCSN of examples/digits.py (2500 steps, about 4 minutes), trained once per session.
+    """The digits NCSN of examples/digits.py (2500 steps, about 2½ minutes), trained once per session.
     Returns (EMA model, schedule, checkpoint path); the checkpoint records ε and T for the sampler."""
     import sys
     from pathlib import Path

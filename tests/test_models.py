@@ -61,3 +61,45 @@ def test_the_library_imports_without_matplotlib_ray_mlflow_or_webdataset():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(ncsn.__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_cpu_elu_is_torchs_elu_with_its_first_and_second_derivatives():
+    # ncsn.models.refinenet.elu goes through exp on CPU (torch's CPU ELU is a scalar expm1): same values, and derivatives
+    # of both orders (the sliced objective differentiates the network with create_graph).
+    from torch.nn import functional as F
+
+    from ncsn.models.refinenet import elu
+
+    x = torch.cat([torch.linspace(-30, 30, 10_001), torch.tensor([-1e-7, 0.0, 1e-7, 1e4])])
+    assert torch.allclose(elu(x), F.elu(x), rtol=0, atol=1.2e-7)  # exp(x) − 1 near 0: within 1 ulp of 1
+    assert torch.equal(elu(x)[x > 0], x[x > 0])
+    x64 = (torch.randn(64, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.allclose(elu(x64), F.elu(x64), rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradcheck(elu, (x64,)) and torch.autograd.gradgradcheck(elu, (x64,))
+    (g,) = torch.autograd.grad(elu(x64).sum(), x64, create_graph=True)
+    (g_ref,) = torch.autograd.grad(F.elu(x64).sum(), x64, create_graph=True)
+    assert torch.allclose(g, g_ref) and torch.allclose(torch.autograd.grad(g.sum(), x64)[0], torch.autograd.grad(g_ref.sum(), x64)[0])
+
+
+def test_the_network_gives_the_same_scores_and_gradients_as_with_torchs_own_elu_and_pooling():
+    from unittest import mock
+
+    from torch.nn import functional as F
+
+    from ncsn.models import refinenet
+
+    torch.manual_seed(0)
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+
+    def score_and_grads():
+        model.zero_grad()
+        out = model(x, SIGMAS[[0, 3, 6, 9]].double())
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = score_and_grads()
+    with mock.patch.object(refinenet, "elu", F.elu), mock.patch.object(refinenet, "_pool_layout", lambda h: h):
+        ref_out, ref_grads = score_and_grads()
+    assert torch.allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert all(torch.allclose(g, r, rtol=1e-10, atol=1e-12) for g, r in zip(grads, ref_grads))

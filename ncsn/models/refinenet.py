@@ -16,6 +16,34 @@ from torch.nn import functional as F
 from ncsn.models.normalization import InstanceNorm2dPlus
 
 
+class _ELUOnCPU(torch.autograd.Function):
+    """ELU (α = 1) as relu(x) + (exp(min(x, 0)) − 1); its derivative min(out, 0) + 1 read from the output, itself
+    differentiable (the sliced objective takes the network's gradient with create_graph)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(x) + (torch.exp(torch.clamp(x, max=0)) - 1)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad * (torch.clamp(out, max=0) + 1)
+
+
+def elu(x: torch.Tensor) -> torch.Tensor:
+    """ELU (α = 1). PyTorch's CPU kernel evaluates expm1 one element at a time, many times slower than its vectorised
+    exp (bench/cpu_network.py), so on CPU it goes through exp: equal to F.elu within 1 ulp of 1."""
+    return _ELUOnCPU.apply(x) if x.device.type == "cpu" else F.elu(x)
+
+
+def _pool_layout(x: torch.Tensor) -> torch.Tensor:
+    """On CPU, channels-last memory for the 5×5 pooling: PyTorch's CPU pooling kernels are vectorised over channels only
+    in that layout (the default layout's max pool is ~10× slower, bench/cpu_network.py). The values are the same."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 def _conv3x3(cin: int, cout: int, bias: bool = True, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=bias)
 
@@ -49,7 +77,6 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_classes: int | None, down: bool = False, dilation: int | None = None):
         super().__init__()
         self.norm1 = InstanceNorm2dPlus(cin, num_classes)
-        self.act = nn.ELU()
         d = dilation or 1
         mid = cin if down else cout
         self.conv1 = _conv3x3(cin, mid, dilation=d)
@@ -62,8 +89,8 @@ class ResidualBlock(nn.Module):
             self.shortcut = _conv3x3(cin, cout, dilation=d) if (down or cin != cout) else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x, y)))
-        h = self.conv2(self.act(self.norm2(h, y)))
+        h = self.conv1(elu(self.norm1(x, y)))
+        h = self.conv2(elu(self.norm2(h, y)))
         return h + (x if self.shortcut is None else self.shortcut(x))
 
 
@@ -79,13 +106,12 @@ class RCU(nn.Module):
             )
             for _ in range(n_blocks)
         )
-        self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         for block in self.blocks:
             h = x
             for stage in block:
-                h = stage["conv"](self.act(stage["norm"](h, y)))
+                h = stage["conv"](elu(stage["norm"](h, y)))
             x = x + h
         return x
 
@@ -115,13 +141,12 @@ class ChainedResidualPooling(nn.Module):
         self.norms = nn.ModuleList(_norm(features, num_classes, norms) for _ in range(n_stages))
         self.convs = nn.ModuleList(_conv3x3(features, features, bias=False) for _ in range(n_stages))
         self.pool = F.avg_pool2d if pool == "avg" else F.max_pool2d
-        self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        x = self.act(x)
+        x = elu(x)
         path = x
         for norm, conv in zip(self.norms, self.convs):
-            path = conv(self.pool(norm(path, y), 5, stride=1, padding=2))
+            path = conv(self.pool(_pool_layout(norm(path, y)), 5, stride=1, padding=2))
             x = x + path
         return x
 
@@ -178,4 +203,4 @@ class RefineNet(nn.Module):
         h = self.refine[0]([features[3]], y, features[3].shape[2:])
         for refine, skip in zip(self.refine[1:], reversed(features[:3])):
             h = refine([skip, h], y, skip.shape[2:])
-        return self.end(F.elu(self.end_norm(h, y)))
+        return self.end(elu(self.end_norm(h, y)))
