@@ -1,4 +1,9 @@
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,13 +33,37 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_
 
 # Fixtures that start Ray or train the shared digits model: tests using them are left out of `make test-fast`.
 CLUSTER_FIXTURES = {"ray_local", "digits_shards", "trained_digits"}
+ROOT = Path(__file__).resolve().parents[1]
+_background: dict = {}  # the process training the digits model, its log and checkpoint, while a session needs them
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark as `cluster` every test that needs a Ray instance or the trained model (by fixture, or marked by hand)."""
+    """Mark as `cluster` every test that needs a Ray instance or the trained model (by fixture, or marked by hand). The
+    tests that read the trained digits model go last: it trains in the background meanwhile (pytest_collection_finish)."""
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.cluster)
+    items.sort(key=lambda item: "trained_digits" in getattr(item, "fixturenames", ()))  # stable: otherwise in order
+
+
+def pytest_collection_finish(session):
+    """Start training the digits model when a selected test reads it, at the lowest CPU priority (see the script): the
+    Ray tests before it leave a core idle much of the time."""
+    if any("trained_digits" in getattr(item, "fixturenames", ()) for item in session.items) and not session.config.option.collectonly:
+        directory = Path(tempfile.mkdtemp(prefix="ncsn-digits-model-"))
+        log = open(directory / "train.log", "w")
+        process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripts" / "train_digits_model.py"), str(directory / "checkpoint.pt")],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _background.update(process=process, directory=directory, log=log)
+
+
+def pytest_unconfigure(config):
+    if _background:
+        if _background["process"].poll() is None:
+            _background["process"].kill()
+            _background["process"].wait()
+        _background["log"].close()
+        shutil.rmtree(_background["directory"], ignore_errors=True)
 
 
 @pytest.fixture
@@ -65,24 +94,16 @@ def digits_shards(tmp_path_factory, ray_local) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_digits(tmp_path_factory):
-    """The digits NCSN of examples/digits.py (2500 steps, about 2½ minutes), trained once per session.
-    Returns (EMA model, schedule, checkpoint path); the checkpoint records ε and T for the sampler."""
-    import sys
-    from pathlib import Path
+def trained_digits():
+    """The digits NCSN of examples/digits.py (2500 steps; about 2½ minutes alone), trained once per session in the
+    background (pytest_collection_finish). Returns (EMA model, its Schedule, checkpoint path)."""
+    from ncsn.checkpoint import load_checkpoint
 
-    from ncsn.checkpoint import Checkpoint, save_checkpoint
-    from ncsn.sigmas import Schedule
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from digits import train_digits
-
-    torch.set_num_threads(2)
-    model, schedule = train_digits(seed=0)
-    path = tmp_path_factory.mktemp("digits_model") / "checkpoint.pt"
-    save_checkpoint(path, Checkpoint(model.config, Schedule(schedule.sigmas(), schedule.eps, schedule.steps_per_level), model.state_dict(),
-                                     model.state_dict(), None, 2500))
-    return model, schedule, path
+    process, directory = _background["process"], _background["directory"]
+    process.wait(timeout=1800)
+    assert process.returncode == 0, (directory / "train.log").read_text()[-3000:]
+    ckpt = load_checkpoint(directory / "checkpoint.pt")
+    return ckpt.build_model().eval(), ckpt.schedule, directory / "checkpoint.pt"
 
 
 @pytest.fixture(scope="session")

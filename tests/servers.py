@@ -80,16 +80,13 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server on {self.uri} did not answer within {timeout} s")
 
     def stop(self) -> None:
+        """Kill the server at once (SIGKILL to its process group), as an outage does; sqlite keeps what it committed."""
         import os
         import signal
 
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self.proc = None
 
 
@@ -167,6 +164,17 @@ class S3Server:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(20)
         self.proc = None
+
+
+def upload_tree(local: str, url: str) -> str:
+    """Copy the files under the directory ``local`` to the object-store prefix ``url``; returns ``url``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in Path(local).rglob("*"):
+        if f.is_file():
+            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
+    return url
 
 
 def clear_fsspec_instances() -> None:

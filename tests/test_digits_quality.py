@@ -52,7 +52,7 @@ def test_the_judge_passes_real_digits_and_fails_a_fitted_gaussian(classifier):
 def test_trained_ncsn_samples_are_recognisable_digits(classifier, trained_digits):
     model, schedule, _ = trained_digits
     gen = torch.Generator().manual_seed(0)
-    samples = annealed_langevin_dynamics(model, torch.rand(500, 1, 8, 8, generator=gen), schedule.sigmas(), schedule.eps,
+    samples = annealed_langevin_dynamics(model, torch.rand(500, 1, 8, 8, generator=gen), schedule.tensor(), schedule.eps,
                                          schedule.steps_per_level, denoise=True, generator=gen).samples
     max_prob, classes = _judge(samples.clamp(0, 1).numpy(), classifier)
     print(f"digits quality: mean max-probability {max_prob:.3f}, classes with >= 3%: {classes}")

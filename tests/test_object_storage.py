@@ -1,8 +1,7 @@
 """Object storage (issue 12): shards streamed from an S3-compatible server that the test starts on 127.0.0.1 (moto's
 standalone server), reached through exactly the client code a user's run uses (s3fs via fsspec, configured by
-AWS_ENDPOINT_URL and the AWS credential variables); its failures are one line naming the object."""
-import json
-import os
+AWS_ENDPOINT_URL and the AWS credential variables); its failures are one line naming the object. The whole pipeline
+on two nodes with S3 is in test_pipeline_run.py."""
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,9 @@ from data_prep.shard import ShardError, ShardOptions, load_manifest, shard_datas
 from data_prep.storage import StorageError
 from pipelines.config import ConfigError
 from pipelines.train import check_storage_url
-from tests.servers import S3Server, clear_fsspec_instances, free_port
+from tests.servers import S3Server, clear_fsspec_instances, free_port, upload_tree
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _upload(local: str, url: str) -> str:
-    fs, path = fsspec.core.url_to_fs(url)
-    for f in Path(local).rglob("*"):
-        if f.is_file():
-            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
-    return url
 
 
 def _batches(location: str, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,7 +28,7 @@ def _batches(location: str, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize("kw", [dict(), dict(rank=1, world_size=2, num_workers=2), dict(resampled=True, batches_per_epoch=6, num_workers=2)],
                          ids=["one-pass", "rank-1-of-2-two-workers", "resampled"])
 def test_the_loader_streams_shards_from_s3_as_from_local_files(digits_shards, s3_server, kw):
-    url = _upload(digits_shards, "s3://ncsn-test/loader/digits")
+    url = upload_tree(digits_shards, "s3://ncsn-test/loader/digits")
     local, remote = _batches(digits_shards, **kw), _batches(url, **kw)
     assert len(remote) == len(local) > 0
     for (x, y), (xr, yr) in zip(local, remote):
@@ -62,7 +53,7 @@ def _one_line(args: list[str]) -> str:
 def test_object_store_failures_are_one_line_naming_the_object(digits_shards, s3_server, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^cluster.storage_path 's3://ncsn-test/a\[1\]' is not a URI Ray Train can use"):
         check_storage_url("s3://ncsn-test/a[1]")
-    url = _upload(digits_shards, "s3://ncsn-test/broken/digits")
+    url = upload_tree(digits_shards, "s3://ncsn-test/broken/digits")
     fs, base = fsspec.core.url_to_fs(url)
     shards = load_manifest(url)["splits"]["train"]["shards"]
 
@@ -103,35 +94,3 @@ def test_object_store_failures_are_one_line_naming_the_object(digits_shards, s3_
         refusing.stop()
         monkeypatch.undo()
         clear_fsspec_instances()
-
-
-def _pipeline_on(nodes: int, shards: str, storage: str, run_dir: Path) -> dict:
-    from tests.servers import only_ray_instance
-
-    script = Path(__file__).parent / "scripts" / "two_node_run.py"
-    with only_ray_instance():
-        out = subprocess.run([sys.executable, str(script), str(CONFIGS), shards, storage, str(run_dir), str(nodes)],
-                             capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1],
-                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[0][len("RESULT "):])
-
-
-def test_run_on_two_nodes_with_s3_equals_the_run_on_local_files(digits_shards, s3_server, tmp_path):
-    # Shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling actors spread over
-    # two nodes, evaluation in a Ray task: the same metrics as one node on local files with the same seeds.
-    url = _upload(digits_shards, f"s3://ncsn-test/{tmp_path.name}/shards")
-    remote = _pipeline_on(2, url, f"s3://ncsn-test/{tmp_path.name}/ray", tmp_path / "s3-run")
-    local = _pipeline_on(1, digits_shards, str(tmp_path / "ray"), tmp_path / "local-run")
-    assert len(remote["cluster_nodes"]) == 2 and remote["nodes"]["RayTrainWorker"] == remote["cluster_nodes"]  # one per node
-    assert remote["nodes"]["Sampler"] == remote["cluster_nodes"]
-    # System metrics come from the first worker of each host (Ray Train's local ranks group workers by node IP): both of
-    # these Ray nodes are 127.0.0.1, one host, so one monitor and no per-node prefix (system/node<N>/… needs two hosts).
-    system = [key for key in remote["logged"] if key.startswith("system/")]
-    assert "system/cpu_utilization_percentage" in system and not [key for key in system if key.startswith("system/node")], system
-    fs, base = fsspec.core.url_to_fs(f"s3://ncsn-test/{tmp_path.name}/ray/digits")
-    assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
-    assert set(remote["metrics"]) == set(local["metrics"]) >= {"fid_classifier", "kid_classifier", "final_loss"}
-    for key, value in local["metrics"].items():
-        assert remote["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-8), key

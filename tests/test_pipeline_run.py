@@ -1,5 +1,6 @@
-"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: directly, and submitted as a Ray job
-to a Ray head this test starts on 127.0.0.1 (token authentication on) and stops (issue 8)."""
+"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: directly, submitted as a Ray job to a Ray
+head this test starts on 127.0.0.1 (token authentication on) and stops (issue 8), and on two Ray nodes with its shards
+and Ray Train's storage on the test's S3 server (issue 12), where it must give the direct run's numbers."""
 import json
 import os
 import re
@@ -11,20 +12,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.servers import free_port, loopback_status, only_ray_instance
+from tests.servers import free_port, loopback_status, only_ray_instance, upload_tree
 
 pytestmark = pytest.mark.cluster  # whole pipelines on Ray, from the CLI and as Ray jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL = ["train.steps=30", "train.batch_size=32", "train.log_every=10", "train.checkpoint_every=30", "train.sample_every=30",
-         "data.loader_workers=0", "tracking.system_metrics=false", "sampling.num_samples=60", "sampling.chunk_size=30",
-         "sampling.steps_per_level=2"]
+SMALL = ["train.steps=20", "train.batch_size=32", "train.log_every=10", "train.checkpoint_every=20", "train.sample_every=20",
+         "cluster.num_workers=2", "data.loader_workers=0", "tracking.system_metrics=false", "sampling.num_samples=60",
+         "sampling.chunk_size=30", "sampling.steps_per_level=2", "sampling.workers=2"]
 
-PROGRESS = re.compile(r"step 30/30 +loss [\d.]+ +\d+ img/s +ETA 0m00s")
+PROGRESS = re.compile(r"step 20/20 +loss [\d.]+ +\d+ img/s +ETA 0m00s")
 
 
 def _run_args(run_dir: Path | str, config: str = "configs/digits.yaml") -> list[str]:
@@ -52,16 +54,53 @@ def _check_outputs(run_dir: Path) -> None:
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_run_pipeline_end_to_end_with_a_small_config(tmp_path):
-    # As `make demo` runs it: a run directory relative to the working directory (the Ray workers have their own).
+@pytest.fixture(scope="module")
+def direct_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`ncsn-pipeline run` as `make demo` runs it: sharding the configured source, a run directory relative to the
+    working directory (the Ray workers have their own), a local Ray of this machine's 2 CPUs."""
+    cwd = tmp_path_factory.mktemp("direct")
     with only_ray_instance():
         out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", str(ROOT / "configs" / "digits.yaml"))[1:]],
-                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out, cwd / "run"
+
+
+def test_run_pipeline_end_to_end_with_a_small_config(direct_run):
+    out, run_dir = direct_run
     assert "sample grid:" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
     assert PROGRESS.search(out.stderr), out.stderr[-3000:]  # rank 0's progress line reaches the console
     assert "Reporting training result" not in out.stderr  # Ray Train's per-report dumps are off without -v
-    _check_outputs(tmp_path / "run")
+    _check_outputs(run_dir)
+
+
+def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_run, s3_server, tmp_path):
+    # The direct run's shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling
+    # actors spread over two nodes, evaluation in a Ray task: the direct run's metrics (one node, local files, same seeds).
+    _, local_dir = direct_run
+    url = upload_tree(str(local_dir / "shards" / "digits"), f"s3://ncsn-test/{tmp_path.name}/shards")
+    script = Path(__file__).parent / "scripts" / "two_node_run.py"
+    with only_ray_instance():
+        out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
+                              f"run_dir={tmp_path / 'run'}", f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray",
+                              "tracking.system_metrics=true"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    remote = json.loads(lines[0][len("RESULT "):])
+    assert len(remote["cluster_nodes"]) == 2 and remote["nodes"]["RayTrainWorker"] == remote["cluster_nodes"]  # one per node
+    assert remote["nodes"]["Sampler"] == remote["cluster_nodes"]
+    # System metrics come from the first worker of each host (Ray Train's local ranks group workers by node IP): both of
+    # these Ray nodes are 127.0.0.1, one host, so one monitor and no per-node prefix (system/node<N>/… needs two hosts).
+    system = [key for key in remote["logged"] if key.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and not [key for key in system if key.startswith("system/node")], system
+    fs, base = fsspec.core.url_to_fs(f"s3://ncsn-test/{tmp_path.name}/ray/digits")
+    assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
+    local = {k: v for k, v in json.loads((local_dir / "summary.json").read_text()).items() if k != "evaluation"}
+    timing = [k for k in local if k.endswith("_per_s")]  # throughputs differ between any two runs
+    assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_classifier", "final_loss"}
+    for key in set(local) - set(timing):
+        assert remote["metrics"][key] == pytest.approx(local[key], rel=1e-5, abs=1e-8), key
 
 
 def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path):
