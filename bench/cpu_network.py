@@ -20,17 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_best  # noqa: E402
 
 from ncsn.losses import dsm_loss
-from ncsn.models import ModelConfig, ScoreNetwork
-from ncsn.models import refinenet
+from ncsn.models import ModelConfig, ScoreNetwork, refinenet
 from ncsn.sigmas import geometric_sigmas
 
 
-def stock() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def stock():
     """The network as plain PyTorch runs it: F.elu, pooling in the default (channels-first) layout."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(refinenet, "elu", F.elu))
-    stack.enter_context(mock.patch.object(refinenet, "_pool_layout", lambda x: x))
-    return stack
+    with mock.patch.object(refinenet, "elu", F.elu), mock.patch.object(refinenet, "_pool_layout", lambda x: x):
+        yield
 
 
 def main() -> None:

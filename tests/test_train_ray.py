@@ -1,4 +1,4 @@
-"""Ray Train DDP training on the digits shards: 2 workers on a local Ray (the 2-node runs are in test_object_storage.py), tracked in MLflow."""
+"""Ray Train DDP training on the digits shards: 2 workers on a local Ray (the 2-node run is in test_pipeline_run.py), tracked in MLflow."""
 import json
 import os
 from pathlib import Path
