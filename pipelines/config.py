@@ -154,6 +154,9 @@ class EvaluationConfig(Section):
     feature_extractor: Annotated[Str, _one_of("classifier", "inception")] = "classifier"
     inception_weights: Str | None = None  # a local weights file for air-gapped clusters
     resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind each interval
+    # classifier weights, reference features, baselines (keyed by the shard set); null: <run_dir>/eval_cache. Runs on the
+    # same shards may share one directory on the evaluating node's disk.
+    cache_dir: Annotated[Str, _rule(lambda s: "://" not in s, "a local directory, not a URL")] | None = None
 
 
 class TrackingConfig(Section):
@@ -229,6 +232,11 @@ class Config(Section):
     def sigmas(self):
         """The fixed σ schedule (when not recommended from data)."""
         return geometric_sigmas(self.schedule.sigma_max, self.schedule.sigma_min, self.schedule.num_levels)
+
+    def eval_cache_dir(self) -> Path:
+        """Where evaluation caches its classifier and features: evaluation.cache_dir, else <run_dir>/eval_cache (absolute,
+        for Ray workers whose working directory is not the driver's)."""
+        return Path(self.evaluation.cache_dir or Path(self.run_dir) / "eval_cache").resolve()
 
     def to_dict(self) -> dict:
         """Plain YAML-able data (what load_config reads back)."""

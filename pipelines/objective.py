@@ -30,8 +30,8 @@ class ObjectiveSpec:
 
     @classmethod
     def from_config(cls, cfg: Config, shards: str) -> ObjectiveSpec:
-        """The objective of ``cfg.tune`` (its metric names the extractor), cached under <run_dir>/eval_cache."""
-        return cls(shards, cfg.tune.extractor, str(Path(cfg.run_dir) / "eval_cache"), cfg.tune.eval_samples, cfg.evaluation.resamples,
+        """The objective of ``cfg.tune`` (its metric names the extractor), cached in ``cfg.eval_cache_dir()``."""
+        return cls(shards, cfg.tune.extractor, str(cfg.eval_cache_dir()), cfg.tune.eval_samples, cfg.evaluation.resamples,
                    cfg.sampling.denoise, cfg.tune.eval_every, cfg.evaluation.inception_weights)
 
     def evaluator(self) -> Evaluator:

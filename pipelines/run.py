@@ -70,7 +70,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
 
         log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
         report = evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,
-                                    cfg.evaluation.inception_weights, cache_dir=run_dir / "eval_cache",
+                                    cfg.evaluation.inception_weights, cache_dir=cfg.eval_cache_dir(),
                                     resamples=cfg.evaluation.resamples, use_gpu=cfg.cluster.use_gpu,
                                     baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed, num_cpus=cfg.cluster.cpus_per_worker)
         metrics = {**report.flat(), "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}

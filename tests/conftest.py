@@ -107,6 +107,13 @@ def trained_digits():
 
 
 @pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory) -> Path:
+    """One evaluation.cache_dir for the session's pipeline and tuning runs: the feature classifier trains once per shard set
+    (the tests of the classifier itself build their own)."""
+    return tmp_path_factory.mktemp("eval_cache")
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The session's S3-compatible server on the port AWS_ENDPOINT_URL names, with a bucket ``ncsn-test``."""
     from tests.servers import S3Server

@@ -133,6 +133,17 @@ def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings
     assert spec == ObjectiveSpec("/shards", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)
 
 
+def test_the_evaluation_cache_is_the_run_directorys_unless_one_is_given(tmp_path, monkeypatch):
+    # absolute either way: evaluation runs on a Ray worker (tuning trials, the pipeline's stage 4) in another directory
+    from pipelines.objective import ObjectiveSpec
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "runs" / "eval_cache"
+    shared = load_config(CONFIGS / "digits.yaml", ["run_dir=/r", "evaluation.cache_dir=cache"])
+    assert shared.eval_cache_dir() == tmp_path / "cache"
+    assert ObjectiveSpec.from_config(shared, "/shards").cache_dir == str(tmp_path / "cache")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["cluster.use_gpu=1"], r"cluster.use_gpu must be bool, got 1"),  # no silent conversions
     (["train.steps=true"], r"train.steps must be int, got True"),
@@ -143,6 +154,7 @@ def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings
     (["tune.steps_per_level=[5, x]"], r"tune.steps_per_level.1 must be int, got 'x'"),
     (["model.image_size=9"], r"model.image_size must be one of"),
     (["data.source=svhn"], r"data.source must be one of digits, cifar10, mnist, image-folder, got 'svhn'"),
+    (["evaluation.cache_dir=s3://bucket/cache"], r"evaluation.cache_dir must be a local directory, not a URL, got 's3://bucket/cache'"),
 ])
 def test_types_are_not_converted_silently(overrides, message):
     with pytest.raises(ConfigError, match=message):

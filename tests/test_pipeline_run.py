@@ -29,9 +29,9 @@ SMALL = ["train.steps=20", "train.batch_size=32", "train.log_every=10", "train.c
 PROGRESS = re.compile(r"step 20/20 +loss [\d.]+ +\d+ img/s +ETA 0m00s")
 
 
-def _run_args(run_dir: Path | str, config: str = "configs/digits.yaml") -> list[str]:
+def _run_args(run_dir: Path | str, eval_cache: Path, config: str = "configs/digits.yaml") -> list[str]:
     return ["ncsn-pipeline", "run", "--config", config, "--no-progress", "--set", f"run_dir={run_dir}",
-            *[a for s in SMALL for a in ("--set", s)]]
+            "--set", f"evaluation.cache_dir={eval_cache}", *[a for s in SMALL for a in ("--set", s)]]
 
 
 def _check_outputs(run_dir: Path) -> None:
@@ -55,12 +55,12 @@ def _check_outputs(run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def direct_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def direct_run(tmp_path_factory, eval_cache) -> tuple[subprocess.CompletedProcess, Path]:
     """`ncsn-pipeline run` as `make demo` runs it: sharding the configured source, a run directory relative to the
     working directory (the Ray workers have their own), a local Ray of this machine's 2 CPUs."""
     cwd = tmp_path_factory.mktemp("direct")
     with only_ray_instance():
-        out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", str(ROOT / "configs" / "digits.yaml"))[1:]],
+        out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", eval_cache, str(ROOT / "configs" / "digits.yaml"))[1:]],
                              capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return out, cwd / "run"
@@ -74,7 +74,7 @@ def test_run_pipeline_end_to_end_with_a_small_config(direct_run):
     _check_outputs(run_dir)
 
 
-def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_run, s3_server, tmp_path):
+def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_run, s3_server, eval_cache, tmp_path):
     # The direct run's shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling
     # actors spread over two nodes, evaluation in a Ray task: the direct run's metrics (one node, local files, same seeds).
     _, local_dir = direct_run
@@ -82,7 +82,7 @@ def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_ru
     script = Path(__file__).parent / "scripts" / "two_node_run.py"
     with only_ray_instance():
         out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
-                              f"run_dir={tmp_path / 'run'}", f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray",
+                              f"run_dir={tmp_path / 'run'}", f"evaluation.cache_dir={eval_cache}", f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray",
                               "tracking.system_metrics=true"], capture_output=True, text=True, timeout=900, cwd=ROOT,
                              env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -103,7 +103,7 @@ def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_ru
         assert remote["metrics"][key] == pytest.approx(local[key], rel=1e-5, abs=1e-8), key
 
 
-def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path):
+def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path, eval_cache):
     with only_ray_instance():
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
         env.pop("RAY_ADDRESS", None)
@@ -121,7 +121,7 @@ def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path):
                 time.sleep(1)
             run_dir = tmp_path / "run"
             submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                     *_run_args(run_dir)], env=env, capture_output=True, text=True, timeout=900)
+                                     *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
             job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
             assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
             assert PROGRESS.search(submit.stdout)  # and the job's log

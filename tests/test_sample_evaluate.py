@@ -87,11 +87,11 @@ def test_inpaint_cli_writes_the_occluded_completed_original_grid(tmp_path, small
 
 
 @pytest.mark.slow
-def test_the_trained_model_is_near_the_real_data_and_far_from_the_gaussian(tmp_path, trained_digits, digits_shards, ray_local):
+def test_the_trained_model_is_near_the_real_data_and_far_from_the_gaussian(tmp_path, trained_digits, digits_shards, ray_local, eval_cache):
     # Intervals, not one run's numbers: the model's lie wholly on the better side of the fitted Gaussian's, for all three.
     _, _, checkpoint = trained_digits
     run_sampling(checkpoint, tmp_path / "samples", SamplingOptions(500, seed=0, chunk_size=125), workers=2, progress=False)
-    evaluator = Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "cache")
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=eval_cache)
     report = evaluator.report(load_samples(tmp_path / "samples"), 500)
     print(report.table())
     model, gaussian = report.model, report.baselines["gaussian"]

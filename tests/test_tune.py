@@ -42,7 +42,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, digits_shards):
+def tuned(tmp_path_factory, digits_shards, eval_cache):
     """A 6-trial job whose driver is killed (SIGKILL, from outside) once a trial has finished training, then restarted
     with the same command."""
     import signal
@@ -51,10 +51,10 @@ def tuned(tmp_path_factory, digits_shards):
 
     from tests.servers import wait_for
 
-    run_dir = tmp_path_factory.mktemp("tune") / "run"
+    run_dir, shared = tmp_path_factory.mktemp("tune") / "run", ("--set", f"evaluation.cache_dir={eval_cache}")
     with only_ray_instance():
         with open(run_dir.parent / "first.log", "w") as log:
-            first = subprocess.Popen(_tune_command(run_dir, digits_shards), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            first = subprocess.Popen(_tune_command(run_dir, digits_shards, shared), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
                 wait_for(lambda: _a_trial_finished_training(run_dir) or first.poll() is not None, 600, "a finished trial", every=0.5)
                 assert first.poll() is None, (run_dir.parent / "first.log").read_text()[-3000:]  # still running: kill it
@@ -67,7 +67,7 @@ def tuned(tmp_path_factory, digits_shards):
         for process in left:  # what `ray stop` does for whatever stayed
             process.kill()
         psutil.wait_procs(left, timeout=30)
-        second = _tune(run_dir, digits_shards)
+        second = _tune(run_dir, digits_shards, shared)
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, first, second
 
@@ -130,11 +130,12 @@ def test_best_config_loads_and_trains(tuned, tmp_path, digits_shards):
     assert result.metrics["step"] == 5 and len(result.schedule.sigmas) == cfg.schedule.num_levels
 
 
-def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards):
+def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards, eval_cache):
     _, schedule, checkpoint = trained_digits
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=100",
                                                          "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=100",
-                                                         "tune.steps_per_level=[2,5]", "tracking.system_metrics=false"])
+                                                         "tune.steps_per_level=[2,5]", "tracking.system_metrics=false",
+                                                         f"evaluation.cache_dir={eval_cache}"])
     summary = run_tuning(cfg, digits_shards, checkpoint=str(checkpoint))
     rows = summary.rows
     assert len(rows) == 4 and all(r["objective_low"] <= r["objective"] <= r["objective_high"] for r in rows)
