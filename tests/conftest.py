@@ -18,6 +18,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Ray Train waits 10 minutes for a worker's health check before it counts the worker as lost; the worker-loss tests need
 # the restart well inside their own limits (2 minutes, still far above a poll's normal milliseconds).
 os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "120")
+# Ray Train's controller polls its workers every 2 s, so each run ends (and starts) up to 2 s late; the tests run dozens.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # The tests' S3-compatible server (tests.servers.S3Server, started on first use) is reached the standard way; set before
