@@ -54,14 +54,21 @@ def _check_outputs(run_dir: Path) -> None:
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_ray_only():
+    """Every run here starts its own Ray (the CLI's local one, a job's head, two nodes): the tests' in-process Ray is shut
+    down for the whole module, not around each test (each restart costs about 5 s)."""
+    with only_ray_instance():
+        yield
+
+
 @pytest.fixture(scope="module")
 def direct_run(tmp_path_factory, eval_cache) -> tuple[subprocess.CompletedProcess, Path]:
     """`ncsn-pipeline run` as `make demo` runs it: sharding the configured source, a run directory relative to the
     working directory (the Ray workers have their own), a local Ray of this machine's 2 CPUs."""
     cwd = tmp_path_factory.mktemp("direct")
-    with only_ray_instance():
-        out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", eval_cache, str(ROOT / "configs" / "digits.yaml"))[1:]],
-                             capture_output=True, text=True, timeout=900, cwd=cwd)
+    out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", eval_cache, str(ROOT / "configs" / "digits.yaml"))[1:]],
+                         capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return out, cwd / "run"
 
@@ -80,11 +87,11 @@ def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_ru
     _, local_dir = direct_run
     url = upload_tree(str(local_dir / "shards" / "digits"), f"s3://ncsn-test/{tmp_path.name}/shards")
     script = Path(__file__).parent / "scripts" / "two_node_run.py"
-    with only_ray_instance():
-        out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
-                              f"run_dir={tmp_path / 'run'}", f"evaluation.cache_dir={eval_cache}", f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray",
-                              "tracking.system_metrics=true"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
+    out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
+                          f"run_dir={tmp_path / 'run'}", f"evaluation.cache_dir={eval_cache}",
+                          f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray", "tracking.system_metrics=true"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     remote = json.loads(lines[0][len("RESULT "):])
@@ -104,32 +111,31 @@ def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_ru
 
 
 def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path, eval_cache):
-    with only_ray_instance():
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-        env.pop("RAY_ADDRESS", None)
-        port, dashboard = free_port(), free_port()
-        ray_tmp = tempfile.mkdtemp(prefix="ncsn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                                 "--temp-dir", ray_tmp], env=env, stdout=open(tmp_path / "head.log", "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            address = f"http://127.0.0.1:{dashboard}"
-            deadline = time.time() + 120
-            while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
-                assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-                time.sleep(1)
-            run_dir = tmp_path / "run"
-            submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                     *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
-            job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
-            assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
-            assert PROGRESS.search(submit.stdout)  # and the job's log
-            status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
-                                    capture_output=True, text=True, timeout=120)
-            assert f"Job '{job.group(1)}' succeeded" in status.stdout, status.stdout + status.stderr  # as the Jobs API records it
-            _check_outputs(run_dir)
-        finally:  # killed, not stopped: the outputs are checked, and a graceful stop of the head takes about 30 s
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(60)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ncsn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                             "--temp-dir", ray_tmp], env=env, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
+            assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        run_dir = tmp_path / "run"
+        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                                 *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
+        job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
+        assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
+        assert PROGRESS.search(submit.stdout)  # and the job's log
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert f"Job '{job.group(1)}' succeeded" in status.stdout, status.stdout + status.stderr  # as the Jobs API records it
+        _check_outputs(run_dir)
+    finally:  # killed, not stopped: the outputs are checked, and a graceful stop of the head takes about 30 s
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
