@@ -112,14 +112,21 @@ def _random_inception_weights(path: Path) -> Path:
     return path
 
 
-def test_inception_metrics_from_a_weights_file_given_by_path(tmp_path, digits_shards):
+def test_inception_metrics_from_a_weights_file_given_by_path(tmp_path, ray_local):
+    # a reference of 12 images (MNIST files, sharded): InceptionV3 on CPU takes about 0.1 s an image (upsampled to 299×299)
+    from data_prep.shard import ShardOptions, shard_dataset
+    from tests.datasets import write_mnist
+
+    write_mnist(tmp_path / "mnist", n_train=4, n_test=12)
+    shards = str(tmp_path / "shards")
+    shard_dataset(ShardOptions("mnist", str(tmp_path / "mnist"), shard_size=16), shards, progress=False)
     weights = _random_inception_weights(tmp_path / "inception.pt")
-    evaluator = Evaluator(digits_shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
-    samples = np.random.default_rng(0).integers(0, 256, size=(24, 8, 8, 1), dtype=np.uint8)
+    evaluator = Evaluator(shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
+    samples = np.random.default_rng(0).integers(0, 256, size=(24, 28, 28, 1), dtype=np.uint8)
     metrics = evaluator.metrics(samples)
     assert {"fid_inception", "is_inception", "kid_inception", "kid_inception_low", "kid_inception_high"} <= set(metrics)
-    assert all(np.isfinite(v) for v in metrics.values())
-    again = Evaluator(digits_shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
+    assert all(np.isfinite(v) for v in metrics.values()) and metrics["num_reference"] == 12
+    again = Evaluator(shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
     assert again.extractor_id == evaluator.extractor_id  # the feature cache is found again for the same weights
     assert len(list(evaluator.cache.glob("features-*.pt"))) == 1
 
