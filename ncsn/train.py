@@ -32,13 +32,14 @@ class StepStats:
     images: int
 
 
-def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """Whether ``loss`` is finite here and, under torch.distributed, on every rank: all ranks stop at the same step
-    (a rank that stopped alone would leave the others waiting in the gradient all-reduce)."""
-    finite = torch.isfinite(loss).float().reshape(1)
+def _summed_over_ranks(loss: torch.Tensor, per_level_sum: torch.Tensor) -> torch.Tensor:
+    """[loss, per-level loss sums] summed over the torch.distributed ranks (as they are without it): a NaN/inf on any
+    rank stays, so all ranks stop at the same step with the same message (a rank that stopped alone would leave the
+    others waiting in the gradient all-reduce)."""
+    summed = torch.cat([loss.detach().float().reshape(1), per_level_sum.detach().float()])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
+        torch.distributed.all_reduce(summed)
+    return summed
 
 
 def train_steps(
@@ -84,11 +85,10 @@ def train_steps(
             with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
                 out = loss_fn(model, x, sigmas)
             loss = out.loss.float()
-            if not _finite_on_every_rank(loss):
-                bad = [f"{i} (σ={sigmas[i].item():.4g})" for i in range(sigmas.numel())
-                       if out.per_level_count[i] > 0 and not torch.isfinite(out.per_level_sum[i])]
-                where = f"non-finite at levels {', '.join(bad)}" if bad else "finite here, non-finite on another rank"
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; {where}")
+            summed = _summed_over_ranks(loss, out.per_level_sum)
+            if not torch.isfinite(summed).all():
+                bad = [f"{i} (σ={sigmas[i].item():.4g})" for i in range(sigmas.numel()) if not torch.isfinite(summed[1 + i])]
+                raise NonFiniteLossError(f"loss is {summed[0].item()} at step {step}; non-finite at levels {', '.join(bad)}")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

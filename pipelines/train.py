@@ -93,13 +93,12 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the driver hands every training worker: the run's config and its schedule (resolved once, on the driver),
-    the shards, the MLflow run, Tune's objective (tuning trials only) and the mailbox for deterministic failures."""
+    the shards, the MLflow run and Tune's objective (tuning trials only)."""
 
     config: Config
     schedule: Schedule
     shards: str
     run: RunRef
-    mailbox: object  # a FatalMailbox actor handle
     objective: ObjectiveSpec | None = None
     verbose: bool = False
 
@@ -153,9 +152,10 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     return (checksum.max() - checksum.min()).item()
 
 
-def train_loop_per_worker(spec: WorkerSpec) -> None:
+def train_loop_per_worker(spec: WorkerSpec) -> str | None:
     """What each Ray Train worker runs: restore, then train_steps over this rank's shards; at each report a metrics
-    row, and on rank 0 tracking, the objective, a sample grid and the checkpoint; every rank reports in lockstep."""
+    row, and on rank 0 tracking, the objective, a sample grid and the checkpoint; every rank reports in lockstep.
+    Returns the message of a deterministic failure, the same on every rank (Ray Train hands rank 0's to the driver)."""
     import ray.train
     import ray.train.torch
 
@@ -182,8 +182,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         try:
             ckpt = _load_restored(restored, cfg, sigmas, device)
         except CheckpointError as err:  # every rank reads the same file: all stop, nothing to retry
-            ray.get(spec.mailbox.put.remote(f"cannot resume run {cfg.name!r}: {err}"))
-            return
+            return f"cannot resume run {cfg.name!r}: {err}"
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         optimizer.load_state_dict(ckpt.optimizer)
@@ -273,27 +272,13 @@ def train_loop_per_worker(spec: WorkerSpec) -> None:
         if rank == 0:
             run_log.set_tag("failure", fatal[0])
             run_log.close(timeout=cfg.tracking.flush_timeout)
-        ray.get(spec.mailbox.put.remote(fatal[0]))
-        return
+        return fatal[0]
     if rank == 0:
         if start < cfg.train.steps:
             run_log.log_model(Checkpoint(cfg.model, schedule, {k: v.cpu() for k, v in ema.state_dict().items()}, step=step),
                               register_as=cfg.tracking.register_model)
         run_log.close(timeout=cfg.tracking.flush_timeout)
-
-
-class FatalMailbox:
-    """Held as a Ray actor by the driver: the first message of a deterministic failure workers hit (a non-finite loss,
-    a checkpoint that does not fit), which ends training without the retries Ray Train would spend on it."""
-
-    def __init__(self):
-        self.message: str | None = None
-
-    def put(self, message: str) -> None:
-        self.message = self.message or message
-
-    def get(self) -> str | None:
-        return self.message
+    return None
 
 
 @dataclass
@@ -441,9 +426,8 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
                                           "sampling.resolved_eps": f"{schedule.eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
                                    parent_run_id, resume="accept" if resume == "accept" else "auto")
     tracking.log_shards_input(uri, run_id, shards, manifest)
-    mailbox = ray.remote(num_cpus=0)(FatalMailbox).remote()
     run = RunRef(uri, run_id)
-    spec = WorkerSpec(cfg, schedule, str(shards), run, mailbox, objective,
+    spec = WorkerSpec(cfg, schedule, str(shards), run, objective,
                       verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
@@ -458,7 +442,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
-    message = ray.get(mailbox.get.remote())
+    message = result.return_value  # a deterministic failure ends the run without the retries Ray Train would spend on it
     if message:
         tracking.finish_run(uri, run_id, "FAILED")
         raise TrainingError(message)

@@ -90,6 +90,44 @@ def test_non_finite_loss_stops_before_the_weights_change(gen):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _train_rank(rank: int, init: str, results) -> None:
+    """One of two gloo ranks: rank 1's second batch is NaN; reports the NonFiniteLossError message or None."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
+        batches = [torch.rand(4, 1, 8, 8), torch.full((4, 1, 8, 8), float("nan") if rank else 0.5)]
+        try:
+            list(train_steps(model, batches, SIGMAS, torch.optim.SGD(model.parameters(), 0.1), num_steps=2))
+            results.put((rank, None))
+        except NonFiniteLossError as err:
+            results.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path, monkeypatch):
+    # Under torch.distributed the ranks decide together: the rank whose loss is finite stops too (it would otherwise wait
+    # in the next all-reduce), naming the levels the other rank saw.
+    import multiprocessing
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_train_rank, args=(rank, f"file://{tmp_path / 'rendezvous'}", results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        messages = dict(results.get(timeout=120) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            process.kill()
+    assert messages[0] == messages[1] and messages[0] is not None, messages
+    assert messages[0].startswith("loss is nan at step 2; non-finite at levels ")
+
+
 def test_empty_loader_is_an_error():
     model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 8), SIGMAS)
     with pytest.raises(ValueError, match="yielded no batch"):
