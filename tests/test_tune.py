@@ -43,8 +43,8 @@ def _rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, digits_shards, eval_cache):
-    """A 6-trial job whose driver is killed (SIGKILL, from outside) once a trial has finished training, then restarted
-    with the same command."""
+    """A 6-trial job whose driver and its local Ray are killed (SIGKILL, from outside) once a trial has finished
+    training, then restarted with the same command."""
     import signal
 
     import psutil
@@ -63,10 +63,12 @@ def tuned(tmp_path_factory, digits_shards, eval_cache):
             finally:
                 first.wait(timeout=60)
         assert first.returncode == -signal.SIGKILL
-        _, left = psutil.wait_procs(local_ray, timeout=30)  # the driver's local Ray goes with it, as after a lost head
-        for process in left:  # what `ray stop` does for whatever stayed
-            process.kill()
-        psutil.wait_procs(left, timeout=30)
+        for process in local_ray:  # the driver's local Ray goes with it at once, as with a lost head node
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(local_ray, timeout=30)
         second = _tune(run_dir, digits_shards, shared)
     assert second.returncode == 0, second.stderr[-3000:]
     return run_dir, first, second
