@@ -39,6 +39,16 @@ def start_local_ray() -> None:
                  log_to_driver=False, configure_logging=False)
 
 
+def joining_env() -> dict[str, str]:
+    """The environment of a CLI subprocess that joins the tests' in-process Ray (RAY_ADDRESS, as on a cluster; token
+    authentication on) instead of starting a local Ray of its own, which costs about 5 s to start and 2-4 s to stop."""
+    import os
+
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+
+
 @contextmanager
 def only_ray_instance():
     """Shut down the in-process Ray while a subprocess runs its own, then start it again. Ray Train's placement-group

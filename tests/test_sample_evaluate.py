@@ -15,6 +15,7 @@ from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.evaluate import EvaluationError, Evaluator
 from pipelines.sample import SamplingError, SamplingOptions, load_samples, run_sampling, sample_set_digest
+from tests.servers import joining_env
 
 CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
 
@@ -81,7 +82,8 @@ def test_lost_actor_and_unfinished_chunk_are_redone_exactly(tmp_path, small_chec
 
 def test_inpaint_cli_writes_the_occluded_completed_original_grid(tmp_path, small_checkpoint, digits_shards):
     out = subprocess.run([CLI, "inpaint", "--checkpoint", str(small_checkpoint), "--shards", digits_shards, "--mask", "half",
-                          "--num-images", "3", "--completions", "2", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--num-images", "3", "--completions", "2", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=joining_env())
     assert out.returncode == 0, out.stderr[-2000:]
     from PIL import Image
 
@@ -159,14 +161,16 @@ def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, smal
     ckpt["run"] = {"tracking_uri": uri, "run_id": run_id}  # the checkpoint's typed MLflow run field
     torch.save(ckpt, tmp_path / "tracked.pt")
     out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "10",
-                          "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300)
+                          "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300,
+                         env=joining_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"logged to MLflow run {run_id}" in out.stdout
     assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory"}
     assert "sampling_samples_per_s" in client.get_run(run_id).data.metrics
     assert json.loads((tmp_path / "s" / "sampling.json").read_text())["mlflow_run_id"] == run_id
     paint = subprocess.run([CLI, "inpaint", "--checkpoint", str(tmp_path / "tracked.pt"), "--shards", digits_shards, "--num-images", "2",
-                            "--completions", "1", "--output", str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
+                            "--completions", "1", "--output", str(tmp_path / "p")], capture_output=True, text=True, timeout=300,
+                           env=joining_env())
     assert paint.returncode == 0 and f"logged to MLflow run {run_id}" in paint.stdout, paint.stderr[-2000:]
     assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory", "inpainting"}
 
