@@ -1,6 +1,7 @@
-"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: directly, submitted as a Ray job to a Ray
-head this test starts on 127.0.0.1 (token authentication on) and stops (issue 8), and on two Ray nodes with its shards
-and Ray Train's storage on the test's S3 server (issue 12), where it must give the direct run's numbers."""
+"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: submitted as a Ray job to a Ray head the
+tests start on 127.0.0.1 (token authentication on) and kill (issue 8), and on two Ray nodes with its shards and Ray
+Train's storage on the test's S3 server (issue 12), where it must give the one-node run's numbers. A CLI that starts its
+own local Ray (as `make demo` does) is tested with `ncsn-pipeline tune` and `shard`."""
 import json
 import os
 import re
@@ -56,35 +57,62 @@ def _check_outputs(run_dir: Path) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def own_ray_only():
-    """Every run here starts its own Ray (the CLI's local one, a job's head, two nodes): the tests' in-process Ray is shut
-    down for the whole module, not around each test (each restart costs about 5 s)."""
+    """Every run here starts its own Ray (a job's head, two nodes): the tests' in-process Ray is shut down for the whole
+    module, not around each test (each restart costs about 5 s)."""
     with only_ray_instance():
         yield
 
 
 @pytest.fixture(scope="module")
-def direct_run(tmp_path_factory, eval_cache) -> tuple[subprocess.CompletedProcess, Path]:
-    """`ncsn-pipeline run` as `make demo` runs it: sharding the configured source, a run directory relative to the
-    working directory (the Ray workers have their own), a local Ray of this machine's 2 CPUs."""
-    cwd = tmp_path_factory.mktemp("direct")
-    out = subprocess.run([str(BIN / "ncsn-pipeline"), *_run_args("run", eval_cache, str(ROOT / "configs" / "digits.yaml"))[1:]],
-                         capture_output=True, text=True, timeout=900, cwd=cwd)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out, cwd / "run"
+def pipeline_job(tmp_path_factory, eval_cache) -> dict:
+    """`ncsn-pipeline run` submitted as a Ray job (issue 8) to a Ray head started here on 127.0.0.1 with token
+    authentication on, sharding the configured source itself: the job's log (its driver's stdout and stderr), its status
+    as the Jobs API records it and its run directory. One pipeline run, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("job")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ncsn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                             "--temp-dir", ray_tmp], env=env, stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
+            assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                                 *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
+        job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
+        assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
+                                capture_output=True, text=True, timeout=120)
+    finally:  # killed, not stopped: the outputs are kept, and a graceful stop of the head takes about 30 s
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"log": submit.stdout, "job": job.group(1), "status": status.stdout + status.stderr, "run_dir": run_dir}
 
 
-def test_run_pipeline_end_to_end_with_a_small_config(direct_run):
-    out, run_dir = direct_run
-    assert "sample grid:" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
-    assert PROGRESS.search(out.stderr), out.stderr[-3000:]  # rank 0's progress line reaches the console
-    assert "Reporting training result" not in out.stderr  # Ray Train's per-report dumps are off without -v
-    _check_outputs(run_dir)
+def test_pipeline_submitted_as_a_ray_job_to_a_local_head(pipeline_job):
+    assert f"Job '{pipeline_job['job']}' succeeded" in pipeline_job["status"], pipeline_job["status"]  # as the Jobs API records it
 
 
-def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_run, s3_server, eval_cache, tmp_path):
-    # The direct run's shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling
-    # actors spread over two nodes, evaluation in a Ray task: the direct run's metrics (one node, local files, same seeds).
-    _, local_dir = direct_run
+def test_run_pipeline_end_to_end_with_a_small_config(pipeline_job):
+    log = pipeline_job["log"]
+    assert "sample grid:" in log and "mlflow ui --backend-store-uri sqlite:///" in log, log[-3000:]
+    assert PROGRESS.search(log), log[-3000:]  # rank 0's progress line reaches the driver's console, and the job's log
+    assert "Reporting training result" not in log  # Ray Train's per-report dumps are off without -v
+    _check_outputs(pipeline_job["run_dir"])
+
+
+def test_run_on_two_nodes_with_s3_equals_the_one_node_run_on_local_files(pipeline_job, s3_server, eval_cache, tmp_path):
+    # The one-node run's shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling
+    # actors spread over two nodes, evaluation in a Ray task: the one-node run's metrics (local files, same seeds).
+    local_dir = pipeline_job["run_dir"]
     url = upload_tree(str(local_dir / "shards" / "digits"), f"s3://ncsn-test/{tmp_path.name}/shards")
     script = Path(__file__).parent / "scripts" / "two_node_run.py"
     out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
@@ -108,34 +136,3 @@ def test_run_on_two_nodes_with_s3_equals_the_direct_run_on_local_files(direct_ru
     assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_classifier", "final_loss"}
     for key in set(local) - set(timing):
         assert remote["metrics"][key] == pytest.approx(local[key], rel=1e-5, abs=1e-8), key
-
-
-def test_pipeline_submitted_as_a_ray_job_to_a_local_head(tmp_path, eval_cache):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="ncsn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                             "--temp-dir", ray_tmp], env=env, stdout=open(tmp_path / "head.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
-        while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
-            assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(1)
-        run_dir = tmp_path / "run"
-        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                 *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
-        job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
-        assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
-        assert PROGRESS.search(submit.stdout)  # and the job's log
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert f"Job '{job.group(1)}' succeeded" in status.stdout, status.stdout + status.stderr  # as the Jobs API records it
-        _check_outputs(run_dir)
-    finally:  # killed, not stopped: the outputs are checked, and a graceful stop of the head takes about 30 s
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
