@@ -123,6 +123,7 @@ def log_shards_input(uri: str, run_id: str, shards: str, manifest: dict) -> None
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.types import Schema, TensorSpec
 
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (two equal local sources)
@@ -130,7 +131,11 @@ def log_shards_input(uri: str, run_id: str, shards: str, manifest: dict) -> None
         source = resolve_dataset_source(shards)
     dataset = MetaDataset(source, name=manifest.get("dataset") or "shards", digest=manifest_digest(manifest),
                           schema=Schema([TensorSpec(np.dtype(np.uint8), (-1, *manifest["image_shape"]), "image")]))
-    _client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+    inputs, client = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])], _client(uri)
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException:  # MLflow looks the dataset up, then inserts it: runs starting at once (tuning trials) collide;
+        client.log_inputs(run_id, datasets=inputs)  # the second look finds the row the other run inserted
 
 
 def read_run_file(run_file: Path) -> dict | None:

@@ -76,3 +76,28 @@ def test_config_becomes_mlflow_params_with_dotted_names():
     cfg = load_config(CONFIGS / "digits.yaml")
     params = flatten(cfg.to_dict())
     assert params["optim.lr"] == "0.002" and params["model.arch"] == "ncsnv2" and params["schedule.recommend"] == "True"
+
+
+def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tmp_path, monkeypatch):
+    # MLflow looks a dataset up, then inserts it: a run starting beside another on the same shards (tuning trials) can find
+    # the row missing and then collide with the other's insert (a UNIQUE-constraint error, which errored a trial).
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import log_shards_input
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e")
+    first, second = (client.create_run(experiment).info.run_id for _ in range(2))
+    real = MlflowClient.log_inputs
+
+    def racing(self, run_id, datasets=None, models=None):  # the other run's insert lands between this one's lookup and insert
+        monkeypatch.setattr(MlflowClient, "log_inputs", real)
+        real(self, first, datasets=datasets)
+        raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    log_shards_input(uri, second, str(tmp_path), {"dataset": "digits", "image_shape": [8, 8, 1], "splits": {"train": {"shards": []}}})
+    for run_id in (first, second):
+        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.name == "digits" and [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
