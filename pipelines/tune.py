@@ -295,7 +295,8 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     storage, name, t = str(Path(cfg.run_dir) / "ray"), cfg.name, cfg.tune
     if tune.Tuner.can_restore(str(Path(storage) / name)):
         log.info("resuming the tuning job in %s", Path(storage) / name)
-        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable=trainable, resume_unfinished=True,
+                                    resume_errored=True)  # under their own ids: a restarted trial's new id is unknown to Optuna
     else:
         searcher = OptunaSearch(metric=t.metric, mode="min", points_to_evaluate=[mode.rec], seed=t.seed)
         tuner = tune.Tuner(trainable, param_space=mode.space(), run_config=tune.RunConfig(name=name, storage_path=storage),
