@@ -3,6 +3,7 @@ backend)."""
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import subprocess
 import sys
@@ -42,8 +43,6 @@ def start_local_ray() -> None:
 def joining_env() -> dict[str, str]:
     """The environment of a CLI subprocess that joins the tests' in-process Ray (RAY_ADDRESS, as on a cluster; token
     authentication on) instead of starting a local Ray of its own, which costs about 5 s to start and 2-4 s to stop."""
-    import os
-
     import ray
 
     return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
@@ -78,7 +77,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # its job runner: 8 processes the tests never use
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -91,7 +91,6 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Kill the server at once (SIGKILL to its process group), as an outage does; sqlite keeps what it committed."""
-        import os
         import signal
 
         if self.proc and self.proc.poll() is None:
@@ -114,7 +113,6 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.05):
 def kill_actor_process(class_name: str) -> int:
     """SIGKILL the process of one live Ray actor of ``class_name`` (found through Ray's state API), as a lost node would
     take it; returns the PID."""
-    import os
     import signal
 
     from ray.util.state import list_actors
@@ -147,8 +145,6 @@ class S3Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "S3Server":
-        import os
-
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.refuse else {})}
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
@@ -167,7 +163,6 @@ class S3Server:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        import os
         import signal
 
         if self.proc and self.proc.poll() is None:
