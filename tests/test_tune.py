@@ -1,4 +1,5 @@
 """σ-schedule tuning with Ray Tune on digits, tiny budget: ASHA, nested MLflow runs, best YAML, driver restart (issue 7)."""
+import contextlib
 import csv
 import subprocess
 import sys
@@ -64,10 +65,8 @@ def tuned(tmp_path_factory, digits_shards, eval_cache):
                 first.wait(timeout=60)
         assert first.returncode == -signal.SIGKILL
         for process in local_ray:  # the driver's local Ray goes with it at once, as with a lost head node
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(local_ray, timeout=30)
         second = _tune(run_dir, digits_shards, shared)
     assert second.returncode == 0, second.stderr[-3000:]
