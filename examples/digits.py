@@ -20,7 +20,7 @@ from ncsn.sigmas import recommend_schedule
 from ncsn.train import fit
 
 # Settings measured to give recognisable digits in about 2½ minutes on 2 CPU cores (see tests/test_digits_quality.py).
-DIGITS = dict(arch="ncsnv2", ngf=16, steps=2500, batch_size=64, lr=2e-3, ema_decay=0.995, steps_per_level=10)
+DIGITS = dict(arch="ncsnv2", ngf=16, steps=2500, batch_size=64, lr=2e-3, grad_clip=10.0, ema_decay=0.995, steps_per_level=10)
 
 
 def train_digits(steps: int = DIGITS["steps"], seed: int = 0):
@@ -31,7 +31,7 @@ def train_digits(steps: int = DIGITS["steps"], seed: int = 0):
     torch.manual_seed(seed)  # the initial weights: makes the run (and the quality test) repeatable
     model = ScoreNetwork(ModelConfig(DIGITS["arch"], 8, 1, DIGITS["ngf"]), schedule.sigmas())
     ema = fit(images, model, schedule.sigmas(), num_steps=steps, batch_size=DIGITS["batch_size"], lr=DIGITS["lr"],
-              ema_decay=DIGITS["ema_decay"], seed=seed, log_every=250)
+              grad_clip=DIGITS["grad_clip"], ema_decay=DIGITS["ema_decay"], seed=seed, log_every=250)
     return ema.model, schedule
 
 
