@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ncsn._checks import noise_schedule, positive, positive_int
@@ -22,6 +23,24 @@ def _draw(fn, shape: tuple[int, ...], like: torch.Tensor, generator: torch.Gener
 
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return _draw(torch.randn, x.shape, x, generator)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on ``keys`` alone (numpy's SeedSequence hashing): independent streams per key tuple."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+class _StepNoise:
+    """z for each Langevin step from its own stream, keyed by the steps left to the chain's end: two samplers with the
+    same seed draw the same z in their last steps whatever their σ schedules (common random numbers), so their paired
+    difference is not drowned by the noise of two independent chains. Each step's z is still N(0, I), independent."""
+
+    def __init__(self, generator: torch.Generator | None, like: torch.Tensor):
+        self.device = generator.device if generator is not None else like.device
+        self.base = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device).item())
+
+    def __call__(self, x: torch.Tensor, steps_left: int) -> torch.Tensor:
+        return _noise(x, torch.Generator(device=self.device).manual_seed(derived_seed(self.base, steps_left)))
 
 
 @torch.no_grad()
@@ -62,7 +81,8 @@ def annealed_langevin_dynamics(
     """NCSN Algorithm 1: T Langevin steps at each σ_i with α_i = ε σ_i²/σ_L², from σ_1 down to σ_L.
 
     ``denoise`` adds the final step x + σ_L² s(x, σ_L) (Tweedie; NCSNv2 §4); ``trajectory_every`` k
-    keeps a copy of x every k steps, plus the start and the end.
+    keeps a copy of x every k steps, plus the start and the end. Each step's z comes from ``generator`` through a stream
+    of its own, keyed by the steps left (_StepNoise): samplers that end alike share their last steps' noise.
     """
     noise_schedule(sigmas)
     positive("eps", eps)
@@ -71,12 +91,13 @@ def annealed_langevin_dynamics(
         positive_int("trajectory_every", trajectory_every)
     sigma_min = sigmas[-1].item()
     trajectory = [x.clone()] if trajectory_every else []
+    noise, total = _StepNoise(generator, x), len(sigmas) * steps_per_level
     step = 0
     for sigma in sigmas.tolist():
         alpha = eps * sigma**2 / sigma_min**2
         sigma_b = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(steps_per_level):
-            x = x + 0.5 * alpha * score_fn(x, sigma_b) + math.sqrt(alpha) * _noise(x, generator)
+            x = x + 0.5 * alpha * score_fn(x, sigma_b) + math.sqrt(alpha) * noise(x, total - step)
             step += 1
             if trajectory_every and step % trajectory_every == 0:
                 trajectory.append(x.clone())

@@ -26,7 +26,7 @@ from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import from_stored, to_stored
 from ncsn.figures import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
-from ncsn.sampling import inpaint, sample_images
+from ncsn.sampling import derived_seed, inpaint, sample_images
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "sampling.json"
@@ -52,7 +52,7 @@ class SamplingOptions:
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """A seed that depends on (seed, chunk) only: the same samples whatever the number of workers."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+    return derived_seed(seed, chunk)
 
 
 @dataclass(frozen=True)
