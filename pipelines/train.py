@@ -140,6 +140,26 @@ class MetricsWindow:
         return metrics
 
 
+@dataclass
+class LossWatch:
+    """Says once when a logged loss rises above ``factor`` × the lowest logged so far: training diverged. An Adam blow-up
+    can end in a network that outputs 0 (DSM loss D/2) with every loss finite, which would otherwise go unnoticed."""
+
+    factor: float = 2.0
+    best: tuple[int, float] | None = None  # (step, loss)
+    said: bool = False
+
+    def check(self, step: int, loss: float) -> str | None:
+        """The warning for ``loss`` at ``step``, the first time it is due; None otherwise."""
+        if self.best is not None and loss > self.factor * self.best[1] and not self.said:
+            self.said = True
+            return (f"loss {loss:.4g} at step {step} is over {self.factor:g}x its lowest ({self.best[1]:.4g} at step {self.best[0]}): "
+                    "training diverged; try optim.grad_clip or a lower optim.lr")
+        if self.best is None or loss < self.best[1]:
+            self.best = (step, loss)
+        return None
+
+
 def replica_divergence(model: torch.nn.Module, world: int) -> float:
     """The spread of the replicas' parameter checksums: DDP keeps replicas equal, so above 0 means they diverged."""
     import torch.distributed as dist
@@ -236,7 +256,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
         except NonFiniteLossError as err:
             fatal.append(str(err))
 
-    window = MetricsWindow(len(sigmas), device)
+    window, watch = MetricsWindow(len(sigmas), device), LossWatch()
     for stats in steps():
         window.add(stats)
         step, last = stats.step, stats.step == cfg.train.steps
@@ -251,6 +271,9 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
                                             seed=cfg.train.seed + 1, device=device)[0])
         if rank == 0:
             run_log.log_metrics(metrics)
+            if diverged := watch.check(step, metrics["loss"]):
+                log.warning(diverged)
+                run_log.set_tag("diverged", diverged)
             if step % cfg.train.sample_every == 0 or last:
                 run_log.log_image(_sample_grid(ema.model, schedule, cfg, step, device), "samples", step)
             eta = (cfg.train.steps - step) * window.seconds_per_step

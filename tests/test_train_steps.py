@@ -151,3 +151,15 @@ def test_metrics_window_averages_the_steps_between_reports_and_starts_again_empt
     window.add(StepStats(3, 6.0, torch.tensor([0.0, 3.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), 2.0, 8))
     row = window.row(step=3, world=1, skipped=0)
     assert (row["loss"], row["grad_norm"]) == (6.0, 2.0) and [k for k in row if k.startswith("loss_per")] == ["loss_per_sigma/001"]
+
+
+def test_loss_watch_says_once_when_the_loss_rises_far_above_its_lowest():
+    # The demo's losses when its network collapsed to a zero score (loss D/2 = 32 on 8×8): a falling loss and a spike
+    # that recovers (11.5 against a low of 9.7) say nothing; the collapse says so once, naming both steps.
+    from pipelines.train import LossWatch
+
+    watch = LossWatch()
+    said = [watch.check(step, loss) for step, loss in [(50, 22.0), (100, 15.8), (1000, 9.7), (1100, 11.5), (1200, 9.1),
+                                                       (2150, 9.11), (2200, 25.3), (2250, 32.0)]]
+    assert said[:6] == [None] * 6 and said[7] is None
+    assert "loss 25.3 at step 2200" in said[6] and "9.1 at step 1200" in said[6] and "optim.grad_clip" in said[6]
