@@ -6,7 +6,7 @@ and KID of 500 samples (sampling seed 0) against the test split of --shards, on 
 --replay CHECKPOINT: continue a pipeline checkpoint (model and Adam state) for --steps steps per seed and variant, and
 count collapses: a stress test from a state where the unclipped recipe was seen to collapse.
 
-Usage: python bench/digits_recipe.py --shards runs/digits/shards/digits [--variants 0.002:0 0.002:10 0.001:0] [--seeds 0 1 2]
+Usage: python bench/digits_recipe.py --shards runs/digits/shards/digits [--variants 0.002:0 0.002:10 0.001:0 0.001:10] [--seeds 0 1 2]
        python bench/digits_recipe.py --replay CHECKPOINT [--steps 500] [--seeds 0 1 2 3 4 5]
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def train(model: ScoreNetwork, optimizer: torch.optim.Optimizer, images: torch.T
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", help="the digits shards (make demo writes runs/digits/shards/digits), for KID")
-    parser.add_argument("--variants", nargs="+", default=["0.002:0", "0.002:10", "0.001:0"])
+    parser.add_argument("--variants", nargs="+", default=["0.002:0", "0.002:10", "0.001:0", "0.001:10"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--replay")
     parser.add_argument("--steps", type=int, default=500)
@@ -57,7 +57,7 @@ def main() -> None:
     evaluator = None
     if args.shards:
         from pipelines.evaluate import Evaluator
-        evaluator = Evaluator(args.shards, "classifier", cache_dir=Path(tempfile.mkdtemp()), resamples=2)
+        evaluator = Evaluator(args.shards, "classifier", cache_dir=Path(tempfile.mkdtemp()), resamples=10)
     print("| lr | grad clip | seed | mean loss, last 100 steps | collapsed | KID (500 samples) |" if not args.replay else
           f"| lr | grad clip | seed | collapsed within {args.steps} steps (at step) | mean loss, last 100 steps |")
     print("| --- | --- | --- | --- | --- | --- |" if not args.replay else "| --- | --- | --- | --- | --- |")

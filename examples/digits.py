@@ -20,7 +20,7 @@ from ncsn.sigmas import recommend_schedule
 from ncsn.train import fit
 
 # Settings measured to give recognisable digits in about 2½ minutes on 2 CPU cores (see tests/test_digits_quality.py).
-DIGITS = dict(arch="ncsnv2", ngf=16, steps=2500, batch_size=64, lr=2e-3, grad_clip=10.0, ema_decay=0.995, steps_per_level=10)
+DIGITS = dict(arch="ncsnv2", ngf=16, steps=2500, batch_size=64, lr=1e-3, grad_clip=10.0, ema_decay=0.995, steps_per_level=10)
 
 
 def train_digits(steps: int = DIGITS["steps"], seed: int = 0):
