@@ -75,7 +75,7 @@ def test_sync_metrics_sends_only_the_rows_mlflow_is_missing(tmp_path):
 def test_config_becomes_mlflow_params_with_dotted_names():
     cfg = load_config(CONFIGS / "digits.yaml")
     params = flatten(cfg.to_dict())
-    assert params["optim.lr"] == "0.002" and params["model.arch"] == "ncsnv2" and params["schedule.recommend"] == "True"
+    assert params["optim.lr"] == "0.001" and params["model.arch"] == "ncsnv2" and params["schedule.recommend"] == "True"
 
 
 def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tmp_path, monkeypatch):

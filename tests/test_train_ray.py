@@ -81,7 +81,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     # the sample grid, the config file and the final model.
     client = MlflowClient(result.run.tracking_uri)
     run = client.get_run(result.run.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.002" and run.data.params["cluster.num_workers"] == "2"
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.001" and run.data.params["cluster.num_workers"] == "2"
     assert _mlflow_steps(result) == [5, 10, 15, 20]
     (dataset,) = run.inputs.dataset_inputs  # the shard set, as the run's input
     assert dataset.dataset.digest == manifest_digest(load_manifest(shards)) and shards in dataset.dataset.source

@@ -115,8 +115,12 @@ def test_parent_and_child_mlflow_runs_are_nested_with_params_curves_and_results(
     full = [c for c in children if c.data.params["tune.trial_id"] == "recommended-full"]
     # (a stopped trial may still have trained to the end before Tune's stop reached it: then it is confirmed as it is)
     assert len(full) <= (rec["stopped_early"] == "True") and all(c.info.status == "FINISHED" for c in full)
-    confirmed = [r for r in rows.values() if r["confirmed_mean"] != ""]
-    assert len(confirmed) == 2  # tune.confirm_top=1: the best finished trial and `recommended`
+    # tune.confirm_top=1: the finished trial of lowest search objective and `recommended` (one trial when they are the same)
+    finished = [r for r in rows.values() if (r["stopped_early"] == "False" and not r["error"]) or r["label"] == "recommended"]
+    best = min(finished, key=lambda r: float(r["objective"]))
+    confirmed = {t for t, r in rows.items() if r["confirmed_mean"] != ""}
+    assert confirmed == {best["trial_id"], rec["trial_id"]}, rows
+    assert all(rows[t]["gap_vs_recommended"] != "" for t in confirmed - {rec["trial_id"]})
     assert parent.data.tags["tune.verdict"].startswith("confirmed best: ")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert {"tune/tune_results.csv", "tune/plots", "tune/best"} <= artifacts
