@@ -50,11 +50,6 @@ class SamplingOptions:
     trajectory_samples: int = 0  # with > 0, chunk 0 also records the Langevin trajectory of this many samples
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """A seed that depends on (seed, chunk) only: the same samples whatever the number of workers."""
-    return derived_seed(seed, chunk)
-
-
 @dataclass(frozen=True)
 class SamplerSettings:
     """A sample set's settings, resolved once on the driver: the options with the checkpoint's defaults filled in, and
@@ -224,10 +219,10 @@ class Sampler:
         self.model, self.ckpt = load_model(checkpoint, self.device)
 
     def sample_chunk(self, settings: SamplerSettings, chunk: int, start: int, count: int) -> Chunk:
-        """Sample chunk ``chunk`` (its noise seeded by (seed, chunk) alone)."""
+        """Sample chunk ``chunk`` (its noise seeded by (seed, chunk) alone: the same images whatever the number of workers)."""
         t = time.perf_counter()
         cfg = self.model.config
-        gen = torch.Generator(device=self.device).manual_seed(chunk_seed(settings.seed, chunk))
+        gen = torch.Generator(device=self.device).manual_seed(derived_seed(settings.seed, chunk))
         sigmas = torch.tensor(settings.sigmas)
         trajectory_every = None
         if chunk == 0 and settings.trajectory_samples:
