@@ -193,7 +193,7 @@ class ScheduleSearch:
     def __init__(self, cfg: Config, shards: str):
         self.cfg, self.shards = cfg, shards
         self.rec = recommended_point(cfg, load_manifest(shards))
-        self.max_t = max(1, math.ceil(cfg.train.steps / cfg.tune.eval_every))  # evaluations in a full trial
+        self.max_t = cfg.train.steps  # ASHA's clock is the training step: a resumed trial's Tune iterations restart at 1
         self.cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
 
     def space(self) -> dict:
@@ -206,11 +206,12 @@ class ScheduleSearch:
                                                         rec=self.rec, objective=objective),
                                    {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
 
-    def scheduler(self):
-        from ray.tune.schedulers import ASHAScheduler
+    def scheduler(self, history: Path):
+        """ASHA on the training step, its rungs kept in ``history`` across a restart of the job."""
+        from pipelines.asha import ResumableASHA
 
         t = self.cfg.tune
-        return ASHAScheduler(time_attr="training_iteration", max_t=self.max_t, grace_period=min(t.grace_period, self.max_t),
+        return ResumableASHA(str(history), max_t=self.max_t, grace_period=min(t.grace_period * t.eval_every, self.max_t),
                              reduction_factor=t.reduction_factor)
 
     def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
@@ -257,7 +258,7 @@ class SamplerSearch:
         return tune.with_resources(tune.with_parameters(_sampler_trial, base=self.cfg, checkpoint=self.checkpoint, uri=uri,
                                                         parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
 
-    def scheduler(self):
+    def scheduler(self, history: Path):
         from ray.tune.schedulers import FIFOScheduler
 
         return FIFOScheduler()
@@ -300,7 +301,8 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
     else:
         searcher = OptunaSearch(metric=t.metric, mode="min", points_to_evaluate=[mode.rec], seed=t.seed)
         tuner = tune.Tuner(trainable, param_space=mode.space(), run_config=tune.RunConfig(name=name, storage_path=storage),
-                           tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher, scheduler=mode.scheduler(),
+                           tune_config=tune.TuneConfig(metric=t.metric, mode="min", search_alg=searcher,
+                                                       scheduler=mode.scheduler(Path(storage) / name / "asha_results.jsonl"),
                                                        num_samples=t.trials,
                                                        max_concurrent_trials=_max_concurrent(cfg, mode.cpus_per_trial)))
     return _summarise(cfg, tuner.fit(), mode, uri, parent, objective)
@@ -313,11 +315,11 @@ def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: 
     rows = []
     for r in results:
         m = r.metrics or {}
-        iterations = m.get("training_iteration", 0)
+        last_step = m.get("step")  # the training step of the last report (none in sampler-only mode)
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec),
                      **{k: r.config.get(k) for k in mode.keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
-                     "objective_high": m.get(f"{metric}_high"), "iterations": iterations,
-                     "stopped_early": bool(mode.max_t and r.error is None and iterations < mode.max_t),
+                     "objective_high": m.get(f"{metric}_high"), "last_step": last_step,
+                     "stopped_early": bool(mode.max_t and r.error is None and (last_step or 0) < mode.max_t),
                      "error": str(r.error)[:200] if r.error else "",
                      "grid": m.get("grid", ""), "confirmed_mean": None, "confirmed_low": None, "confirmed_high": None,
                      "gap_vs_recommended": None, "gap_low": None, "gap_high": None})
