@@ -15,7 +15,7 @@ from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.sample import read_checkpoint
-from pipelines.train import CHECKPOINT_FILE, check_storage, resolve_schedule, run_training
+from pipelines.train import CHECKPOINT_FILE, TrainingError, check_storage, resolve_schedule, run_training
 from tests.servers import logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -133,6 +133,14 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     assert len(list((tmp_path / "ray").glob("digits.previous-*"))) == 1
     assert "restored_from_step" not in MlflowClient(fresh.run.tracking_uri).get_run(fresh.run.run_id).data.tags
 
+    # A checkpoint that does not fit the config under the same name: refused on the driver, listing the differences;
+    # with --resume every rank fails to restore it, a deterministic failure: one line, no retry.
+    wider = _config(tmp_path, 10).evolve({"model.ngf": 8})
+    with pytest.raises(ConfigError, match=r"^run 'digits' .* was started with other settings \(model.ngf: 16 → 8\)"):
+        run_training(wider, shards)
+    with pytest.raises(TrainingError, match=r"^cannot resume run 'digits': checkpoint .* does not match the model config: model.ngf"):
+        run_training(wider, shards, resume="accept")
+
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp_path, shards, storage, request):
@@ -199,11 +207,9 @@ def test_a_missing_shard_file_fails_on_the_driver_before_training(tmp_path, shar
     assert not (tmp_path / "run" / "ray").exists()  # Ray Train never started
 
 
-def test_deterministic_failures_end_training_at_once_without_retries(tmp_path, shards):
+def test_a_non_finite_loss_ends_training_at_once_without_retries(tmp_path, shards):
     # A non-finite loss: every rank stops at the same step and the driver raises it as one line. A retry would restore
     # the step-1 checkpoint (tagging the run restored_from_step) and diverge again; max_failures=2 must not be spent on it.
-    from pipelines.train import TrainingError
-
     cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'nan'}", "train.steps=20", "train.batch_size=32",
                                                 "train.checkpoint_every=1", "cluster.num_workers=2", "cluster.max_failures=2",
                                                 "data.loader_workers=0", "tracking.system_metrics=false", "optim.lr=1e20"])
@@ -212,15 +218,7 @@ def test_deterministic_failures_end_training_at_once_without_retries(tmp_path, s
     client = MlflowClient(f"sqlite:///{tmp_path / 'nan' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ncsn").experiment_id])
     assert run.info.status == "FAILED" and "restored_from_step" not in run.data.tags and run.data.tags["failure"].startswith("loss is")
-    # A checkpoint that does not fit the config under the same name: every rank fails to restore; no retry.
-    run_training(_config(tmp_path / "fit", 5), shards)
-    wider = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'fit'}", "train.steps=10", "train.batch_size=32",
-                                                  "cluster.num_workers=2", "model.ngf=8", "data.loader_workers=0",
-                                                  "tracking.system_metrics=false"])
-    with pytest.raises(ConfigError, match=r"^run 'digits' .* was started with other settings \(.*model.ngf: 16 → 8"):
-        run_training(wider, shards)  # refused on the driver, listing the differences
-    with pytest.raises(TrainingError, match=r"^cannot resume run 'digits': checkpoint .* does not match the model config: model.ngf"):
-        run_training(wider, shards, resume="accept")
+    # (A checkpoint that does not fit the config: test_two_worker_ddp_trains_checkpoints_and_resumes, on its trained run.)
 
 
 def test_train_cli_reports_bad_config_in_one_line(tmp_path):
