@@ -1,6 +1,6 @@
 """How noisy the tuning objective is: KID (the default objective) and FID on the classifier's features, for one trained
 model over sampling seeds, against the gap between two samplers of the same model (all σ levels vs the 6 largest
-dropped). Trials evaluate with the same seed, so the paired gap (same seed for A and B) is what tuning sees; with one
+dropped; --drop 6 9 12 measures several such pairs, one row each, against the same A). Trials evaluate with the same seed, so the paired gap (same seed for A and B) is what tuning sees; with one
 seed the two samplers share their last steps' noise (ncsn.sampling's common random numbers), and the column "sd of the
 gap, B on other seeds" is the same comparison without that sharing, measured side by side. The last column compares one
 evaluation's bootstrap standard deviation with the spread over seeds. The confirmation stage
@@ -8,7 +8,7 @@ compares trials by the mean of --confirm-seeds paired gaps: its column is that m
 with at least 2k seeds, the sd measured over disjoint groups of k seeds.
 
 Usage: python bench/objective_noise.py --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits
-(`make demo` writes both) [--sizes 250 1000] [--seeds 6] [--confirm-seeds 3]
+(`make demo` writes both) [--sizes 250 1000] [--seeds 6] [--drop 6] [--confirm-seeds 3]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000])
     parser.add_argument("--seeds", type=int, default=6)
-    parser.add_argument("--drop", type=int, default=6, help="levels the second sampler leaves out")
+    parser.add_argument("--drop", type=int, nargs="+", default=[6], help="levels the second sampler leaves out (one pair each)")
     parser.add_argument("--confirm-seeds", type=int, default=3, help="seeds the confirmation averages (tune.confirm_seeds)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -45,26 +45,28 @@ def main() -> None:
             return sample_and_score(evaluator, model, sigmas, eps, steps, spec, seed, num_samples=n)[0]
 
         print(f"classifier features (extractor {evaluator.extractor_id}, test accuracy {evaluator.info['classifier_test_accuracy']:.3f}); "
-              f"{args.seeds} sampling seeds; sampler A: all {len(ckpt.sigmas)} levels, B: the {args.drop} largest dropped; "
+              f"{args.seeds} sampling seeds; sampler A: all {len(ckpt.sigmas)} levels, B: the d largest dropped; "
               f"T = {steps}, ε = {eps:.3g}, denoise {spec.denoise}")
-        print(f"| metric | samples | A mean ± sd | B mean ± sd | gap B − A | sd of paired gap (B on other seeds) | "
+        print(f"| metric | samples | d (B starts at σ) | A mean ± sd | B mean ± sd | gap B − A | sd of paired gap (B on other seeds) | "
               f"**sd of paired gap / gap** | mean of {k} paired gaps: sd / gap (√{k}; measured) | bootstrap sd / seed sd (A) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for n in args.sizes:
             a = [evaluate(n, ckpt.sigmas, seed) for seed in range(args.seeds)]
-            b = [evaluate(n, ckpt.sigmas[args.drop:], seed) for seed in range(args.seeds)]
-            other = [evaluate(n, ckpt.sigmas[args.drop:], args.seeds + seed) for seed in range(args.seeds)]
-            for metric in ("kid_classifier", "fid_classifier"):
-                va, vb = [r[metric] for r in a], [r[metric] for r in b]
-                unshared = statistics.stdev(r[metric] - x for x, r in zip(va, other))
-                paired = [y - x for x, y in zip(va, vb)]
-                gap, sd = statistics.mean(paired), statistics.stdev(paired)
-                groups = [statistics.mean(paired[i:i + k]) for i in range(0, len(paired) - k + 1, k)]
-                measured = f"{statistics.stdev(groups) / abs(gap):.2f} ({len(groups)} groups)" if len(groups) >= 2 else "–"
-                boot = statistics.mean((r[f"{metric}_high"] - r[metric]) / 1.96 for r in a)
-                print(f"| {metric} | {n} | {statistics.mean(va):.4g} ± {statistics.stdev(va):.2g} | {statistics.mean(vb):.4g} ± "
-                      f"{statistics.stdev(vb):.2g} | {gap:.4g} | {sd:.2g} ({unshared:.2g}) | **{sd / abs(gap):.2f}** | **{sd / k ** 0.5 / abs(gap):.2f}**; {measured} | "
-                      f"{boot / statistics.stdev(va):.2f} |")
+            for drop in args.drop:
+                b = [evaluate(n, ckpt.sigmas[drop:], seed) for seed in range(args.seeds)]
+                other = [evaluate(n, ckpt.sigmas[drop:], args.seeds + seed) for seed in range(args.seeds)]
+                for metric in ("kid_classifier", "fid_classifier"):
+                    va, vb = [r[metric] for r in a], [r[metric] for r in b]
+                    unshared = statistics.stdev(r[metric] - x for x, r in zip(va, other))
+                    paired = [y - x for x, y in zip(va, vb)]
+                    gap, sd = statistics.mean(paired), statistics.stdev(paired)
+                    groups = [statistics.mean(paired[i:i + k]) for i in range(0, len(paired) - k + 1, k)]
+                    measured = f"{statistics.stdev(groups) / abs(gap):.2f} ({len(groups)} groups)" if len(groups) >= 2 else "–"
+                    boot = statistics.mean((r[f"{metric}_high"] - r[metric]) / 1.96 for r in a)
+                    print(f"| {metric} | {n} | {drop} ({ckpt.sigmas[drop]:.3g}) | {statistics.mean(va):.4g} ± {statistics.stdev(va):.2g} | "
+                          f"{statistics.mean(vb):.4g} ± {statistics.stdev(vb):.2g} | {gap:.4g} | {sd:.2g} ({unshared:.2g}) | "
+                          f"**{sd / abs(gap):.2f}** | **{sd / k ** 0.5 / abs(gap):.2f}**; {measured} | {boot / statistics.stdev(va):.2f} |",
+                          flush=True)
 
 if __name__ == "__main__":
     main()
