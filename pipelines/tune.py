@@ -259,6 +259,7 @@ class SamplerSearch:
                                                         parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
 
     def scheduler(self, history: Path):
+        """FIFO: one report per trial, so nothing to stop early and no rungs to keep (``history`` is not written)."""
         from ray.tune.schedulers import FIFOScheduler
 
         return FIFOScheduler()
