@@ -1,11 +1,12 @@
 """How noisy the tuning objective is: KID (the default objective) and FID on the classifier's features, for one trained
 model over sampling seeds, against the gap between two samplers of the same model (all σ levels vs the 6 largest
-dropped; --drop 6 9 12 measures several such pairs, one row each, against the same A). Trials evaluate with the same seed, so the paired gap (same seed for A and B) is what tuning sees; with one
-seed the two samplers share their last steps' noise (ncsn.sampling's common random numbers), and the column "sd of the
-gap, B on other seeds" is the same comparison without that sharing, measured side by side. The last column compares one
-evaluation's bootstrap standard deviation with the spread over seeds. The confirmation stage
-compares trials by the mean of --confirm-seeds paired gaps: its column is that mean's sd / gap (the paired sd / √k), and,
-with at least 2k seeds, the sd measured over disjoint groups of k seeds.
+dropped; --drop 6 9 12 measures several such pairs, one row each, against the same A). Trials evaluate with the same
+seed, so the paired gap (same seed for A and B) is what tuning sees; with one seed the two samplers share their last
+steps' noise (ncsn.sampling's common random numbers), and the column "sd of the gap, B on other seeds" is the same
+comparison without that sharing, measured side by side. The last column compares one evaluation's bootstrap standard
+deviation with the spread over seeds. The confirmation stage compares trials by the mean of --confirm-seeds paired
+gaps: its column is that mean's sd / gap (the paired sd / √k), and, with at least 2k seeds, the sd measured over
+disjoint groups of k seeds.
 
 Usage: python bench/objective_noise.py --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits
 (`make demo` writes both) [--sizes 250 1000] [--seeds 6] [--drop 6] [--confirm-seeds 3]
