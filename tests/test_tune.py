@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
-from pipelines.train import run_training
+from pipelines.train import prepare
 from pipelines.tune import run_tuning
 from tests.servers import only_ray_instance
 
@@ -132,13 +132,17 @@ def test_parent_and_child_mlflow_runs_are_nested_with_params_curves_and_results(
     assert {"tune/tune_results.csv", "tune/plots", "tune/best"} <= artifacts
 
 
-def test_best_config_loads_and_trains(tuned, tmp_path, digits_shards):
+def test_best_config_holds_the_confirmed_best_schedule_and_passes_trainings_checks(tuned, tmp_path, digits_shards):
+    # The YAML spells out the confirmed best trial's schedule and sampler (no longer `recommend`), and it passes every check
+    # training makes on the driver against the shards (a config that passes them trains: test_train_ray.py)
     run_dir, _, _ = tuned
-    cfg = load_config(run_dir / "tune" / "best_config.yaml", [f"run_dir={tmp_path}", "train.steps=5", "train.log_every=5",
-                                                               "train.checkpoint_every=5", "train.sample_every=5"])
+    best = min((r for r in _rows(run_dir) if r["confirmed_mean"] != ""), key=lambda r: float(r["confirmed_mean"]))
+    cfg = load_config(run_dir / "tune" / "best_config.yaml", [f"run_dir={tmp_path}"])
     assert not cfg.schedule.recommend
-    result = run_training(cfg, digits_shards)
-    assert result.metrics["step"] == 5 and len(result.schedule.sigmas) == cfg.schedule.num_levels
+    schedule = prepare(cfg, digits_shards).schedule
+    assert len(schedule.sigmas) == int(best["num_levels"]) and schedule.steps_per_level == int(best["steps_per_level"])
+    assert (schedule.sigmas[0], schedule.sigmas[-1], schedule.eps) == pytest.approx((float(best["sigma_max"]), float(best["sigma_min"]),
+                                                                                    float(best["eps"])))
 
 
 def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards, eval_cache):
