@@ -12,6 +12,7 @@ from data_prep.loader import make_loader
 from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
 from data_prep.sources import Cifar10Source, ImageFolderSource, MnistSource, SourceError, open_source
 from tests.datasets import write_cifar10_tarball, write_image_folder, write_mnist
+from tests.servers import joining_env
 from data_prep.loader import _decode_png
 
 
@@ -124,11 +125,10 @@ def test_shard_cli_fails_with_one_line_reason(tmp_path):
     assert out.stderr.strip().splitlines() == [f"ncsn-pipeline shard: error: CIFAR-10 tarball {tmp_path / 'nope.tar.gz'} does not exist (expected cifar-10-python.tar.gz)"]
 
 
-@pytest.mark.cluster  # the CLI starts its own Ray
-def test_shard_cli_digits_summary_line(tmp_path):
+def test_shard_cli_digits_summary_line(tmp_path, ray_local):
     cli = Path(sys.executable).parent / "ncsn-pipeline"
     out = subprocess.run([str(cli), "shard", "--source", "digits", "--output", str(tmp_path / "d"), "--workers", "2", "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=joining_env())  # the tests' Ray, as on a cluster
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("wrote 1797 images in 3 shards")  # train 1000 + 500, test 297 and "images/s" in out.stdout
 
