@@ -112,6 +112,18 @@ def trained_digits():
 
 
 @pytest.fixture(scope="session")
+def trained_digits_samples(trained_digits) -> torch.Tensor:
+    """500 samples of the trained digits model in [0, 1] (N, 1, 8, 8): annealed Langevin with its schedule, seed 0, in
+    this process; judged by test_digits_quality.py and scored by the evaluator in test_sample_evaluate.py."""
+    from ncsn.sampling import annealed_langevin_dynamics
+
+    model, schedule, _ = trained_digits
+    gen = torch.Generator().manual_seed(0)
+    return annealed_langevin_dynamics(model, torch.rand(500, 1, 8, 8, generator=gen), schedule.tensor(), schedule.eps,
+                                      schedule.steps_per_level, denoise=True, generator=gen).samples
+
+
+@pytest.fixture(scope="session")
 def eval_cache(tmp_path_factory) -> Path:
     """One evaluation.cache_dir for the session's pipeline and tuning runs: the feature classifier trains once per shard set
     (the tests of the classifier itself build their own)."""

@@ -14,12 +14,10 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from data_prep.sources import DigitsSource
-from ncsn.sampling import annealed_langevin_dynamics
 
 BAR = 0.72  # mean max-probability: the trained model's samples reach it, a fitted Gaussian's do not
 
@@ -53,12 +51,8 @@ def test_the_judge_passes_real_digits_and_fails_a_fitted_gaussian(classifier):
 
 
 @pytest.mark.slow
-def test_trained_ncsn_samples_are_recognisable_digits(classifier, trained_digits):
-    model, schedule, _ = trained_digits
-    gen = torch.Generator().manual_seed(0)
-    samples = annealed_langevin_dynamics(model, torch.rand(500, 1, 8, 8, generator=gen), schedule.tensor(), schedule.eps,
-                                         schedule.steps_per_level, denoise=True, generator=gen).samples
-    max_prob, classes = _judge(samples.clamp(0, 1).numpy(), classifier)
+def test_trained_ncsn_samples_are_recognisable_digits(classifier, trained_digits_samples):
+    max_prob, classes = _judge(trained_digits_samples.clamp(0, 1).numpy(), classifier)
     print(f"digits quality: mean max-probability {max_prob:.3f}, classes with >= 3%: {classes}")
     assert max_prob >= BAR
     assert classes >= 8
