@@ -125,8 +125,8 @@ def trained_digits_samples(trained_digits) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def eval_cache(tmp_path_factory) -> Path:
-    """One evaluation.cache_dir for the session's pipeline and tuning runs: the feature classifier trains once per shard set
-    (the tests of the classifier itself build their own)."""
+    """One evaluation.cache_dir for the session's pipeline, tuning and evaluation tests: the feature classifier trains once
+    per shard set (its own test trains a second one beside it, in a cache of its own)."""
     return tmp_path_factory.mktemp("eval_cache")
 
 

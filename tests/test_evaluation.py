@@ -127,22 +127,22 @@ def test_confirmation_candidates_are_the_top_trials_with_a_checkpoint_and_recomm
 
 
 # ---------------------------------------------------------------- on the digits shards
-def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path):
+def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path, eval_cache):
     from pipelines.evaluate import Evaluator
 
-    evaluator = Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "a", resamples=20)
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=eval_cache, resamples=20)  # the session's (trained once)
     assert evaluator.info["classifier_test_accuracy"] >= 0.97
     assert (evaluator.reference_features()["features"].std(0) > 0).all()  # no dead features
-    twin = Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "b", resamples=20)  # rebuilt from the same seed
+    twin = Evaluator(digits_shards, "classifier", cache_dir=tmp_path, resamples=20)  # trained again, from the same seed
     assert twin.extractor_id == evaluator.extractor_id  # same weights, same digest (the cache key and the metrics' record)
     images = evaluator.reference[:50]
     assert np.array_equal(twin.features(images)["features"], evaluator.features(images)["features"])
 
 
-def test_baselines_same_split_floor_covers_zero_and_the_gaussian_is_separated(digits_shards, tmp_path):
+def test_baselines_same_split_floor_covers_zero_and_the_gaussian_is_separated(digits_shards, eval_cache):
     from pipelines.evaluate import Evaluator
 
-    evaluator = Evaluator(digits_shards, "classifier", cache_dir=tmp_path, resamples=100)
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=eval_cache, resamples=100)
     base = evaluator.baselines(250)
     floor, gaussian = base["same_split_floor"], base["gaussian"]
     assert floor.kid.low <= 0 <= floor.kid.high
@@ -151,10 +151,10 @@ def test_baselines_same_split_floor_covers_zero_and_the_gaussian_is_separated(di
     assert evaluator.baselines(250) == base  # cached
 
 
-def test_sets_larger_than_the_bootstrap_rows_use_all_rows_for_the_values(digits_shards, tmp_path, monkeypatch):
+def test_sets_larger_than_the_bootstrap_rows_use_all_rows_for_the_values(digits_shards, eval_cache, monkeypatch):
     import pipelines.evaluate as evaluate
 
-    evaluator = evaluate.Evaluator(digits_shards, "classifier", cache_dir=tmp_path, resamples=20)
+    evaluator = evaluate.Evaluator(digits_shards, "classifier", cache_dir=eval_cache, resamples=20)
     images = evaluator.reference[:250]
     exact = evaluator.evaluate(images)
     monkeypatch.setattr(evaluate, "BOOTSTRAP_ROWS", 100)  # as 50 000 samples against 10 000 would be
@@ -164,14 +164,14 @@ def test_sets_larger_than_the_bootstrap_rows_use_all_rows_for_the_values(digits_
     assert large.fid.high - large.fid.low > exact.fid.high - exact.fid.low  # the widths of a 100-row subset: wider
 
 
-def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path):
+def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path, eval_cache):
     source = DigitsSource()
     folder = tmp_path / "pngs"
     (folder / "nested").mkdir(parents=True)
     for i, record in enumerate(source.read("train", 0, 40)):
         Image.fromarray(record.image[..., 0]).convert("RGB").save(folder / ("nested" if i % 2 else "") / f"{i:03d}.png")
     out = subprocess.run([CLI, "evaluate", "--samples", str(folder), "--reference", digits_shards, "--no-baselines",
-                          "--cache-dir", str(tmp_path / "cache"), "--resamples", "20", "--output", str(tmp_path / "r.json")],
+                          "--cache-dir", str(eval_cache), "--resamples", "20", "--output", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
@@ -179,7 +179,7 @@ def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path):
     assert "kid " in out.stdout and "model (40 vs 297)" in out.stdout
     Image.new("RGB", (16, 16)).save(folder / "big.png")
     bad = subprocess.run([CLI, "evaluate", "--samples", str(folder), "--reference", digits_shards, "--no-baselines",
-                          "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+                          "--cache-dir", str(eval_cache)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith(f"ncsn-pipeline evaluate: error: {folder}: images of 2 different sizes")
 
