@@ -3,12 +3,13 @@
 A classifier trained on the held-out real digits (never seen by the score network) judges 500 samples:
 mean max-probability ≥ 0.72 and at least 8 of 10 classes with ≥ 3% each. For scale, with this judge: the 1500
 real training digits score 0.91; 500 samples of a Gaussian fitted to the data 0.62-0.65 (six draws; it fails); the
-recipe's model (lr 1e-3, grad_clip 10) 0.80 (this test: seed 0, one thread); lr 2e-3 with clipping gave 0.78-0.81 for
-seeds 0-2 (bench/digits_recipe.py has the recipes' KIDs). The bar sits between the two. Before the recipe clipped
-gradients its model scored 0.69-0.76, and the bar was 0.67; unclipped, the network could also collapse to a zero
-score. The judge's regularisation is fixed (C = 10): chosen by cross-validation on the 297 stratified held-out
-images it came out C = 0.3, so soft that real digits scored 0.66. (The bar was 0.8 for the previous split and a cross-validated judge; with this judge the model
-sits nearer the Gaussian than the real digits, which KID says too: 0.07 against a real-data floor of 0.)
+recipe's model (lr 1e-3, grad_clip 10) 0.80 (this test: the model trained on one thread, conftest's 500 samples on
+seed 0); lr 2e-3 with clipping gave 0.78-0.81 for seeds 0-2 (bench/digits_recipe.py has the recipes' KIDs). The bar
+sits between the two. Before the recipe clipped gradients its model scored 0.69-0.76, and the bar was 0.67; unclipped,
+the network could also collapse to a zero score. The judge's regularisation is fixed (C = 10): chosen by
+cross-validation on the 297 stratified held-out images it came out C = 0.3, so soft that real digits scored 0.66. (The
+bar was 0.8 for the previous split and a cross-validated judge; with this judge the model sits nearer the Gaussian than
+the real digits, which KID says too: 0.07 against a real-data floor of 0.)
 """
 import warnings
 
