@@ -12,9 +12,11 @@ import queue
 import tempfile
 import threading
 import time
+import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from data_prep.shard import manifest_digest
 from ncsn.checkpoint import Checkpoint, save_checkpoint
@@ -48,6 +50,20 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+@contextmanager
+def _fluent_tracking(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) aimed at ``uri`` for a while; the process's tracking URI (and
+    $MLFLOW_TRACKING_URI, which mlflow.set_tracking_uri also sets) is put back after."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -255,9 +271,9 @@ def sync_metrics(uri: str, run_id: str, metrics_file: Path, up_to_step: int | No
     return len(rows)
 
 
-def _as_metrics(row: dict, metric_cls) -> list:
-    now = int(time.time() * 1000)
-    return [metric_cls(k, float(v), now, row["step"]) for k, v in row.items() if k != "step"]
+def _as_metrics(row: dict, metric_cls, timestamp: int | None = None) -> list:
+    timestamp = timestamp or int(time.time() * 1000)
+    return [metric_cls(k, float(v), timestamp, row["step"]) for k, v in row.items() if k != "step"]
 
 
 def start_system_metrics(uri: str, run_id: str, node_id: str | None = None):
@@ -278,7 +294,8 @@ class RunLogger:
     """Rank 0's MLflow logger: calls queue up and a thread sends them in order, retrying while the server is away.
 
     ``metrics.jsonl`` is written at once (it is the record); MLflow gets each step once, the first time it is
-    logged: after a restore, steps between the checkpoint and the failure keep the values first sent.
+    logged: after a restore, steps between the checkpoint and the failure keep the values first sent. A call that
+    failed is retried only after asking MLflow whether it landed anyway (the answer, not the request, was lost).
     """
 
     def __init__(self, uri: str, run_id: str, run_dir: Path, resumed_step: int = 0, retry_seconds: float = 10.0):
@@ -294,6 +311,7 @@ class RunLogger:
 
     def log_metrics(self, row: dict) -> None:
         """Append ``row`` (with its "step") to metrics.jsonl now, and queue it for MLflow."""
+        timestamp = int(time.time() * 1000)  # when training logged it, also if an outage delays the sending
         with open(self.metrics_file, "a+b") as f:  # appends go to the end whatever the read position
             size = f.seek(0, os.SEEK_END)
             if size:
@@ -301,20 +319,26 @@ class RunLogger:
                 if f.read(1) != b"\n":
                     f.write(b"\n")  # a line a crash cut short stays on its own (read_metric_rows leaves it out)
             f.write((json.dumps(row) + "\n").encode())
-        self._submit(lambda: self._send_row(row))
+        self._submit(lambda: self._send_row(row, timestamp), landed=lambda: self._has_step(row["step"]))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._submit(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """An image file as MLflow's image ``key`` at ``step`` (the UI's image grid with a step slider)."""
+        timestamp = int(time.time() * 1000)  # part of the file's name in MLflow, so it can be found again
+
         def send() -> None:
             from PIL import Image
 
             with Image.open(path) as image:
                 image.load()
-                self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
-        self._submit(send)
+                self._client.log_image(self.run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
+
+        def landed() -> bool:  # MLflow names it images/<key>+step+<step>+timestamp+<timestamp>+<uuid>.png
+            prefix = f"images/{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+"
+            return any(a.path.startswith(prefix) and a.path.endswith(".png") for a in self._client.list_artifacts(self.run_id, "images"))
+        self._submit(send, landed)
 
     def set_tag(self, key: str, value: str) -> None:
         self._submit(lambda: self._client.set_tag(self.run_id, key, value))
@@ -324,21 +348,23 @@ class RunLogger:
 
     def log_model(self, ckpt: Checkpoint, name: str = "model", register_as: str | None = None) -> None:
         """The final model as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the
-        ``ncsn`` package and the checkpoint as an artifact: loading it unpickles nothing)."""
+        ``ncsn`` package and the checkpoint as an artifact: loading it unpickles nothing); registered as ``register_as``."""
+        tags = {"ncsn.log_id": uuid.uuid4().hex}  # finds this model again when an outage hid whether it was logged
+
         def send() -> None:
             import mlflow
             import ncsn
 
-            mlflow.set_tracking_uri(self.uri)
-            with (tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id, log_system_metrics=False),
-                  warnings.catch_warnings()):
+            with (_fluent_tracking(self.uri), tempfile.TemporaryDirectory() as tmp,
+                  mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings()):
                 warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time)
                 checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
                 mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
                                         artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
-                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config),
-                                        registered_model_name=register_as)
-        self._submit(send)
+                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config), tags=tags)
+        self._submit(send, landed=lambda: self._logged_model(name, tags) is not None)
+        if register_as:
+            self._submit(lambda: self._register(name, tags, register_as), landed=lambda: self._registered(name, tags, register_as))
 
     def close(self, timeout: float = 60.0) -> bool:
         """Wait up to ``timeout`` s for queued calls; returns False (and says how to re-sync) if some remain."""
@@ -350,8 +376,9 @@ class RunLogger:
             return False
         return True
 
-    def _submit(self, call: Callable[[], None]) -> None:
-        self._queue.put(call)
+    def _submit(self, call: Callable[[], None], landed: Callable[[], bool] | None = None) -> None:
+        """Queue ``call``; ``landed`` (asked before a retry) says whether a failed attempt reached MLflow after all."""
+        self._queue.put((call, landed))
 
     def _resync(self, resumed_step: int) -> None:
         self._sent = logged_metric_steps(self._client, self.run_id)
@@ -359,22 +386,49 @@ class RunLogger:
             sync_metrics(self.uri, self.run_id, self.metrics_file, up_to_step=resumed_step)
             self._sent = logged_metric_steps(self._client, self.run_id)
 
-    def _send_row(self, row: dict) -> None:
+    def _send_row(self, row: dict, timestamp: int) -> None:
         from mlflow.entities import Metric
 
         if row["step"] in self._sent:
             return
-        self._client.log_batch(self.run_id, metrics=_as_metrics(row, Metric))
+        self._client.log_batch(self.run_id, metrics=_as_metrics(row, Metric, timestamp))
         self._sent.add(row["step"])
+
+    def _has_step(self, step: int) -> bool:
+        self._sent = logged_metric_steps(self._client, self.run_id)
+        return step in self._sent
+
+    def _logged_model(self, name: str, tags: dict[str, str]):
+        """The READY logged model ``name`` of this run that carries ``tags``, or None."""
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        models = self._client.search_logged_models([experiment], filter_string=f"source_run_id = '{self.run_id}'")
+        return next((m for m in models if m.name == name and m.status == "READY" and tags.items() <= m.tags.items()), None)
+
+    def _register(self, name: str, tags: dict[str, str], register_as: str) -> None:
+        import mlflow
+
+        model = self._logged_model(name, tags)
+        if model is None:
+            raise RuntimeError(f"model {name!r} of run {self.run_id} was not logged, so it is not registered as {register_as!r}")
+        with _fluent_tracking(self.uri):
+            mlflow.register_model(f"models:/{model.model_id}", register_as)
+
+    def _registered(self, name: str, tags: dict[str, str], register_as: str) -> bool:
+        model = self._logged_model(name, tags)
+        versions = self._client.search_model_versions(f"name = '{register_as}'") if model is not None else []
+        return any(v.source == f"models:/{model.model_id}" for v in versions)
 
     def _run(self) -> None:
         while True:
-            call = self._queue.get()
-            if call is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            call, landed = item
+            retry = False
             while True:
                 try:
-                    call()
+                    if not (retry and landed is not None and landed()):
+                        call()
                     if self._down_since is not None:
                         log.warning("MLflow at %s is reachable again after %.0f s; queued records sent", self.uri, time.time() - self._down_since)
                         self._down_since = None
@@ -388,6 +442,7 @@ class RunLogger:
                         log.warning("MLflow at %s failed (%s: %s); training continues, metrics stay in %s and are re-sent "
                                     "when it answers", self.uri, type(err).__name__, str(err).splitlines()[0][:200], self.metrics_file)
                     time.sleep(self.retry_seconds)
+                    retry = True
 
 
 _OUTAGE_SIGNS = ("max retries exceeded", "connection refused", "connection aborted", "timed out", "temporarily unavailable",

@@ -194,3 +194,83 @@ def logged_image_steps(client, run_id: str, key: str) -> list[int]:
     MLflow gives them (images/<key>+step+<step>+timestamp+…png)."""
     names = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     return sorted(int(n.split("+step+")[1].split("+")[0]) for n in names if n.startswith(f"images/{key.replace('/', '~')}+step+"))
+
+
+class AnswerLosingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a server the test started. Each rule given to ``lose_answer`` fires once:
+    the first request it matches reaches the server, but its answer is dropped and for ``down_s`` seconds every
+    request is dropped unanswered, as when a server dies right after storing a record. ``lost`` lists the requests
+    whose answers were lost."""
+
+    def __init__(self, upstream_port: int, down_s: float = 1.0):
+        import http.server
+        import threading
+
+        self.upstream_port, self.down_s = upstream_port, down_s
+        self.rules: list[tuple[str, str]] = []
+        self.lost: list[str] = []
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", ""):
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []  # requests sends an empty file chunked
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+
+            def _forward(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    if time.monotonic() < proxy._down_until:
+                        self.close_connection = True
+                        return
+                    rule = next((r for r in proxy.rules if r[0] == self.command and r[1] in self.path), None)
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                hop = ("host", "connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                content = answer.read()
+                upstream.close()
+                if rule is not None:
+                    with proxy._lock:
+                        proxy.rules.remove(rule)
+                        proxy.lost.append(f"{self.command} {self.path}")
+                        proxy._down_until = time.monotonic() + proxy.down_s
+                    self.close_connection = True
+                    return
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def lose_answer(self, method: str, path_part: str) -> None:
+        """Lose the answer to the next ``method`` request whose path holds ``path_part``."""
+        with self._lock:
+            self.rules.append((method, path_part))
+
+    def start(self) -> "AnswerLosingProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,5 +1,6 @@
 """MLflow tracking: a tracking server that goes away mid-training costs nothing, and what it missed is re-sent."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -7,11 +8,15 @@ import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from ncsn.checkpoint import Checkpoint
+from ncsn.models import ModelConfig, ScoreNetwork
+from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
-from pipelines.tracking import METRICS_FILE, RUN_FILE, flatten
+from pipelines.tracking import METRICS_FILE, RUN_FILE, RunLogger, flatten
 from pipelines.train import run_training
-from tests.servers import MlflowServer, logged_image_steps
+from tests.servers import AnswerLosingProxy, MlflowServer, logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -101,3 +106,42 @@ def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tm
     for run_id in (first, second):
         (logged,) = client.get_run(run_id).inputs.dataset_inputs
         assert logged.dataset.name == "digits" and [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+
+
+def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatch):
+    """The server stores a metric row, an image, the model, its registration, then dies before answering each: the
+    retry asks MLflow first, so each is there once; the metrics keep the time training logged them."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the failure reaches RunLogger at once, not after urllib3's retries
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    server = MlflowServer(tmp_path / "mlflow").start()
+    proxy = AnswerLosingProxy(server.port).start()
+    try:
+        client = MlflowClient(server.uri)
+        run_id = client.create_run(client.create_experiment("lost-answers")).info.run_id
+        for method, path in (("POST", "/runs/log-batch"), ("PUT", ".png"), ("PATCH", "/logged-models/"), ("POST", "/model-versions/create")):
+            proxy.lose_answer(method, path)
+        grid = tmp_path / "grid.png"
+        Image.new("L", (8, 8), 128).save(grid)
+        sigmas = geometric_sigmas(1.0, 0.01, 3)
+        config = ModelConfig("ncsn", 8, 1, 8)
+        logger = RunLogger(proxy.uri, run_id, tmp_path, retry_seconds=0.2)
+        before = int(time.time() * 1000)
+        logger.log_metrics({"step": 5, "loss": 2.0})
+        after = int(time.time() * 1000)
+        logger.log_image(grid, "samples", 5)
+        logger.log_metrics({"step": 10, "loss": 1.0})
+        final = Checkpoint(config, Schedule(sigmas, 2e-5, 2), ScoreNetwork(config, sigmas).state_dict(), step=10)
+        logger.log_model(final, register_as="lost-answers")
+        assert logger.close(timeout=120)
+        assert len(proxy.lost) == 4, proxy.lost  # each rule fired: four records stored whose answers never came
+        history = client.get_metric_history(run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(5, 2.0), (10, 1.0)]
+        assert before <= history[0].timestamp <= after  # the time of logging, not of the re-send after the outage
+        assert logged_image_steps(client, run_id, "samples") == [5]
+        (model,) = client.search_logged_models([client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        assert model.status == "READY"
+        assert [v.source for v in client.search_model_versions("name = 'lost-answers'")] == [f"models:/{model.model_id}"]
+        assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model left the process's tracking URI as it was
+    finally:
+        proxy.stop()
+        server.stop()
