@@ -147,9 +147,9 @@ def test_best_config_holds_the_confirmed_best_schedule_and_passes_trainings_chec
 
 def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards, eval_cache):
     _, schedule, checkpoint = trained_digits
-    cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=100",
-                                                         "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=100",
-                                                         "tune.steps_per_level=[2,5]", "tracking.system_metrics=false",
+    cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=60",
+                                                         "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=60",
+                                                         "tune.steps_per_level=[2,3]", "tracking.system_metrics=false",
                                                          f"evaluation.cache_dir={eval_cache}"])
     summary = run_tuning(cfg, digits_shards, checkpoint=str(checkpoint))
     rows = summary.rows
