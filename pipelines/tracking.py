@@ -355,6 +355,8 @@ class RunLogger:
             import mlflow
             import ncsn
 
+            for unfinished in self._models(name, tags, "PENDING"):  # an attempt the outage cut short shows as failed
+                self._client.finalize_logged_model(unfinished.model_id, "FAILED")
             with (_fluent_tracking(self.uri), tempfile.TemporaryDirectory() as tmp,
                   mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings()):
                 warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time)
@@ -362,7 +364,7 @@ class RunLogger:
                 mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
                                         artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
                                         pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config), tags=tags)
-        self._submit(send, landed=lambda: self._logged_model(name, tags) is not None)
+        self._submit(send, landed=lambda: bool(self._models(name, tags, "READY")))
         if register_as:
             self._submit(lambda: self._register(name, tags, register_as), landed=lambda: self._registered(name, tags, register_as))
 
@@ -398,25 +400,24 @@ class RunLogger:
         self._sent = logged_metric_steps(self._client, self.run_id)
         return step in self._sent
 
-    def _logged_model(self, name: str, tags: dict[str, str]):
-        """The READY logged model ``name`` of this run that carries ``tags``, or None."""
+    def _models(self, name: str, tags: dict[str, str], status: str) -> list:
+        """This run's logged models ``name`` that carry ``tags`` and have ``status`` (one per attempt to log it)."""
         experiment = self._client.get_run(self.run_id).info.experiment_id
         models = self._client.search_logged_models([experiment], filter_string=f"source_run_id = '{self.run_id}'")
-        return next((m for m in models if m.name == name and m.status == "READY" and tags.items() <= m.tags.items()), None)
+        return [m for m in models if m.name == name and m.status == status and tags.items() <= m.tags.items()]
 
     def _register(self, name: str, tags: dict[str, str], register_as: str) -> None:
         import mlflow
 
-        model = self._logged_model(name, tags)
-        if model is None:
+        logged = self._models(name, tags, "READY")
+        if not logged:
             raise RuntimeError(f"model {name!r} of run {self.run_id} was not logged, so it is not registered as {register_as!r}")
         with _fluent_tracking(self.uri):
-            mlflow.register_model(f"models:/{model.model_id}", register_as)
+            mlflow.register_model(f"models:/{logged[0].model_id}", register_as)
 
     def _registered(self, name: str, tags: dict[str, str], register_as: str) -> bool:
-        model = self._logged_model(name, tags)
-        versions = self._client.search_model_versions(f"name = '{register_as}'") if model is not None else []
-        return any(v.source == f"models:/{model.model_id}" for v in versions)
+        sources = {f"models:/{m.model_id}" for m in self._models(name, tags, "READY")}
+        return any(v.source in sources for v in self._client.search_model_versions(f"name = '{register_as}'")) if sources else False
 
     def _run(self) -> None:
         while True:

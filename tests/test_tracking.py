@@ -109,8 +109,9 @@ def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tm
 
 
 def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatch):
-    """The server stores a metric row, an image, the model, its registration, then dies before answering each: the
-    retry asks MLflow first, so each is there once; the metrics keep the time training logged them."""
+    """The server stores a metric row, an image, a file of the model, the finished model and its registration, then dies
+    before answering each: the retry asks MLflow first, so each is there once (the model cut short shows as failed);
+    the metrics keep the time training logged them."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the failure reaches RunLogger at once, not after urllib3's retries
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     server = MlflowServer(tmp_path / "mlflow").start()
@@ -118,7 +119,11 @@ def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatc
     try:
         client = MlflowClient(server.uri)
         run_id = client.create_run(client.create_experiment("lost-answers")).info.run_id
-        for method, path in (("POST", "/runs/log-batch"), ("PUT", ".png"), ("PATCH", "/logged-models/"), ("POST", "/model-versions/create")):
+        # a model file: the attempt fails, and its retry finalizes the unfinished model as FAILED (the first PATCH) before
+        # logging it again, which ends with the second PATCH (READY)
+        lost = (("POST", "/runs/log-batch"), ("PUT", ".png"), ("PUT", "/artifacts/MLmodel"), ("PATCH", "/logged-models/"),
+                ("PATCH", "/logged-models/"), ("POST", "/model-versions/create"))
+        for method, path in lost:
             proxy.lose_answer(method, path)
         grid = tmp_path / "grid.png"
         Image.new("L", (8, 8), 128).save(grid)
@@ -133,13 +138,14 @@ def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatc
         final = Checkpoint(config, Schedule(sigmas, 2e-5, 2), ScoreNetwork(config, sigmas).state_dict(), step=10)
         logger.log_model(final, register_as="lost-answers")
         assert logger.close(timeout=120)
-        assert len(proxy.lost) == 4, proxy.lost  # each rule fired: four records stored whose answers never came
+        assert len(proxy.lost) == len(lost), proxy.lost  # each rule fired: records stored whose answers never came
         history = client.get_metric_history(run_id, "loss")
         assert [(m.step, m.value) for m in history] == [(5, 2.0), (10, 1.0)]
         assert before <= history[0].timestamp <= after  # the time of logging, not of the re-send after the outage
         assert logged_image_steps(client, run_id, "samples") == [5]
-        (model,) = client.search_logged_models([client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-        assert model.status == "READY"
+        models = client.search_logged_models([client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        assert sorted(m.status for m in models) == ["FAILED", "READY"]  # the attempt cut short, the one that finished
+        model = next(m for m in models if m.status == "READY")
         assert [v.source for v in client.search_model_versions("name = 'lost-answers'")] == [f"models:/{model.model_id}"]
         assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model left the process's tracking URI as it was
     finally:
