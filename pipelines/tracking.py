@@ -417,7 +417,7 @@ class RunLogger:
 
     def _registered(self, name: str, tags: dict[str, str], register_as: str) -> bool:
         sources = {f"models:/{m.model_id}" for m in self._models(name, tags, "READY")}
-        return any(v.source in sources for v in self._client.search_model_versions(f"name = '{register_as}'")) if sources else False
+        return bool(sources) and any(v.source in sources for v in self._client.search_model_versions(f"name = '{register_as}'"))
 
     def _run(self) -> None:
         while True:
