@@ -1,12 +1,14 @@
 """Servers tests start on loopback and stop themselves: the in-process local Ray, an MLflow tracking server (sqlite
-backend)."""
+backend), an S3-compatible server, a proxy that loses answers."""
 from __future__ import annotations
 
 import http.client
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,9 +205,6 @@ class AnswerLosingProxy:
     whose answers were lost."""
 
     def __init__(self, upstream_port: int, down_s: float = 1.0):
-        import http.server
-        import threading
-
         self.upstream_port, self.down_s = upstream_port, down_s
         self.rules: list[tuple[str, str]] = []
         self.lost: list[str] = []
