@@ -30,7 +30,7 @@ from ncsn.sigmas import bound_factors, farthest, principal_basis, scan_pairs, sq
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "ncsn-pipeline/shards/2"  # 2: exact max pairwise distance (1 sampled 2000 images)
+FORMAT = "ncsn-pipeline/shards/3"  # 3: a validation split held out of the training pool; 2: exact max pairwise distance
 
 
 class ShardError(RuntimeError):
@@ -358,6 +358,7 @@ def _build_manifest(options: ShardOptions, fingerprint: dict, source: Source, pl
         "channels": shape[-1] if shape else None,
         "classes": source.classes,
         "test_split": source.split_rule,
+        "validation_split": source.validation_rule,
         "total_count": sum(s["count"] for s in splits.values()),
         "splits": splits,
         "fingerprint": fingerprint,

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+POOLS = ("train", "test")  # a data set's own splits; the validation split is held out of its training pool
 
 
 class SourceError(ValueError):
@@ -33,21 +34,67 @@ class Record:
 
 
 class Source:
-    """A data set with a train and a test split, readable by index range."""
+    """A data set with train, validation and test splits, readable by index range. Subclasses describe their own two
+    pools (``pool_size``, ``pool_labels``, ``record``: the official train and test splits, or a held-out test rule); the
+    validation split is drawn from the training pool here: stratified by label (seeded) when there are labels, else by a
+    hash of the record's key, so training never sees it and tuning can select on it while the test split judges."""
 
     name: str = ""
     classes: list[str] | None = None
     split_rule: str = "the data set's official test split"  # recorded in the manifest
+    validation_fraction: float = 0.1  # of the training pool
+    validation_seed: int = 0
 
-    def count(self, split: str) -> int:
+    def pool_size(self, pool: str) -> int:
         raise NotImplementedError
 
-    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+    def pool_labels(self, pool: str) -> np.ndarray | None:
+        """Every label of ``pool`` in order (cheap: no image decoded), or None for an unlabelled data set."""
+        raise NotImplementedError
+
+    def record(self, pool: str, i: int) -> Record:
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
         """What identifies the input (paths, sizes, modification times); a change means re-sharding."""
         raise NotImplementedError
+
+    def validation_size(self) -> int:
+        return round(self.validation_fraction * self.pool_size("train"))
+
+    @property
+    def validation_rule(self) -> str:
+        """How the validation split was drawn (recorded in the manifest)."""
+        how = (f"stratified by label, seed {self.validation_seed}" if self.pool_labels("train") is not None
+               else "chosen by the SHA-256 of each image's key")
+        return f"{self.validation_size()} of the {self.pool_size('train')} training-pool images held out ({how}); never trained on"
+
+    def _indices(self, split: str) -> np.ndarray:
+        """Indices into the pool behind ``split``, in pool order."""
+        _check_split(split)
+        if split == "test":
+            return np.arange(self.pool_size("test"))
+        if not hasattr(self, "_held"):
+            n, k, labels = self.pool_size("train"), self.validation_size(), self.pool_labels("train")
+            if labels is not None:
+                held = stratified_indices(labels, k, self.validation_seed)
+            else:  # the k pool records of smallest key hash: stable under reordering, no image decoded
+                keys = [self.record_key("train", i) for i in range(n)]
+                held = np.sort(np.argsort([hashlib.sha256(f"validation:{key}".encode()).digest() for key in keys], kind="stable")[:k])
+            self._held = (np.setdiff1d(np.arange(n), held), held)
+        return self._held[split == "validation"]
+
+    def record_key(self, pool: str, i: int) -> str:
+        """The key of record ``i`` of ``pool`` without reading its image (unlabelled sources override it)."""
+        return self.record(pool, i).key
+
+    def count(self, split: str) -> int:
+        return len(self._indices(split))
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
+        pool = "test" if split == "test" else "train"
+        for i in self._indices(split)[start:stop]:
+            yield self.record(pool, int(i))
 
 
 def _check_split(split: str) -> None:
@@ -61,23 +108,24 @@ def _file_fingerprint(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- digits (offline default)
-def stratified_test_indices(labels: np.ndarray, n_test: int, seed: int) -> np.ndarray:
-    """A seeded, stratified held-out set (sorted indices): each class gives its share of ``n_test`` (largest remainder)."""
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded, stratified held-out set (sorted indices): each class gives its share of ``n`` (largest remainder)."""
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n_test / len(labels)
+    quota = counts * n / len(labels)
     take = np.floor(quota).astype(int)
-    take[np.argsort(take - quota, kind="stable")[: n_test - take.sum()]] += 1
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
 
 
 class DigitsSource(Source):
     """scikit-learn's bundled load_digits: 1797 8×8 digits, 0..16 rescaled to 0..255. It has no official test split:
-    297 images drawn per class in proportion (seeded) are held out, the rest are the training split, each in file order."""
+    297 images drawn per class in proportion (seeded) are held out; of the other 1500, another 297 drawn the same way
+    are the validation split (equal to the test split in size, so the held-out floor compares like with like)."""
 
     name = "digits"
     classes = [str(i) for i in range(10)]
-    n_test, seed = 297, 0
+    n_test, n_validation, seed = 297, 297, 0
     split_rule = f"stratified by label: {n_test} of 1797 images held out, drawn per class in proportion with seed {seed}"
 
     def __init__(self) -> None:
@@ -86,22 +134,26 @@ class DigitsSource(Source):
         digits = load_digits()
         self._images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
         self._labels = digits.target.astype(int)
-        test = stratified_test_indices(self._labels, self.n_test, self.seed)
-        self._index = {"test": test, "train": np.setdiff1d(np.arange(len(self._labels)), test)}
+        test = stratified_indices(self._labels, self.n_test, self.seed)
+        self._pools = {"test": test, "train": np.setdiff1d(np.arange(len(self._labels)), test)}
 
-    def count(self, split: str) -> int:
-        _check_split(split)
-        return len(self._index[split])
+    def validation_size(self) -> int:
+        return self.n_validation
 
-    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
-        _check_split(split)
-        for i in self._index[split][start:stop]:
-            yield Record(f"digits-{i:05d}", self._images[i], int(self._labels[i]))
+    def pool_size(self, pool: str) -> int:
+        return len(self._pools[pool])
+
+    def pool_labels(self, pool: str) -> np.ndarray:
+        return self._labels[self._pools[pool]]
+
+    def record(self, pool: str, i: int) -> Record:
+        j = self._pools[pool][i]
+        return Record(f"digits-{j:05d}", self._images[j], int(self._labels[j]))
 
     def fingerprint(self) -> dict:
         import sklearn
 
-        return {"sklearn": sklearn.__version__, "split": self.split_rule}
+        return {"sklearn": sklearn.__version__, "split": self.split_rule, "validation": self.validation_rule}
 
 
 # ---------------------------------------------------------------- CIFAR-10 python tarball
@@ -183,21 +235,24 @@ class Cifar10Source(Source):
             self._batches = {name: self._parse(name, raw) for name, raw in self._members(set(_CIFAR_BATCHES["train"] + _CIFAR_BATCHES["test"]))}
         return self._batches[member_name]
 
-    def count(self, split: str) -> int:
-        _check_split(split)
-        return sum(len(self._batch(b)[1]) for b in _CIFAR_BATCHES[split])
+    def _pool(self, pool: str) -> tuple[np.ndarray, np.ndarray]:
+        """All images and labels of a pool (its batches concatenated once; the arrays are the batches' own for test)."""
+        if not hasattr(self, "_pools"):
+            self._pools = {}
+        if pool not in self._pools:
+            parts = [self._batch(b) for b in _CIFAR_BATCHES[pool]]
+            self._pools[pool] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return self._pools[pool]
 
-    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
-        _check_split(split)
-        offset = 0
-        for name in _CIFAR_BATCHES[split]:
-            images, labels = self._batch(name)
-            lo, hi = max(start - offset, 0), min(stop - offset, len(labels))
-            for i in range(lo, hi):
-                yield Record(f"cifar10-{split}-{offset + i:05d}", np.ascontiguousarray(images[i]), int(labels[i]))
-            offset += len(labels)
-            if offset >= stop:
-                return
+    def pool_size(self, pool: str) -> int:
+        return len(self._pool(pool)[1])
+
+    def pool_labels(self, pool: str) -> np.ndarray:
+        return self._pool(pool)[1]
+
+    def record(self, pool: str, i: int) -> Record:
+        images, labels = self._pool(pool)
+        return Record(f"cifar10-{pool}-{i:05d}", np.ascontiguousarray(images[i]), int(labels[i]))
 
     def fingerprint(self) -> dict:
         return _file_fingerprint(self.path)
@@ -245,26 +300,27 @@ class MnistSource(Source):
                 return candidate
         raise SourceError(f"MNIST file {stem}[.gz] not found in {self.directory}")
 
-    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        _check_split(split)
-        if split not in self._arrays:
-            img_path, lbl_path = (self._find(s) for s in _MNIST_FILES[split])
+    def _pool(self, pool: str) -> tuple[np.ndarray, np.ndarray]:
+        if pool not in self._arrays:
+            img_path, lbl_path = (self._find(s) for s in _MNIST_FILES[pool])
             images, labels = read_idx(img_path), read_idx(lbl_path)
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise SourceError(f"{img_path} and {lbl_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
-            self._arrays[split] = (images, labels)
-        return self._arrays[split]
+            self._arrays[pool] = (images, labels)
+        return self._arrays[pool]
 
-    def count(self, split: str) -> int:
-        return len(self._split(split)[1])
+    def pool_size(self, pool: str) -> int:
+        return len(self._pool(pool)[1])
 
-    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
-        images, labels = self._split(split)
-        for i in range(start, min(stop, len(labels))):
-            yield Record(f"mnist-{split}-{i:05d}", images[i][..., None], int(labels[i]))
+    def pool_labels(self, pool: str) -> np.ndarray:
+        return self._pool(pool)[1].astype(int)
+
+    def record(self, pool: str, i: int) -> Record:
+        images, labels = self._pool(pool)
+        return Record(f"mnist-{pool}-{i:05d}", images[i][..., None], int(labels[i]))
 
     def fingerprint(self) -> dict:
-        return {s: [_file_fingerprint(self._find(stem)) for stem in _MNIST_FILES[s]] for s in SPLITS}
+        return {pool: [_file_fingerprint(self._find(stem)) for stem in _MNIST_FILES[pool]] for pool in POOLS}
 
 
 # ---------------------------------------------------------------- image folder (CelebA, …)
@@ -289,7 +345,8 @@ class ImageFolderSource(Source):
     """A directory tree of PNG/JPEG files; labels from first-level sub-folders when every image is in one.
 
     ``crop`` takes a centred square of that size, ``resize`` scales to a square (CelebA in NCSN: 140, 64).
-    The test split is a fixed ``test_fraction`` of files chosen by a hash of their relative path.
+    The test pool is a fixed ``test_fraction`` of files chosen by a hash of their relative path; the validation split,
+    ``validation_fraction`` of the rest (stratified by label, else by a hash of the image's key).
     """
 
     name = "image-folder"
@@ -299,29 +356,40 @@ class ImageFolderSource(Source):
         return f"{self.test_fraction:.0%} of files held out, chosen by the SHA-256 of their relative path"
 
     def __init__(self, root: str | os.PathLike, crop: int | None = None, resize: int | None = None,
-                 channels: int = 3, test_fraction: float = 0.1):
+                 channels: int = 3, test_fraction: float = 0.1, validation_fraction: float = 0.1):
         self.root = Path(root)
         if not self.root.is_dir():
             raise SourceError(f"image folder {self.root} does not exist")
         if channels not in (1, 3):
             raise SourceError(f"channels must be 1 or 3, got {channels}")
-        if not 0 <= test_fraction < 1:
-            raise SourceError(f"test_fraction must be in [0, 1), got {test_fraction}")
-        self.crop, self.resize, self.channels, self.test_fraction = crop, resize, channels, test_fraction
+        for name, fraction in (("test_fraction", test_fraction), ("validation_fraction", validation_fraction)):
+            if not 0 <= fraction < 1:
+                raise SourceError(f"{name} must be in [0, 1), got {fraction}")
+        self.crop, self.resize, self.channels = crop, resize, channels
+        self.test_fraction, self.validation_fraction = test_fraction, validation_fraction
         files = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise SourceError(f"image folder {self.root} holds no .png/.jpg/.jpeg files")
         labelled = all(len(f.parts) >= 2 for f in files)
         self.classes = sorted({f.parts[0] for f in files}) if labelled else None
-        self._files = {s: [f for f in files if self._split_of(f) == s] for s in SPLITS}
+        self._files = {pool: [f for f in files if self._pool_of(f) == pool] for pool in POOLS}
 
-    def _split_of(self, rel: Path) -> str:
+    def _pool_of(self, rel: Path) -> str:
         h = int.from_bytes(hashlib.sha256(rel.as_posix().encode()).digest()[:8], "big") / 2**64
         return "test" if h < self.test_fraction else "train"
 
-    def count(self, split: str) -> int:
-        _check_split(split)
-        return len(self._files[split])
+    def pool_size(self, pool: str) -> int:
+        return len(self._files[pool])
+
+    def pool_labels(self, pool: str) -> np.ndarray | None:
+        return np.array([self.classes.index(rel.parts[0]) for rel in self._files[pool]], dtype=int) if self.classes else None
+
+    def record_key(self, pool: str, i: int) -> str:
+        return "img-" + hashlib.sha1(self._files[pool][i].as_posix().encode()).hexdigest()[:16]
+
+    def record(self, pool: str, i: int) -> Record:
+        rel = self._files[pool][i]
+        return Record(self.record_key(pool, i), self.load(rel), self.classes.index(rel.parts[0]) if self.classes else None)
 
     def load(self, rel: Path) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -344,21 +412,14 @@ class ImageFolderSource(Source):
             raise SourceError(f"{path}: not a readable image: {err}") from None
         return arr[..., None] if arr.ndim == 2 else arr
 
-    def read(self, split: str, start: int, stop: int) -> Iterator[Record]:
-        _check_split(split)
-        for rel in self._files[split][start:stop]:
-            label = self.classes.index(rel.parts[0]) if self.classes else None
-            key = "img-" + hashlib.sha1(rel.as_posix().encode()).hexdigest()[:16]
-            yield Record(key, self.load(rel), label)
-
     def fingerprint(self) -> dict:
         listing = hashlib.sha256()
-        for split in SPLITS:
-            for rel in self._files[split]:
+        for pool in POOLS:
+            for rel in self._files[pool]:
                 st = (self.root / rel).stat()
                 listing.update(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return {"root": str(self.root.resolve()), "listing_sha256": listing.hexdigest(), "crop": self.crop,
-                "resize": self.resize, "channels": self.channels, "test_fraction": self.test_fraction}
+        return {"root": str(self.root.resolve()), "listing_sha256": listing.hexdigest(), "crop": self.crop, "resize": self.resize,
+                "channels": self.channels, "test_fraction": self.test_fraction, "validation_fraction": self.validation_fraction}
 
 
 # ---------------------------------------------------------------- factory

@@ -1,17 +1,21 @@
-"""Sample-quality estimators on extracted features, each with a bootstrap confidence interval: Fréchet distance (FID),
-kernel distance (KID, unbiased, on standardised features) and Inception Score. NumPy only; the feature extractors
-(which network, which weights) are the caller's."""
+"""Sample-quality estimators on extracted features: KID (the unbiased MMD² with its own unbiased variance, so its 95%
+interval covers what it claims), and FID and Inception Score with their spread at the counts used (both are biased at
+finite counts, so they get a standard deviation, not an interval). NumPy only; which network made the features, and
+how they are scaled, is the caller's."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+Z95 = 1.959963984540054  # the normal 97.5% quantile
+
 
 @dataclass(frozen=True)
 class Estimate:
-    """A metric's value with the bounds of its confidence interval."""
+    """A value with the bounds of its confidence interval (95% unless the producer says otherwise)."""
 
     value: float
     low: float
@@ -19,6 +23,18 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A biased estimator's value and its standard deviation at the counts it was computed at: how much it moves between
+    draws of that size, not an interval for the population value (which it over- or underestimates)."""
+
+    value: float
+    sd: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.4g} ±{self.sd:.2g}"
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -35,11 +51,22 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + trace_x + trace_y - 2 * cross)
 
 
-def standardise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x and y scaled by y's per-feature mean and standard deviation; features constant on y are left out."""
-    mean, std = y.mean(0), y.std(0)
-    keep = std > 0
-    return (x[:, keep] - mean[keep]) / std[keep], (y[:, keep] - mean[keep]) / std[keep]
+@dataclass(frozen=True)
+class Scaler:
+    """A fixed per-feature affine map (mean, sd from one set chosen once, e.g. training-split features): KID's kernel
+    then depends on neither compared set, so the MMD² estimate stays an unbiased U-statistic. Features constant on the
+    fitting set are left out."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> Scaler:
+        return cls(features.mean(0), features.std(0))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        keep = self.sd > 0
+        return (x[:, keep] - self.mean[keep]) / self.sd[keep]
 
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,31 +74,58 @@ def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b.T / a.shape[1] + 1) ** 3
 
 
-def _mean_off_ties(k: np.ndarray, idx: np.ndarray) -> float:
-    """Mean of k[i, j] over index pairs that are distinct draws (a bootstrap's repeats are not pairs of a U-statistic)."""
-    return float(k[np.ix_(idx, idx)][idx[:, None] != idx[None, :]].mean())
+def mmd2_and_variance(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> tuple[float, float]:
+    """The unbiased MMD² U-statistic of kernel matrices k(x, x) (n × n), k(y, y) (m × m), k(x, y) (n × m) (Gretton et al.
+    2012, eq. 3) and an unbiased estimate of its variance: the exact variance of a two-sample U-statistic of degree
+    (2, 2) (Hoeffding decomposition), each moment in it replaced by its own U-statistic. O(n² + m² + nm); n, m ≥ 4."""
+    n, m = len(kxx), len(kyy)
+    if n < 4 or m < 4:
+        raise ValueError(f"the MMD² variance needs at least 4 rows per set, got {n} and {m}")
+    kx, ky = kxx - np.diag(np.diag(kxx)), kyy - np.diag(np.diag(kyy))
+    sx, sy, t = kx.sum(), ky.sum(), kxy.sum()
+    sx2, sy2, t2 = (kx**2).sum(), (ky**2).sum(), (kxy**2).sum()
+    rx, ry, q, p = kx.sum(1), ky.sum(1), kxy.sum(1), kxy.sum(0)
+    n2, n3, n4 = n * (n - 1), n * (n - 1) * (n - 2), n * (n - 1) * (n - 2) * (n - 3)
+    m2, m3, m4 = m * (m - 1), m * (m - 1) * (m - 2), m * (m - 1) * (m - 2) * (m - 3)
+    mu_xx, mu_yy, mu_xy = sx / n2, sy / m2, t / (n * m)
+    # E k(x,x')², E k(x,x')k(x,x''), and (E k(x,x'))² from four distinct rows; the same for y
+    var_a = _one_sample_variance(n, sx2 / n2, ((rx**2).sum() - sx2) / n3, (sx**2 - 4 * (rx**2).sum() + 2 * sx2) / n4)
+    var_b = _one_sample_variance(m, sy2 / m2, ((ry**2).sum() - sy2) / m3, (sy**2 - 4 * (ry**2).sum() + 2 * sy2) / m4)
+    mu_xy_sq = (t**2 - (q**2).sum() - (p**2).sum() + t2) / (n2 * m2)
+    var_xy = t2 / (n * m) - mu_xy_sq  # Var k(x, y)
+    shared_x = ((q**2).sum() - t2) / (n * m2) - mu_xy_sq  # Cov(k(x, y), k(x, y'))
+    shared_y = ((p**2).sum() - t2) / (n2 * m) - mu_xy_sq  # Cov(k(x, y), k(x', y))
+    var_c = (var_xy + (m - 1) * shared_x + (n - 1) * shared_y) / (n * m)
+    eta_x = (rx @ q) / (n2 * m) - (sx * t - 2 * (rx @ q)) / (n3 * m)  # Cov(k(x, x'), k(x, y))
+    eta_y = (ry @ p) / (m2 * n) - (sy * t - 2 * (ry @ p)) / (m3 * n)  # Cov(k(y, y'), k(x, y))
+    variance = var_a + var_b + 4 * var_c - 8 * eta_x / n - 8 * eta_y / m
+    return float(mu_xx + mu_yy - 2 * mu_xy), float(variance)
+
+
+def _one_sample_variance(n: int, second: float, shared: float, mean_sq: float) -> float:
+    """Var of a degree-2 one-sample U-statistic: (2 / n(n−1)) [2(n−2) ζ1 + ζ2], ζ1 = E h(x,x')h(x,x'') − μ², ζ2 = E h² − μ²."""
+    return 2 * (2 * (n - 2) * (shared - mean_sq) + (second - mean_sq)) / (n * (n - 1))
+
+
+def kid(x: np.ndarray, y: np.ndarray, z: float = Z95) -> Estimate:
+    """KID of feature sets x (n, d) and y (m, d): the unbiased MMD² with the cubic kernel (Bińkowski et al. 2018, eq. 3),
+    ± ``z`` × the square root of its unbiased variance estimate (clipped at 0), an interval for the population MMD²."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    value, variance = mmd2_and_variance(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
+    half = z * math.sqrt(max(variance, 0.0))
+    return Estimate(value, value - half, value + half)
 
 
 def kid_in_blocks(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> float:
     """KID of large sets in O((n + m) · size) memory: the mean over disjoint ``size``-row blocks of x of the unbiased
-    MMD² against a random ``size``-row block of y (features standardised by all of y); each term is unbiased, so is the mean."""
-    xs, ys = standardise(x.astype(np.float64), y.astype(np.float64))
+    MMD² against a random ``size``-row block of y; each term is unbiased, so is the mean."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
     rng = np.random.default_rng(seed)
     terms = []
-    for block in np.array_split(rng.permutation(len(xs)), max(1, len(xs) // size)):
-        a, b = xs[block], ys[rng.choice(len(ys), size=min(len(ys), len(block)), replace=False)]
-        ia, ib = np.arange(len(a)), np.arange(len(b))
-        terms.append(_mean_off_ties(polynomial_kernel(a, a), ia) + _mean_off_ties(polynomial_kernel(b, b), ib)
-                     - 2 * float(polynomial_kernel(a, b).mean()))
+    for block in np.array_split(rng.permutation(len(x)), max(1, len(x) // size)):
+        a, b = x[block], y[rng.choice(len(y), size=min(len(y), len(block)), replace=False)]
+        terms.append(mmd2_and_variance(polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b))[0])
     return float(np.mean(terms))
-
-
-def kid_statistic(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
-    """The unbiased MMD² with the cubic kernel of rows ix of x against rows iy of y (features standardised by y's
-    statistics), as a function of (ix, iy): KID (Bińkowski et al. 2018, eq. 3) for every resample from one set of kernels."""
-    xs, ys = standardise(x.astype(np.float64), y.astype(np.float64))
-    kxx, kyy, kxy = polynomial_kernel(xs, xs), polynomial_kernel(ys, ys), polynomial_kernel(xs, ys)
-    return lambda ix, iy: _mean_off_ties(kxx, ix) + _mean_off_ties(kyy, iy) - 2 * float(kxy[np.ix_(ix, iy)].mean())
 
 
 def inception_score(logits: np.ndarray) -> float:
@@ -83,12 +137,10 @@ def inception_score(logits: np.ndarray) -> float:
     return float(np.exp((p * (log_p - log_marginal)).sum(1).mean()))
 
 
-def bootstrap(statistic: Callable[[np.ndarray, np.ndarray], float], n: int, m: int, resamples: int, seed: int,
-              z: float = 1.96) -> Estimate:
-    """statistic(ix, iy) on all n and m rows, ± z bootstrap standard deviations over ``resamples`` draws of both sets
-    (95% by default): the spread of the estimate at these counts. FID's small-sample bias is not removed; compare FIDs
-    at equal counts, or use KID, which is unbiased."""
+def bootstrap_spread(statistic: Callable[[np.ndarray, np.ndarray], float], n: int, m: int, resamples: int, seed: int) -> Spread:
+    """statistic(ix, iy) on all n and m rows, with the standard deviation of its value over ``resamples`` bootstrap
+    draws of both sets: the estimator's spread at these counts."""
     value = statistic(np.arange(n), np.arange(m))
     rng = np.random.default_rng(seed)
     sd = float(np.std([statistic(rng.integers(n, size=n), rng.integers(m, size=m)) for _ in range(resamples)], ddof=1))
-    return Estimate(value, value - z * sd, value + z * sd)
+    return Spread(value, sd)

@@ -249,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}.json"
     out.write_text(json.dumps(report.record(), indent=1))
     print(f"{len(samples)} samples vs the {args.split} split of {args.reference}: {args.feature_extractor} features "
-          f"(extractor {evaluator.extractor_id}); value [95% interval, {args.resamples} bootstrap resamples] (samples vs reference):")
+          f"(extractor {evaluator.extractor_id}; fid and is ±sd from {args.resamples} bootstrap resamples) (samples vs reference):")
     print(report.table())
     print(f"written to {out}")
     uri = args.tracking_uri or (settings.tracking_uri if settings else None)
@@ -378,14 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", required=True,
                     help="a directory written by `ncsn-pipeline sample`, or any folder of PNG/JPEG images of the reference's size")
     ev.add_argument("--reference", required=True, help="shard directory or URL (its test split is the reference)")
-    ev.add_argument("--split", default="test", help="reference split (default %(default)s)")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                    help="reference split (default %(default)s; tuning selects on validation, so judge on test)")
     ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier",
                     help="a classifier trained on the shards' labels, or Inception-v3 (default %(default)s)")
     ev.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights file, for machines without internet")
-    ev.add_argument("--resamples", type=int, default=200, help="bootstrap resamples behind each 95%% interval (default %(default)s)")
+    ev.add_argument("--resamples", type=int, default=200, help="bootstrap resamples behind FID's and IS's sd (default %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the baselines' draws (default %(default)s)")
     ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
-    ev.add_argument("--no-baselines", action="store_true", help="skip the same-split floor, train-vs-test and Gaussian baselines")
+    ev.add_argument("--no-baselines", action="store_true", help="skip the baselines (held-out real images, a fitted Gaussian)")
     ev.add_argument("--output", metavar="FILE", help="where the JSON report goes (default <samples>/metrics_<extractor>.json)")
     ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
     ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")

@@ -62,7 +62,9 @@ Positive = Annotated[Float, _rule(lambda x: math.isfinite(x) and x > 0, "a finit
 UnitInterval = Annotated[Float, _rule(lambda x: 0 <= x < 1, "in [0, 1)")]
 Count = Annotated[Int, _at_least(1)]
 Range = Annotated[list[Float], _rule(lambda r: len(r) == 2 and 0 < r[0] <= r[1], "[low, high] with 0 < low <= high")]
-OBJECTIVES = {"fid_classifier": "classifier", "kid_classifier": "classifier", "fid_inception": "inception", "kid_inception": "inception"}
+# the tuning objectives and their extractors; kid_std: KID on standardised features (pipelines.evaluate.KID_FEATURES)
+OBJECTIVES = {"kid_std_classifier": "classifier", "fid_classifier": "classifier", "kid_std_inception": "inception",
+              "fid_inception": "inception"}
 
 
 class Section(BaseModel):
@@ -149,11 +151,11 @@ class SamplingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """FID / KID / IS on torch-fidelity's feature extractors, each with a 95% bootstrap interval."""
+    """KID (95% interval), FID and IS (bootstrap sd) on torch-fidelity's feature extractors."""
 
     feature_extractor: Annotated[Str, _one_of("classifier", "inception")] = "classifier"
     inception_weights: Str | None = None  # a local weights file for air-gapped clusters
-    resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind each interval
+    resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind FID's and IS's sd
     # classifier weights, reference features, baselines (keyed by the shard set); null: <run_dir>/eval_cache. Runs on the
     # same shards may share one directory on the evaluating node's disk.
     cache_dir: Annotated[Str, _rule(lambda s: "://" not in s, "a local directory, not a URL")] | None = None
@@ -181,12 +183,18 @@ class TuneConfig(Section):
     eps_scale: Range = [0.3, 3.0]  # log-uniform × recommended ε
     steps_per_level: Annotated[list[Int], _rule(lambda ts: bool(ts) and min(ts) >= 1, "a non-empty list of T >= 1")] = [5, 10, 20]
     eval_every: Count = 500  # training steps between objective evaluations (ASHA's rungs)
-    eval_samples: Annotated[Int, _at_least(2)] = 250  # samples per evaluation of the objective
+    eval_samples: Annotated[Int, _at_least(4)] = 250  # samples per evaluation of the objective (on the validation split)
     # unbiased KID on standardised features: its mean does not move with the count
-    metric: Annotated[Str, _one_of(*OBJECTIVES)] = "kid_classifier"
-    confirm_top: Annotated[Int, _at_least(0)] = 3  # after the search, re-evaluate the best k trials and `recommended` (0: none)
-    confirm_seeds: Annotated[Int, _rule(lambda n: n >= 2, ">= 2 (the interval needs two)")] = 3  # … each on this many fresh seeds
-    confirm_samples: Annotated[Int, _at_least(2)] = 1000  # … at this many samples per seed
+    metric: Annotated[Str, _one_of(*OBJECTIVES)] = "kid_std_classifier"
+    # selection (validation split): the k best trials and `recommended` re-scored on confirm_seeds fresh sampling seeds
+    # (0: choose by the search's own evaluation); the finalists are the best searched schedules ranked above `recommended`
+    select_top: Annotated[Int, _at_least(0)] = 3
+    finalists: Count = 1  # judged against `recommended` on the test split (intervals Bonferroni-adjusted when > 1)
+    # judgement (test split): each finalist's schedule and the recommended one trained again on this many fresh training
+    # seeds (the unit of the verdict; paired across schedules); 0: no judgement. Sampler-only tuning judges on sampling seeds.
+    confirm_train_seeds: Annotated[Int, _rule(lambda n: n == 0 or n >= 2, "0 or >= 2 (the interval needs two)")] = 3
+    confirm_seeds: Annotated[Int, _rule(lambda n: n >= 2, ">= 2 (the interval needs two)")] = 3  # sampling seeds per network
+    confirm_samples: Annotated[Int, _at_least(4)] = 1000  # … at this many samples per seed
     grace_period: Count = 1  # evaluations before ASHA may stop a trial
     reduction_factor: Annotated[Int, _at_least(2)] = 2
     max_concurrent: Count | None = None  # default: cluster CPUs (or GPUs) / resources per trial

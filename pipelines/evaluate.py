@@ -1,12 +1,13 @@
-"""FID, KID and Inception Score of a sample set against a shard split, each with its 95% bootstrap interval and
-sample counts, on features from torch-fidelity's extractors.
+"""KID, FID and Inception Score of a sample set against a shard split, on features from torch-fidelity's extractors.
 
-Two feature extractors: torch-fidelity's Inception-v3 (downloaded, or a weights file given by path for air-gapped
-clusters) and a small CNN classifier trained once, deterministically, on the labelled training shards ("classifier
-FID/KID/IS", as LeNet features are used for MNIST); its weights digest versions every cache entry and metric record.
-Metric names say which one: fid_inception, kid_classifier, … Baselines at the same count: a same-split floor (two
-disjoint draws from the training split: the estimators' own noise), the training split against the reference split,
-and a Gaussian fitted to the training split (a weak model)."""
+KID (reported as ``kid_std_<extractor>``) is the unbiased MMD² on features standardised by a fixed scaler (the
+training split's per-feature mean and sd), with a 95% interval from its unbiased variance; FID and IS, biased at finite
+counts, come with their bootstrap standard deviation at the counts used. Two feature extractors: torch-fidelity's
+Inception-v3 (downloaded, or a weights file given by path for air-gapped clusters) and a small CNN classifier trained
+once, deterministically, on the labelled training shards (as LeNet features are used for MNIST); its weights digest
+versions every cache entry and metric record. Baselines at the same count: real held-out images the score network and
+the classifier never saw (what a model indistinguishable from the data scores) and a Gaussian fitted to the training
+split (a weak model)."""
 from __future__ import annotations
 
 import copy
@@ -27,15 +28,17 @@ from tqdm import tqdm
 
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
-from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_test_indices
+from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_indices
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
-from ncsn.metrics import Estimate, bootstrap, frechet_distance, inception_score, kid_in_blocks, kid_statistic
+from ncsn.metrics import Estimate, Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
 CLASSIFIER_FORMAT = 2  # 2: batch norm, linear features, validated early stopping (a cached 1 is retrained)
-BOOTSTRAP_ROWS = 2000  # up to this many rows per set, every interval is a bootstrap of all rows (O(rows²) for KID)
+BOOTSTRAP_ROWS = 2000  # up to this many rows per set, every number uses all rows (the bootstrap and KID's kernels: O(rows²))
+SCALER_ROWS = 2000  # training images whose features fix KID's scaler (a seeded draw; all of them when fewer)
+KID_FEATURES = "standardised by the training split's per-feature mean and sd"
 
 
 class EvaluationError(ValueError):
@@ -48,27 +51,33 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """FID, KID and IS of one set of images against a reference set, each with its 95% interval, and what made them."""
+    """KID with its 95% interval, FID and IS with their spread, of one set of images against a reference split, and what
+    made them."""
 
     extractor: str  # classifier | inception
     extractor_id: str  # digest of the extractor's weights
+    reference_split: str  # train | validation | test
     num_samples: int
     num_reference: int
-    fid: Estimate
-    kid: Estimate
-    inception_score: Estimate
+    kid: Estimate  # on standardised features (KID_FEATURES)
+    fid: Spread
+    inception_score: Spread
 
     def flat(self, prefix: str = "") -> dict[str, float]:
-        """{fid_<extractor>: value, fid_<extractor>_low/_high: its interval, …, num_samples, num_reference}, keys prefixed."""
-        out: dict[str, float] = {}
-        for name, estimate in (("fid", self.fid), ("kid", self.kid), ("is", self.inception_score)):
+        """{kid_std_<extractor>: value, …_low/_high: its 95% interval, fid_<extractor>, …_sd, is_<extractor>, …_sd,
+        num_samples, num_reference}, keys prefixed."""
+        key = f"{prefix}kid_std_{self.extractor}"
+        out = {key: self.kid.value, f"{key}_low": self.kid.low, f"{key}_high": self.kid.high}
+        for name, spread in (("fid", self.fid), ("is", self.inception_score)):
             key = f"{prefix}{name}_{self.extractor}"
-            out.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high})
+            out.update({key: spread.value, f"{key}_sd": spread.sd})
         return {**out, f"{prefix}num_samples": self.num_samples, f"{prefix}num_reference": self.num_reference}
 
     @classmethod
     def from_record(cls, record: dict) -> Evaluation:
-        return cls(**{k: Estimate(**v) if isinstance(v, dict) else v for k, v in record.items()})
+        def parse(v):
+            return (Estimate(**v) if "low" in v else Spread(**v)) if isinstance(v, dict) else v
+        return cls(**{k: parse(v) for k, v in record.items()})
 
 
 @dataclass(frozen=True)
@@ -87,18 +96,21 @@ class Report:
         return out
 
     def record(self) -> dict:
-        """JSON: each evaluation with its extractor id, counts and intervals."""
-        return {"model": asdict(self.model), "baselines": {k: asdict(v) for k, v in self.baselines.items()}, "extractor": self.extractor}
+        """JSON: each evaluation with its extractor id, reference split, counts, KID's interval and the others' spread."""
+        return {"model": asdict(self.model), "baselines": {k: asdict(v) for k, v in self.baselines.items()},
+                "extractor": self.extractor, "kid_features": KID_FEATURES}
 
     def table(self) -> str:
-        """Metrics (rows) by model and baselines (columns), value [95% interval], with each column's counts."""
+        """Metrics (rows) by model and baselines (columns), with each column's counts: KID value [95% interval], FID and IS
+        value ±sd at these counts."""
         columns = {"model": self.model, **self.baselines}
         cells = {name: [str(getattr(e, attr)) for attr in ("kid", "fid", "inception_score")] for name, e in columns.items()}
-        heads = {name: f"{name} ({e.num_samples} vs {e.num_reference})" for name, e in columns.items()}
+        heads = {name: f"{name} ({e.num_samples} vs {e.num_reference} {e.reference_split})" for name, e in columns.items()}
         widths = {name: max(len(heads[name]), *(len(c) for c in cells[name])) for name in columns}
-        rows = [f"  {'':<4}" + "".join(f"  {heads[n]:<{widths[n]}}" for n in columns)]
-        for i, metric in enumerate(("kid", "fid", "is")):
-            rows.append(f"  {metric:<4}" + "".join(f"  {cells[n][i]:<{widths[n]}}" for n in columns))
+        rows = [f"  {'':<8}" + "".join(f"  {heads[n]:<{widths[n]}}" for n in columns)]
+        for i, metric in enumerate(("kid_std", "fid", "is")):
+            rows.append(f"  {metric:<8}" + "".join(f"  {cells[n][i]:<{widths[n]}}" for n in columns))
+        rows.append("  (kid_std: KID on standardised features, value [95% interval]; fid, is: value ±sd at these counts)")
         return "\n".join(rows)
 
 
@@ -134,7 +146,7 @@ def load_image_folder(path: str | Path, channels: int) -> np.ndarray:
         raise EvaluationError(f"{path} holds neither sample chunks (chunks/chunk_*.npz from `ncsn-pipeline sample`) "
                               "nor .png/.jpg/.jpeg images")
     try:
-        source = ImageFolderSource(path, channels=channels, test_fraction=0)
+        source = ImageFolderSource(path, channels=channels, test_fraction=0, validation_fraction=0)
         images = [r.image for r in source.read("train", 0, source.count("train"))]
     except SourceError as err:
         raise EvaluationError(str(err)) from None
@@ -187,7 +199,7 @@ def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64
                               "without internet)")
     x_test, y_test = read_split(shards, "test")
     num_classes = len(manifest.get("classes") or []) or int(y_train.max()) + 1
-    held = stratified_test_indices(y_train, max(num_classes, len(y_train) // 10), seed)
+    held = stratified_indices(y_train, max(num_classes, len(y_train) // 10), seed)
     fit = np.setdiff1d(np.arange(len(y_train)), held)
     xf, yf = from_stored(x_train[fit]), torch.from_numpy(y_train[fit]).long()
     xv, yv = from_stored(x_train[held]), torch.from_numpy(y_train[held]).long()
@@ -349,12 +361,12 @@ def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Evaluator:
-    """FID/KID/IS of uint8 sample arrays against one split of a shard set, with one feature extractor.
+    """KID/FID/IS of uint8 sample arrays against one split of a shard set, with one feature extractor.
 
     Features come from torch-fidelity's extractor, metrics and intervals from ``ncsn.metrics``; torch-fidelity's own
-    cache is never used (it unpickles with weights_only=False). The reference features are cached as a tensors-only
-    file read with weights_only=True, keyed by the extractor's weights digest; an unreadable or mismatched cache file
-    is recomputed, never trusted."""
+    cache is never used (it unpickles with weights_only=False). Reference features and KID's scaler are cached as
+    tensors-only files read with weights_only=True, keyed by the extractor's weights digest; an unreadable or mismatched
+    cache file is recomputed, never trusted."""
 
     def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | dict[str, torch.Tensor] | None = None,
                  reference_split: str = "test", cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False,
@@ -367,10 +379,11 @@ class Evaluator:
         self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
         self.progress = progress and sys.stderr.isatty()  # torch-fidelity's feature-extraction bar, on a terminal only
         self.manifest = load_manifest(shards)
+        _check_split(self.manifest, shards, reference_split)
         self.cache = (cache_dir or default_cache_dir()) / manifest_digest(self.manifest)
         self.reference, _ = read_split(shards, reference_split)
         self.info: dict[str, float] = {}
-        self._extractor = None
+        self._extractor, self._scaler = None, None
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
@@ -401,57 +414,75 @@ class Evaluator:
         found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, self.progress)
         return {k: v.double().numpy() for k, v in found.items()}
 
-    def reference_features(self) -> dict[str, np.ndarray]:
-        """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
-        path = self.cache / f"features-{self.split}-{self.extractor}-{self.extractor_id}.pt"
-        layers = set(self._layers().values())
+    def _cached(self, name: str, compute, valid) -> dict[str, np.ndarray]:
+        """``compute()``'s {name: 2-d array} from the tensors-only cache file ``name`` when ``valid`` accepts what it holds;
+        otherwise computed and cached."""
+        path = self.cache / f"{name}-{self.extractor}-{self.extractor_id}.pt"
         if path.exists():
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
-                if (isinstance(cached, dict) and set(cached) == layers
-                        and all(isinstance(v, torch.Tensor) and v.dim() == 2 and len(v) == len(self.reference) for v in cached.values())):
+                if isinstance(cached, dict) and all(isinstance(v, torch.Tensor) for v in cached.values()) and valid(cached):
                     return {k: v.numpy() for k, v in cached.items()}
-                log.warning("feature cache %s does not hold this reference's features; recomputing", path)
+                log.warning("cache %s does not hold what this evaluation needs; recomputing", path)
             except Exception as err:  # noqa: BLE001 — not tensors (a pickle is refused here), truncated, …
-                log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, type(err).__name__)
-        out = self.features(self.reference)
-        atomic_write(path, lambda tmp: torch.save({k: torch.from_numpy(v) for k, v in out.items()}, tmp))
+                log.warning("ignoring unreadable cache %s (%s); recomputing", path, type(err).__name__)
+        out = compute()
+        atomic_write(path, lambda tmp: torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, tmp))
         return out
+
+    def reference_features(self) -> dict[str, np.ndarray]:
+        """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
+        layers = set(self._layers().values())
+        return self._cached(f"features-{self.split}", lambda: self.features(self.reference),
+                            lambda c: set(c) == layers and all(v.dim() == 2 and len(v) == len(self.reference) for v in c.values()))
+
+    def scaler(self) -> Scaler:
+        """KID's fixed feature scaler: the per-feature mean and sd of up to SCALER_ROWS training images (seed 0), once per
+        extractor and shard set."""
+        if self._scaler is None:
+            def compute() -> dict[str, np.ndarray]:
+                train, _ = read_split(self.shards, "train")
+                rows = np.sort(np.random.default_rng(0).permutation(len(train))[:SCALER_ROWS])
+                fitted = Scaler.fit(self.features(train[rows])[self._layers()["kid"]])
+                return {"mean": fitted.mean, "sd": fitted.sd}
+            found = self._cached("kid-scaler", compute, lambda c: set(c) == {"mean", "sd"} and c["mean"].shape == c["sd"].shape)
+            self._scaler = Scaler(found["mean"], found["sd"])
+        return self._scaler
 
     def _check(self, images: np.ndarray, what: str) -> None:
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != self.reference.shape[1:]:
             raise EvaluationError(f"{what} of shape {images.shape} ({images.dtype}) do not match the reference images "
                                   f"{self.reference.shape[1:]} (uint8)")
-        if len(images) < 2:
-            raise EvaluationError(f"{what}: {len(images)} image(s); the metrics need at least 2")
+        if len(images) < 4:
+            raise EvaluationError(f"{what}: {len(images)} image(s); KID's interval needs at least 4")
 
-    def compare(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int = 0) -> Evaluation:
-        """FID, KID (unbiased, standardised features) and IS of feature sets ``ours`` against ``ref``, with intervals.
-        Sets over BOOTSTRAP_ROWS rows: the values come from all rows (KID in blocks of that size), the intervals' widths
-        from a bootstrap of a random BOOTSTRAP_ROWS-row subset of each (wider than all rows would give: conservative)."""
-        n, m = len(ours[self._layers()["fid"]]), len(ref[self._layers()["fid"]])
+    def compare(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int = 0, reference_split: str | None = None) -> Evaluation:
+        """KID (standardised features, 95% interval), FID and IS (bootstrap sd) of feature sets ``ours`` against ``ref``.
+        Sets over BOOTSTRAP_ROWS rows: the values come from all rows (KID as the mean of the unbiased statistic over blocks
+        of that size), KID's interval width and the sds from a random BOOTSTRAP_ROWS-row subset of each (wider than all
+        rows would give: conservative)."""
+        layers, split = self._layers(), reference_split or self.split
+        n, m = len(ours[layers["fid"]]), len(ref[layers["fid"]])
         if max(n, m) <= BOOTSTRAP_ROWS:
-            return self._compare_all(ours, ref, seed)
+            return self._compare_all(ours, ref, seed, split)
         rng = np.random.default_rng(seed)
         ix, iy = (np.sort(rng.choice(k, size=min(k, BOOTSTRAP_ROWS), replace=False)) for k in (n, m))
-        small = self._compare_all({k: v[ix] for k, v in ours.items()}, {k: v[iy] for k, v in ref.items()}, seed)
-        layers = self._layers()
-        full = {"fid": frechet_distance(ours[layers["fid"]], ref[layers["fid"]]),
-                "kid": kid_in_blocks(ours[layers["kid"]], ref[layers["kid"]], BOOTSTRAP_ROWS, seed),
-                "inception_score": inception_score(ours[layers["isc"]])}
-        def widened(name: str) -> Estimate:
-            e = getattr(small, name)
-            return Estimate(full[name], full[name] - (e.value - e.low), full[name] + (e.high - e.value))
-        return Evaluation(self.extractor, self.extractor_id, n, m, widened("fid"), widened("kid"), widened("inception_score"))
+        small = self._compare_all({k: v[ix] for k, v in ours.items()}, {k: v[iy] for k, v in ref.items()}, seed, split)
+        scale = self.scaler()
+        value = kid_in_blocks(scale(ours[layers["kid"]]), scale(ref[layers["kid"]]), BOOTSTRAP_ROWS, seed)
+        return Evaluation(self.extractor, self.extractor_id, split, n, m,
+                          Estimate(value, value - (small.kid.value - small.kid.low), value + (small.kid.high - small.kid.value)),
+                          Spread(frechet_distance(ours[layers["fid"]], ref[layers["fid"]]), small.fid.sd),
+                          Spread(inception_score(ours[layers["isc"]]), small.inception_score.sd))
 
-    def _compare_all(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int) -> Evaluation:
-        layers = self._layers()
+    def _compare_all(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int, split: str) -> Evaluation:
+        layers, scale = self._layers(), self.scaler()
         x, y, logits = ours[layers["fid"]], ref[layers["fid"]], ours[layers["isc"]]
         n, m = len(x), len(y)
-        fid = bootstrap(lambda ix, iy: frechet_distance(x[ix], y[iy]), n, m, self.resamples, seed)
-        kid = bootstrap(kid_statistic(ours[layers["kid"]], ref[layers["kid"]]), n, m, self.resamples, seed)
-        score = bootstrap(lambda ix, _: inception_score(logits[ix]), n, m, self.resamples, seed)
-        return Evaluation(self.extractor, self.extractor_id, n, m, fid, kid, score)
+        fid = bootstrap_spread(lambda ix, iy: frechet_distance(x[ix], y[iy]), n, m, self.resamples, seed)
+        score = bootstrap_spread(lambda ix, _: inception_score(logits[ix]), n, m, self.resamples, seed)
+        return Evaluation(self.extractor, self.extractor_id, split, n, m, kid(scale(ours[layers["kid"]]), scale(ref[layers["kid"]])),
+                          fid, score)
 
     def evaluate(self, samples: np.ndarray, seed: int = 0) -> Evaluation:
         """The metrics of ``samples`` (uint8 NHWC) against the reference split."""
@@ -459,29 +490,33 @@ class Evaluator:
         return self.compare(self.features(samples), self.reference_features(), seed)
 
     def metrics(self, samples: np.ndarray, seed: int = 0) -> dict[str, float]:
-        """evaluate() flattened: {fid_<extractor>: …, fid_<extractor>_low: …, …, num_samples, num_reference}."""
+        """evaluate() flattened: {kid_std_<extractor>: …, …_low, …_high, fid_<extractor>: …, …_sd, …, num_samples, num_reference}."""
         return self.evaluate(samples, seed).flat()
 
+    def heldout_split(self) -> str:
+        """The split of real images that the baselines compare with the reference: held out from training and from the
+        classifier (validation; test when the reference is the validation split)."""
+        return "test" if self.split == "validation" else "validation"
+
     def baselines(self, num_samples: int, seed: int = 0) -> dict[str, Evaluation]:
-        """At ``num_samples``: two disjoint draws from the training split (same_split_floor: the estimators' noise and
-        bias at this count), training images against the reference (train_vs_test: the split shift) and a fitted
-        Gaussian (gaussian: a weak model). Cached per extractor, count, seed and resample count."""
+        """At up to ``num_samples``: real held-out images against the reference (heldout_real: what a model
+        indistinguishable from the data scores at this count; neither the score network nor the classifier saw them;
+        as many as the held-out split has) and a Gaussian fitted to the training split (gaussian: a weak model). Cached
+        per extractor, count, seed and resample count."""
+        held = self.heldout_split()
+        _check_split(self.manifest, self.shards, held)
         path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.extractor_id}-{num_samples}-{seed}-{self.resamples}.json"
         if path.exists():
             try:
                 return {k: Evaluation.from_record(v) for k, v in json.loads(path.read_text()).items()}
-            except (ValueError, TypeError, AttributeError) as err:
+            except (ValueError, TypeError, AttributeError, KeyError) as err:
                 log.warning("ignoring unreadable baseline cache %s (%s); recomputing", path, type(err).__name__)
         log.info("baselines at %d samples against the %s split (cached in %s)", num_samples, self.split, self.cache)
+        real, _ = read_split(self.shards, held)
         train, _ = read_split(self.shards, "train")
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(train))
-        n = min(num_samples, len(train) // 2)
-        m = min(len(self.reference), len(train) - n)
-        draw, other = train[order[:n]], train[order[n:n + m]]
-        out = {"same_split_floor": self.compare(self.features(draw), self.features(other), seed),
-               "train_vs_test": self.evaluate(train[order[:min(num_samples, len(train))]], seed),
-               "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed)}
+        real = real[np.sort(rng.permutation(len(real))[:num_samples])]
+        out = {"heldout_real": self.evaluate(real, seed), "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed)}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps({k: asdict(v) for k, v in out.items()})))
         return out
 
@@ -491,6 +526,12 @@ class Evaluator:
         dead = int((self.reference_features()[self._layers()["fid"]].std(0) == 0).sum())  # features constant on the reference
         return Report(model, self.baselines(baseline_samples, seed) if baseline_samples else {},
                       {**self.info, "extractor_dead_features": float(dead)})
+
+
+def _check_split(manifest: dict, shards: str, split: str) -> None:
+    if split not in manifest["splits"]:
+        raise EvaluationError(f"{shards}: no {split!r} split (shards written before validation splits existed, or a wrong "
+                              f"split name; the manifest has {', '.join(manifest['splits'])}); re-run `ncsn-pipeline shard`")
 
 
 def _report(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,

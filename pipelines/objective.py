@@ -16,10 +16,12 @@ from pipelines.evaluate import Evaluator
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """How a tuning job scores a model: the reference shards, the feature extractor and its settings, the sample count
-    and sampler's final denoising step; ``every``: training steps between evaluations in a training trial."""
+    """How a tuning job scores a model: the reference shards and split, the feature extractor and its settings, the sample
+    count and sampler's final denoising step; ``every``: training steps between evaluations in a training trial. The
+    search and the selection score against the validation split; the verdict against the test split."""
 
     shards: str
+    reference_split: str  # validation | test
     extractor: str  # "classifier" or "inception"
     cache_dir: str
     num_samples: int
@@ -29,20 +31,22 @@ class ObjectiveSpec:
     inception_weights: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, shards: str) -> ObjectiveSpec:
-        """The objective of ``cfg.tune`` (its metric names the extractor), cached in ``cfg.eval_cache_dir()``."""
-        return cls(shards, cfg.tune.extractor, str(cfg.eval_cache_dir()), cfg.tune.eval_samples, cfg.evaluation.resamples,
+    def from_config(cls, cfg: Config, shards: str, reference_split: str) -> ObjectiveSpec:
+        """The objective of ``cfg.tune`` (its metric names the extractor) against ``reference_split``, cached in
+        ``cfg.eval_cache_dir()``."""
+        return cls(shards, reference_split, cfg.tune.extractor, str(cfg.eval_cache_dir()), cfg.tune.eval_samples, cfg.evaluation.resamples,
                    cfg.sampling.denoise, cfg.tune.eval_every, cfg.evaluation.inception_weights)
 
     def evaluator(self) -> Evaluator:
         """The Evaluator (trains and caches the classifier on first use in ``cache_dir``)."""
-        return Evaluator(self.shards, self.extractor, self.inception_weights, cache_dir=Path(self.cache_dir), resamples=self.resamples)
+        return Evaluator(self.shards, self.extractor, self.inception_weights, self.reference_split, cache_dir=Path(self.cache_dir),
+                         resamples=self.resamples)
 
 
 def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, steps_per_level: int,
                      spec: ObjectiveSpec, seed: int, num_samples: int | None = None,
                      device: torch.device | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """FID/KID/IS with intervals (flat, as logged) of ``num_samples`` (default ``spec.num_samples``) annealed-Langevin
+    """KID/FID/IS (flat, as logged) of ``num_samples`` (default ``spec.num_samples``) annealed-Langevin
     samples drawn with ``seed``, and the samples in [0, 1]."""
     device = device or next(model.parameters()).device
     c, s = model.config.channels, model.config.image_size

@@ -2,8 +2,9 @@
 with its σ schedule and sampler; Train V2 pattern: a function that fits a TorchTrainer whose reports reach Tune through
 TuneReportCallback; ASHA stops weak trials at the objective's evaluations) and `SamplerSearch` (each trial samples a
 trained checkpoint once with its ε, T and first σ level). Optuna proposes trials, starting from the recommended point
-(trial "recommended"); a confirmation re-ranks the best. One MLflow parent run for the job, a child run per trial;
-restarting the same job resumes it."""
+(trial "recommended"); the search, ASHA and the choice of the finalist score against the validation split, and the
+verdict judges the finalist against `recommended` on the test split (pipelines.confirm). One MLflow parent run for the
+job, a child run per trial and per training run of the judgement; restarting the same job resumes it."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
 from data_prep.cluster import connect_ray
@@ -21,7 +23,7 @@ from data_prep.storage import Storage, absolute_location
 from ncsn.figures import save_image_grid
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
-from pipelines.confirm import candidates, run_confirmation, verdict
+from pipelines.confirm import TRAIN_SEED_OFFSET, Candidate, Judgement, candidates, judge, score_all, select, verdict
 from pipelines.objective import ObjectiveSpec, sample_and_score
 from pipelines.sample import SamplingError, checkpoint_location, load_model, read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, resolve_schedule, run_training
@@ -104,10 +106,9 @@ def _train_trial(point: dict, *, base: Config, shards: str, uri: str, parent_run
                  extra_params={"tune.label": _label(point, rec), "tune.trial_id": trial})
 
 
-def _final_checkpoint(cfg: Config, trial_id: str) -> str | None:
+def _final_checkpoint(trial: Config, steps: int) -> str | None:
     """A trial's checkpoint at the end of its training budget: <trial>/model/checkpoint.pt, else the last of Ray Train's
     checkpoints (Tune stops a trial that reaches max_t before that copy is made); None if training stopped earlier."""
-    trial = _trial_config(cfg, trial_id, cfg.tracking.tracking_uri)
     local = Path(trial.run_dir) / "model" / CHECKPOINT_FILE
     if local.exists():
         return str(local)
@@ -118,10 +119,44 @@ def _final_checkpoint(cfg: Config, trial_id: str) -> str | None:
         return None
     path = store.path(last)
     try:
-        return path if read_checkpoint(path)[0].step >= cfg.train.steps else None
+        return path if read_checkpoint(path)[0].step >= steps else None
     except SamplingError as err:
-        log.warning("trial %s: %s; it is left out of the confirmation", trial_id, err)
+        log.warning("run %s: %s; it is left out of the verdict", trial.name, err)
         return None
+
+
+def _trial_checkpoint(cfg: Config, trial_id: str) -> str | None:
+    return _final_checkpoint(_trial_config(cfg, trial_id, cfg.tracking.tracking_uri), cfg.train.steps)
+
+
+def _train_for_judgement(run_cfg: Config, shards: str, parent_run_id: str, label: str, run_id: str) -> None:
+    run_training(run_cfg, shards, parent_run_id=parent_run_id, extra_params={"tune.label": label, "tune.trial_id": run_id,
+                                                                           "tune.stage": "judgement"})
+
+
+def retrain(cfg: Config, shards: str, points: dict[str, tuple[str, dict]], seeds: list[int], uri: str, parent: str,
+            concurrent: int) -> dict[str, list[str]]:
+    """Train each schedule of ``points`` ({trial id: (label, point)}) once per training seed in ``seeds``, to the full
+    budget, as parallel Ray Train runs (at most ``concurrent`` at once; a run already complete is kept, a stopped one
+    resumes), each a child run "<name>-judge-<trial>-s<seed>" of the job; returns each schedule's checkpoints in seed order."""
+    import ray
+
+    runs = {(trial, seed): apply_point(_trial_config(cfg, f"judge-{trial}-s{seed}", uri), point).evolve({"train.seed": seed})
+            for trial, (_, point) in points.items() for seed in seeds}
+    todo = [key for key, run_cfg in runs.items() if _final_checkpoint(run_cfg, cfg.train.steps) is None]
+    log.info("judgement: training %d schedule(s) on %d fresh training seed(s) each (%d run(s) to do)", len(points), len(seeds), len(todo))
+    task, pending = ray.remote(num_cpus=0, max_retries=0)(_train_for_judgement), []  # the trainer holds the CPUs
+    while todo or pending:
+        while todo and len(pending) < concurrent:
+            trial, seed = todo.pop(0)
+            pending.append(task.remote(runs[(trial, seed)], shards, parent, points[trial][0], f"judge-{trial}-s{seed}"))
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    found = {key: _final_checkpoint(run_cfg, cfg.train.steps) for key, run_cfg in runs.items()}
+    missing = [runs[key].name for key, path in found.items() if path is None]
+    if missing:
+        raise ConfigError(f"judgement runs without a final checkpoint: {', '.join(missing)}")
+    return {trial: [found[(trial, seed)] for seed in seeds] for trial in points}
 
 
 def _train_recommended_fully(cfg: Config, rec: dict, shards: str, uri: str, parent_run_id: str) -> None:
@@ -163,7 +198,7 @@ class TuneSummary:
     tracking_uri: str
     stopped_early: int
     next_command: str  # train with the best schedule, or (sampler-only mode) sample with the best settings
-    verdict: str  # the confirmation's finding: the best, and whether it beat the recommended schedule
+    verdict: str  # the finalist chosen on the validation split, and whether it beat `recommended` on the test split
 
     def line(self) -> str:
         rec = next((r for r in self.rows if r["label"] == "recommended"), None)
@@ -191,7 +226,7 @@ class ScheduleSearch:
     keys = PARAMS
 
     def __init__(self, cfg: Config, shards: str):
-        self.cfg, self.shards = cfg, shards
+        self.cfg, self.shards, self.judgement_runs = cfg, shards, []
         self.rec = recommended_point(cfg, load_manifest(shards))
         self.max_t = cfg.train.steps  # ASHA's clock is the training step: a resumed trial's Tune iterations restart at 1
         self.cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
@@ -218,13 +253,21 @@ class ScheduleSearch:
         """Each row's checkpoint at the end of the training budget; first trains the recommended schedule to the end when
         ASHA stopped its trial (the verdict compares fully trained models)."""
         def checkpoint_of(row: dict) -> str | None:
-            found = _final_checkpoint(self.cfg, row["trial_id"])
-            return found or (_final_checkpoint(self.cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
+            found = _trial_checkpoint(self.cfg, row["trial_id"])
+            return found or (_trial_checkpoint(self.cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
 
         rec_row = next((r for r in rows if r["label"] == "recommended" and r["objective"] is not None), None)
         if rec_row and checkpoint_of(rec_row) is None:
             _train_recommended_fully(self.cfg, self.rec, self.shards, uri, parent)
         return checkpoint_of
+
+    def networks(self, schedules: list[Candidate], rows: dict[str, dict], uri: str, parent: str) -> dict[str, list[str]]:
+        """The judgement's networks: each schedule trained again on tune.confirm_train_seeds fresh training seeds (the same
+        seeds for every schedule, so gaps pair), to the full budget; the unit of the verdict is the training run."""
+        seeds = [self.cfg.train.seed + TRAIN_SEED_OFFSET + i for i in range(self.cfg.tune.confirm_train_seeds)]
+        points = {c.trial_id: (c.label, {k: rows[c.trial_id][k] for k in PARAMS}) for c in schedules}
+        self.judgement_runs = [f"judge-{trial}-s{seed}" for trial in points for seed in seeds]
+        return retrain(self.cfg, self.shards, points, seeds, uri, parent, _max_concurrent(self.cfg, self.cpus_per_trial))
 
     def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
         """The best trial's config, the command that uses it, its last sample grid."""
@@ -239,6 +282,7 @@ class SamplerSearch:
     keys = ("start_level", "eps", "steps_per_level")
     max_t = None  # one report per trial: nothing to stop early
     cpus_per_trial = 1.0
+    judgement_runs: list[str] = []  # the verdict trains nothing: it samples the one checkpoint
 
     def __init__(self, cfg: Config, checkpoint: str):
         self.cfg, self.checkpoint = cfg, checkpoint
@@ -267,6 +311,10 @@ class SamplerSearch:
     def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
         return lambda row: self.checkpoint
 
+    def networks(self, schedules: list[Candidate], rows: dict[str, dict], uri: str, parent: str) -> dict[str, list[str]]:
+        """One network, the tuned checkpoint: the unit of the verdict is the sampling seed."""
+        return {c.trial_id: [self.checkpoint] for c in schedules}
+
     def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
         """The config with the best sampler settings, the `sample` command that uses them, the trial's grid."""
         sigmas, out = self.sigmas[int(best["start_level"]):], Path(self.cfg.run_dir).parent / "best" / "samples"
@@ -289,7 +337,7 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                       "run_dir": str(Path(cfg.run_dir).resolve() / "tune")})
     shards = absolute_location(shards)
     mode = SamplerSearch(cfg, checkpoint) if checkpoint else ScheduleSearch(cfg, shards)
-    objective = ObjectiveSpec.from_config(cfg, shards)
+    objective = ObjectiveSpec.from_config(cfg, shards, "validation")  # the search and the selection; the verdict: test
     if objective.extractor == "classifier":  # train the judge once, before trials start in parallel
         objective.evaluator()
     uri, parent = tracking.open_run(cfg, {"tune.mode": mode.label})
@@ -306,81 +354,149 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                                                        scheduler=mode.scheduler(Path(storage) / name / "asha_results.jsonl"),
                                                        num_samples=t.trials,
                                                        max_concurrent_trials=_max_concurrent(cfg, mode.cpus_per_trial)))
-    return _summarise(cfg, tuner.fit(), mode, uri, parent, objective)
+    return _summarise(cfg, tuner.fit(), mode, uri, parent, objective, shards)
 
 
-def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: str, parent: str, objective: ObjectiveSpec) -> TuneSummary:
-    """Results table, confirmation, plots, best YAML; all logged to the parent run; children of stopped trials marked
-    KILLED."""
-    metric, run_dir, rec = cfg.tune.metric, Path(cfg.run_dir), mode.rec
+def _rows(results, mode: ScheduleSearch | SamplerSearch, metric: str) -> list[dict]:
+    """One row per trial: its point, search objective (validation split) and its interval, last step, stopped early;
+    the columns of the selection and the verdict, empty until they run."""
     rows = []
     for r in results:
         m = r.metrics or {}
         last_step = m.get("step")  # the training step of the last report (none in sampler-only mode)
-        rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, rec),
+        rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": _label(r.config, mode.rec),
                      **{k: r.config.get(k) for k in mode.keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
                      "objective_high": m.get(f"{metric}_high"), "last_step": last_step,
                      "stopped_early": bool(mode.max_t and r.error is None and (last_step or 0) < mode.max_t),
-                     "error": str(r.error)[:200] if r.error else "",
-                     "grid": m.get("grid", ""), "confirmed_mean": None, "confirmed_low": None, "confirmed_high": None,
-                     "gap_vs_recommended": None, "gap_low": None, "gap_high": None})
-    done = [r for r in rows if r["objective"] is not None]
-    if not done:
+                     "error": str(r.error)[:200] if r.error else "", "grid": m.get("grid", ""),
+                     **dict.fromkeys(("selection_mean", "selection_low", "selection_high", "finalist", "test_mean", "test_low",
+                                      "test_high", "gap_vs_recommended", "gap_low", "gap_high", "gap_sampler_part",
+                                      "gap_schedule_part"))})
+    return rows
+
+
+def _judgements(cfg: Config, mode: ScheduleSearch | SamplerSearch, finalists: list[Candidate], rec: Candidate, rows: dict[str, dict],
+                uri: str, parent: str, objective: ObjectiveSpec) -> list[Judgement]:
+    """Each finalist against `recommended` on the test split: their networks (retrained, or the one checkpoint) scored on
+    fresh sampling seeds with their own samplers, and recommended's networks with each finalist's sampler too."""
+    t, schedule_mode = cfg.tune, mode.label == "schedule"
+    nets = mode.networks([rec, *finalists], rows, uri, parent)
+    jobs = [(path, c, c.trial_id) for c in [rec, *finalists] for path in nets[c.trial_id]]
+    if schedule_mode:  # attribution: what the finalist's sampler does for recommended's networks
+        jobs += [(path, f, f"{rec.trial_id}@{f.trial_id}") for f in finalists if not f.same_sampler(rec) for path in nets[rec.trial_id]]
+    scores = score_all([(path, c) for path, c, _ in jobs], objective, t.metric, t.confirm_seeds, t.confirm_samples)
+    table: dict[str, list[list[float]]] = {}
+    for (_, _, key), found in zip(jobs, scores):
+        table.setdefault(key, []).append(found)
+
+    def units(key: str) -> np.ndarray:  # (units, sampling seeds): a network per row, or each seed a unit of one network
+        found = np.asarray(table[key])
+        return found if schedule_mode else found.T
+
+    def attribution(f: Candidate) -> np.ndarray | None:  # recommended's networks with f's sampler (their own when the same)
+        if not schedule_mode:
+            return None
+        return units(rec.trial_id if f.same_sampler(rec) else f"{rec.trial_id}@{f.trial_id}")
+
+    unit = "training run" if schedule_mode else "sampling seed"
+    return [judge(units(f.trial_id), units(rec.trial_id), f.trial_id, unit, len(finalists), attribution(f)) for f in finalists]
+
+
+def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: str, parent: str, objective: ObjectiveSpec,
+               shards: str) -> TuneSummary:
+    """Results table, selection (validation split), verdict (test split), plots, best YAML; all logged to the parent run;
+    children of stopped trials marked KILLED."""
+    t, metric, run_dir = cfg.tune, cfg.tune.metric, Path(cfg.run_dir)
+    rows = _rows(results, mode, metric)
+    if not any(r["objective"] is not None for r in rows):
         raise ConfigError(f"no trial reported {metric}; see the trial errors in {run_dir / 'ray'}")
-    best, confirmed = min(done, key=lambda r: r["objective"]), []
+    by_id = {r["trial_id"]: r for r in rows}
+    found = candidates(rows, t.select_top or len(rows), mode.checkpoints(rows, uri, parent))
+    scores = None
+    if t.select_top and found:
+        log.info("selection: %d trials re-scored on the validation split", len(found))
+        scores = dict(zip((c.trial_id for c in found), score_all([(c.checkpoint, c) for c in found], objective, metric,
+                                                                  t.confirm_seeds, t.confirm_samples)))
+    order, finalists = select(found, scores, t.finalists) if found else ([], [])
+    rec = next((r.candidate for r in order if r.candidate.label == "recommended"), None)
+    judged_on = ObjectiveSpec.from_config(cfg, shards, "test")  # nothing before this point scored against it
+    if judged_on.reference_split == objective.reference_split:
+        raise ConfigError(f"the verdict must not be judged on the split that selected the finalist ({objective.reference_split})")
+    judgements = (_judgements(cfg, mode, finalists, rec, by_id, uri, parent, judged_on)
+                  if finalists and rec is not None and t.confirm_train_seeds else [])
+    for r in order:
+        by_id[r.candidate.trial_id].update(selection_mean=r.mean.value, selection_low=r.mean.low, selection_high=r.mean.high,
+                                           finalist=r.candidate in finalists)
+    for j in judgements:
+        by_id[j.finalist].update(test_mean=j.finalist_mean.value, test_low=j.finalist_mean.low, test_high=j.finalist_mean.high,
+                                 gap_vs_recommended=j.gap.value, gap_low=j.gap.low, gap_high=j.gap.high,
+                                 gap_sampler_part=j.sampler_part.value if j.sampler_part else None,
+                                 gap_schedule_part=j.schedule_part.value if j.schedule_part else None)
+        by_id[rec.trial_id].update(test_mean=j.recommended_mean.value, test_low=j.recommended_mean.low, test_high=j.recommended_mean.high)
     rec_row = next((r for r in rows if r["label"] == "recommended"), None)
-    if cfg.tune.confirm_top:
-        found = candidates(rows, cfg.tune.confirm_top, mode.checkpoints(rows, uri, parent))
-        confirmed = run_confirmation(found, objective, metric, cfg.tune.confirm_seeds, cfg.tune.confirm_samples) if found else []
-        by_id = {r["trial_id"]: r for r in rows}
-        for c in confirmed:
-            by_id[c.candidate.trial_id].update(confirmed_mean=c.mean.value, confirmed_low=c.mean.low, confirmed_high=c.mean.high)
-            if c.vs_recommended:
-                by_id[c.candidate.trial_id].update(gap_vs_recommended=c.vs_recommended.value, gap_low=c.vs_recommended.low,
-                                                   gap_high=c.vs_recommended.high)
-        best = by_id[confirmed[0].candidate.trial_id] if confirmed else best
-    found_line = (verdict(confirmed, metric) if confirmed else
-                  f"best by the search's own evaluation ({metric} {best['objective']:.4g}); no confirmation "
-                  f"({'tune.confirm_top=0' if not cfg.tune.confirm_top else 'no trial left a checkpoint'})")
+    chosen = order[0].candidate.trial_id if order else None  # the selection's choice; the test split only judges it
+    best = by_id[chosen] if chosen else min((r for r in rows if r["objective"] is not None), key=lambda r: r["objective"])
+    found_line = (verdict(order, judgements, metric, t.confirm_samples, bool(t.select_top), objective.reference_split,
+                          judged_on.reference_split) if order else
+                  f"best by the search's own evaluation ({metric} {best['objective']:.4g}); no trial left a checkpoint to select on")
     with open(run_dir / "tune_results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    (run_dir / "verdict.txt").write_text(found_line + "\n")
     plot = _plot(rows, mode.keys, metric, run_dir / "tune_objective.png")
     best_yaml = run_dir / "best_config.yaml"
     best_cfg, next_command, grid = mode.outcome(best, best_yaml)
     best_cfg = best_cfg.evolve({"name": cfg.name.removesuffix("-tune") + "-best", "run_dir": str(run_dir.parent / "best")})
-    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n# {found_line}\n"
+    header = "".join(f"# {line}\n" for line in found_line.splitlines())
+    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n{header}"
                          f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    metrics = {f"best_{metric}": best["objective"], "trials": len(rows), "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
-    if rec_row and rec_row["objective"] is not None:
-        metrics[f"recommended_{metric}"] = rec_row["objective"]
-    for name, row in (("best", best), ("recommended", rec_row)):
-        if row and row["confirmed_mean"] is not None:
-            metrics.update({f"confirmed_{name}_{metric}{end}": row[f"confirmed_{key}"] for end, key in (("", "mean"), ("_low", "low"), ("_high", "high"))})
-    if best["gap_vs_recommended"] is not None:
-        metrics.update({f"confirmed_gap_vs_recommended{end}": best[key] for end, key in (("", "gap_vs_recommended"), ("_low", "gap_low"), ("_high", "gap_high"))})
-    artifacts = {"tune": run_dir / "tune_results.csv", "tune/plots": plot, "tune/best": best_yaml}
+    metrics = {**_verdict_metrics(rows, best, rec_row, judgements, metric), "trials": len(rows),
+               "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
+    artifacts = {"tune": run_dir / "tune_results.csv", "tune/plots": plot, "tune/best": best_yaml, "tune/verdict": run_dir / "verdict.txt"}
     if grid and grid.exists():
         artifacts["tune/best_samples"] = grid
-    tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line})
-    tracking.close_child_runs(uri, parent, {RECOMMENDED_FULL: "FINISHED", **{r["trial_id"]: "FAILED" if r["error"] else "KILLED"
-                                                                            if r["stopped_early"] else "FINISHED" for r in rows}})
+    tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line.splitlines()[0][:4900],
+                                                                "tune.finalist": chosen or ""})
+    judged = {run: "FINISHED" for run in mode.judgement_runs}
+    tracking.close_child_runs(uri, parent, {RECOMMENDED_FULL: "FINISHED", **judged, **{r["trial_id"]: "FAILED" if r["error"] else "KILLED"
+                                                                                        if r["stopped_early"] else "FINISHED" for r in rows}})
     tracking.finish_run(uri, parent)
     return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command, found_line)
 
 
+def _verdict_metrics(rows: list[dict], best: dict, rec_row: dict | None, judgements: list[Judgement], metric: str) -> dict[str, float]:
+    """The parent run's numbers: the search's best and recommended objective, the selection's means (validation split)
+    and the first finalist's judgement (test split): both schedules' means, the gap, its parts, the variance components."""
+    out = {f"best_{metric}": min(r["objective"] for r in rows if r["objective"] is not None)}
+    if rec_row and rec_row["objective"] is not None:
+        out[f"recommended_{metric}"] = rec_row["objective"]
+    for name, row in (("finalist", best), ("recommended", rec_row)):
+        if row and row["selection_mean"] is not None:
+            out[f"validation_{name}_{metric}"] = row["selection_mean"]
+    if judgements:
+        j = judgements[0]
+        for name, e in (("test_finalist_" + metric, j.finalist_mean), ("test_recommended_" + metric, j.recommended_mean),
+                        ("gap_vs_recommended", j.gap)):
+            out.update({name: e.value, f"{name}_low": e.low, f"{name}_high": e.high})
+        out.update(gap_detectable=j.detectable, between_runs_sd=j.between_sd, within_run_sd=j.within_sd)
+        if j.sampler_part:
+            out.update(gap_sampler_part=j.sampler_part.value, gap_schedule_part=j.schedule_part.value)
+    return out
+
+
 def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Path:
-    """The objective against up to three searched settings (trials coloured by label), and, after a confirmation, each
-    confirmed trial's search value beside its confirmed mean with the 95% interval."""
+    """The objective against up to three searched settings (trials coloured by label), and, after the selection, each
+    re-scored trial's search value beside its selection mean with the 95% interval (validation split)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [k for k in keys if k in ("sigma_max", "sigma_min", "num_levels", "eps", "start_level", "steps_per_level")][:3]
-    confirmed = sorted((r for r in rows if r["confirmed_mean"] is not None), key=lambda r: r["confirmed_mean"])
-    fig, axes = plt.subplots(1, len(shown) + bool(confirmed), figsize=(4 * (len(shown) + bool(confirmed)), 3.2), squeeze=False)
+    selected = sorted((r for r in rows if r["selection_mean"] is not None), key=lambda r: r["selection_mean"])
+    intervals = all(r["selection_low"] == r["selection_low"] for r in selected)  # NaN when ranked by one search evaluation
+    fig, axes = plt.subplots(1, len(shown) + bool(selected), figsize=(4 * (len(shown) + bool(selected)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], shown):
         for label, colour in (("search", "tab:blue"), ("recommended", "tab:red")):
             pts = [(r[key], r["objective"]) for r in rows if r["label"] == label and r["objective"] is not None]
@@ -389,20 +505,21 @@ def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Pa
         if key in ("sigma_max", "sigma_min", "eps"):
             ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} (validation)")
     axes[0][0].legend()
-    if confirmed:
+    if selected:
         ax = axes[0][-1]
-        x = range(len(confirmed))
-        means = [r["confirmed_mean"] for r in confirmed]
-        err = [[m - r["confirmed_low"] for m, r in zip(means, confirmed)], [r["confirmed_high"] - m for m, r in zip(means, confirmed)]]
-        colours = ["tab:red" if r["label"] == "recommended" else "tab:blue" for r in confirmed]
-        ax.errorbar(x, means, yerr=err, fmt="none", ecolor="grey", capsize=4)
-        ax.scatter(x, means, c=colours, s=30, label="confirmed mean (95%)")
-        ax.scatter(x, [r["objective"] for r in confirmed], facecolors="none", edgecolors=colours, s=30, label="search")
-        ax.set_xticks(list(x), [r["trial_id"][-5:] for r in confirmed], rotation=45)
-        ax.set_ylabel(metric)
-        ax.set_title("confirmation")
+        x = range(len(selected))
+        means = [r["selection_mean"] for r in selected]
+        colours = ["tab:red" if r["label"] == "recommended" else "tab:green" if r["finalist"] else "tab:blue" for r in selected]
+        if intervals:
+            err = [[m - r["selection_low"] for m, r in zip(means, selected)], [r["selection_high"] - m for m, r in zip(means, selected)]]
+            ax.errorbar(x, means, yerr=err, fmt="none", ecolor="grey", capsize=4)
+        ax.scatter(x, means, c=colours, s=30, label="selection mean (95% t)" if intervals else "search value")
+        ax.scatter(x, [r["objective"] for r in selected], facecolors="none", edgecolors=colours, s=30, label="search")
+        ax.set_xticks(list(x), [r["trial_id"][-5:] for r in selected], rotation=45)
+        ax.set_ylabel(f"{metric} (validation)")
+        ax.set_title("selection (green: finalist)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

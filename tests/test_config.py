@@ -123,14 +123,14 @@ def test_evolve_returns_a_changed_copy_and_leaves_the_config_as_it_was():
         cfg.evolve({"schedule.num_levels": 0})
 
 
-@pytest.mark.parametrize("metric, extractor", [("kid_classifier", "classifier"), ("fid_inception", "inception")])
+@pytest.mark.parametrize("metric, extractor", [("kid_std_classifier", "classifier"), ("fid_inception", "inception")])
 def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings_from_the_config(metric, extractor):
     from pipelines.objective import ObjectiveSpec
 
     cfg = load_config(CONFIGS / "digits.yaml", [f"tune.metric={metric}", "tune.eval_samples=123", "evaluation.resamples=17",
                                                  "sampling.denoise=false", "tune.eval_every=40", "run_dir=/r"])
-    spec = ObjectiveSpec.from_config(cfg, "/shards")
-    assert spec == ObjectiveSpec("/shards", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)
+    spec = ObjectiveSpec.from_config(cfg, "/shards", "validation")
+    assert spec == ObjectiveSpec("/shards", "validation", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)
 
 
 def test_the_evaluation_cache_is_the_run_directorys_unless_one_is_given(tmp_path, monkeypatch):
@@ -141,7 +141,7 @@ def test_the_evaluation_cache_is_the_run_directorys_unless_one_is_given(tmp_path
     assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "runs" / "eval_cache"
     shared = load_config(CONFIGS / "digits.yaml", ["run_dir=/r", "evaluation.cache_dir=cache"])
     assert shared.eval_cache_dir() == tmp_path / "cache"
-    assert ObjectiveSpec.from_config(shared, "/shards").cache_dir == str(tmp_path / "cache")
+    assert ObjectiveSpec.from_config(shared, "/shards", "validation").cache_dir == str(tmp_path / "cache")
 
 
 @pytest.mark.parametrize("overrides, message", [

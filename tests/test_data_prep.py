@@ -80,7 +80,7 @@ def test_image_folder_shards_back_with_labels_crop_and_resize(tmp_path, ray_loca
     out = tmp_path / "shards"
     opts = ShardOptions("image-folder", str(tmp_path / "imgs"), shard_size=4)
     shard_dataset(opts, str(out), progress=False)
-    got = list({**_read_back(out, "train"), **_read_back(out, "test")}.values())
+    got = list({**_read_back(out, "train"), **_read_back(out, "validation"), **_read_back(out, "test")}.values())
     assert ImageFolderSource(tmp_path / "imgs").classes == ["cats", "dogs"]
     expected = sorted((pixels.tobytes(), ["cats", "dogs"].index(cls)) for pixels, cls in truth.values())
     assert sorted((pixels.tobytes(), label) for pixels, label in got) == expected
@@ -101,7 +101,7 @@ def test_rerun_is_a_noop_and_changed_option_rewrites(tmp_path, ray_local):
     changed = shard_dataset(ShardOptions("digits", shard_size=600), str(out), progress=False)
     assert not changed.up_to_date
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [600, 600, 300]
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [600, 600, 3]
     assert sorted(p.name for p in (out / "train").glob("*.tar")) == sorted(Path(s["path"]).name for s in manifest["splits"]["train"]["shards"])
 
 
@@ -130,14 +130,15 @@ def test_shard_cli_digits_summary_line(tmp_path, ray_local):
     out = subprocess.run([str(cli), "shard", "--source", "digits", "--output", str(tmp_path / "d"), "--workers", "2", "--no-progress"],
                          capture_output=True, text=True, timeout=300, env=joining_env())  # the tests' Ray, as on a cluster
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().startswith("wrote 1797 images in 3 shards")  # train 1000 + 500, test 297 and "images/s" in out.stdout
+    assert out.stdout.strip().startswith("wrote 1797 images in 4 shards")  # train 1000 + 203, validation 297, test 297
+    assert "images/s" in out.stdout
 
 
 # ---------------------------------------------------------------- loader
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("digits") / "shards"
-    shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)  # train: 300×5
+    shard_dataset(ShardOptions("digits", shard_size=300), str(out), progress=False)  # train: 300×4 + 3
     return out
 
 
@@ -152,17 +153,17 @@ def test_two_ranks_see_every_sample_once_with_equal_batches(digit_shards):
     assert len(seen[0]) == len(seen[1]) == len(loaders[0]) * 50
     union = seen[0] + seen[1]
     assert len(set(union)) == len(union)  # nobody sees a sample twice
-    # 5 shards of 300 on 2 ranks: 900 vs 600 samples, 12 batches each; the 300-sample imbalance is dropped.
-    assert loaders[0].dropped_per_epoch == 300 and len(loaders[0]) == 12
+    # shards of 300, 300, 300, 300 and 3 on 2 ranks: 603 vs 600 samples, 12 batches each; the 3-sample imbalance is dropped.
+    assert loaders[0].dropped_per_epoch == 3 and len(loaders[0]) == 12
 
 
 def test_even_split_covers_the_whole_epoch(tmp_path, ray_local):
     out = tmp_path / "shards"
-    shard_dataset(ShardOptions("digits", shard_size=375), str(out), progress=False)  # train 1500 = 4 × 375
-    loaders = [make_loader(str(out), 25, rank=r, world_size=2) for r in (0, 1)]
-    union = _keys_of(loaders[0]) + _keys_of(loaders[1])
+    shard_dataset(ShardOptions("digits", shard_size=401), str(out), progress=False)  # train 1203 = 3 × 401
+    loaders = [make_loader(str(out), 401, rank=r, world_size=3) for r in (0, 1, 2)]
+    union = [key for loader in loaders for key in _keys_of(loader)]
     train = [rec.image.tobytes() for rec in open_source("digits").read("train", 0, 2000)]
-    assert len(union) == 1500 and set(union) == set(train) and loaders[0].dropped_per_epoch == 0
+    assert len(union) == 1203 and set(union) == set(train) and loaders[0].dropped_per_epoch == 0
 
 
 def test_resampled_loader_gives_equal_epochs_even_with_fewer_shards_than_ranks(digit_shards):
@@ -216,6 +217,6 @@ def test_max_shard_mb_starts_new_shards_by_size(tmp_path, ray_local):
     shard_dataset(ShardOptions("digits", shard_size=1000, max_shard_mb=0.2), str(out), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     train = manifest["splits"]["train"]["shards"]
-    assert sum(s["count"] for s in train) == 1500 and len(train) > 2  # by count alone it would be 2
+    assert sum(s["count"] for s in train) == 1203 and len(train) > 2  # by count alone it would be 2
     assert all(s["bytes"] <= 0.2e6 + 10_000 for s in train)  # the limit, plus at most one sample and the tar trailer
     assert verify_shards(str(out)) == []

@@ -37,11 +37,13 @@ def _run_args(run_dir: Path | str, eval_cache: Path, config: str = "configs/digi
 
 def _check_outputs(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"fid_classifier", "is_classifier", "kid_classifier", "kid_classifier_low", "kid_classifier_high", "num_samples",
-            "same_split_floor_kid_classifier", "train_vs_test_fid_classifier", "gaussian_fid_classifier",
+    assert {"fid_classifier", "fid_classifier_sd", "is_classifier", "kid_std_classifier", "kid_std_classifier_low",
+            "kid_std_classifier_high", "num_samples", "heldout_real_kid_std_classifier", "gaussian_fid_classifier",
             "classifier_test_accuracy", "extractor_dead_features", "final_loss"} <= set(summary)
-    record = summary["evaluation"]["model"]  # each evaluation records its extractor's digest and its counts
-    assert record["num_samples"] == 60 and len(record["extractor_id"]) == 16 and set(record["kid"]) == {"value", "low", "high"}
+    record = summary["evaluation"]["model"]  # each evaluation records its extractor's digest, reference split and counts
+    assert record["num_samples"] == 60 and len(record["extractor_id"]) == 16 and record["reference_split"] == "test"
+    assert set(record["kid"]) == {"value", "low", "high"} and set(record["fid"]) == {"value", "sd"}
+    assert "standardised" in summary["evaluation"]["kid_features"]
     assert len(list((run_dir / "samples" / "images").glob("*.png"))) == 60
     assert (run_dir / "samples" / "grid.png").exists() and (run_dir / "inpainting" / "inpainting_centre.png").exists()
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -133,6 +135,6 @@ def test_run_on_two_nodes_with_s3_equals_the_one_node_run_on_local_files(pipelin
     assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
     local = {k: v for k, v in json.loads((local_dir / "summary.json").read_text()).items() if k != "evaluation"}
     timing = [k for k in local if k.endswith("_per_s")]  # throughputs differ between any two runs
-    assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_classifier", "final_loss"}
+    assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_std_classifier", "final_loss"}
     for key in set(local) - set(timing):
         assert remote["metrics"][key] == pytest.approx(local[key], rel=1e-5, abs=1e-8), key

@@ -1,4 +1,5 @@
-"""σ-schedule tuning with Ray Tune on digits, tiny budget: ASHA, nested MLflow runs, best YAML, driver restart (issue 7)."""
+"""σ-schedule tuning with Ray Tune on digits, tiny budget: ASHA, nested MLflow runs, best YAML, driver restart, and the
+verdict: selection on the validation split, judgement on the test split over retrained networks."""
 import contextlib
 import csv
 import subprocess
@@ -15,9 +16,10 @@ from tests.servers import only_ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 trials of 30 steps, the objective every 10 steps (ASHA's rung at step 10), 100 samples per evaluation; ASHA keeps the top third.
+# The selection re-scores the best finished trial and `recommended` on 2 seeds; the judgement (retraining) is tested on its own.
 TINY = ["train.steps=30", "train.batch_size=32", "data.loader_workers=0", "tracking.system_metrics=false", "tune.trials=4",
         "tune.eval_every=10", "tune.eval_samples=100", "tune.steps_per_level=[2,3]", "sampling.steps_per_level=2",
-        "tune.reduction_factor=3", "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=60"]
+        "tune.reduction_factor=3", "tune.select_top=1", "tune.confirm_train_seeds=0", "tune.confirm_seeds=2", "tune.confirm_samples=60"]
 
 
 def _tune_command(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -108,35 +110,35 @@ def test_parent_and_child_mlflow_runs_are_nested_with_params_curves_and_results(
     assert len({c.data.params["tune.trial_id"] for c in trials}) == len(trials) == 4
     for child in trials:
         assert child.info.status == ("KILLED" if rows[child.data.params["tune.trial_id"]]["stopped_early"] == "True" else "FINISHED")
-        assert "kid_classifier" in child.data.metrics and child.data.params["schedule.recommend"] == "False"
+        assert "kid_std_classifier" in child.data.metrics and child.data.params["schedule.recommend"] == "False"
     # a trial the killed driver had started but not yet saved in Tune's state runs again under a new id: its first run
     # is closed as KILLED; the only other extra child is the recommended schedule trained to the end (below)
     others = [c for c in children if c.data.params["tune.trial_id"] not in rows]
     assert all(c.info.status == "KILLED" or c.data.params["tune.trial_id"] == "recommended-full" for c in others)
-    assert "best_kid_classifier" in parent.data.metrics and "recommended_kid_classifier" in parent.data.metrics
-    assert {"confirmed_best_kid_classifier", "confirmed_best_kid_classifier_low"} <= set(parent.data.metrics)
-    # the recommended schedule is always confirmed: when ASHA stopped its trial, it is trained to the end after the search
+    assert "best_kid_std_classifier" in parent.data.metrics and "recommended_kid_std_classifier" in parent.data.metrics
+    assert "validation_recommended_kid_std_classifier" in parent.data.metrics
+    # the recommended schedule is always re-scored: when ASHA stopped its trial, it is trained to the end after the search
     (rec,) = [r for r in _rows(run_dir) if r["label"] == "recommended"]
-    assert "confirmed_recommended_kid_classifier" in parent.data.metrics and rec["confirmed_mean"] != ""
+    assert rec["selection_mean"] != ""
     full = [c for c in children if c.data.params["tune.trial_id"] == "recommended-full"]
     # (a stopped trial may still have trained to the end before Tune's stop reached it: then it is confirmed as it is)
     assert len(full) <= (rec["stopped_early"] == "True") and all(c.info.status == "FINISHED" for c in full)
-    # tune.confirm_top=1: the finished trial of lowest search objective and `recommended` (one trial when they are the same)
+    # tune.select_top=1: the finished trial of lowest search objective and `recommended` (one trial when they are the same)
     finished = [r for r in rows.values() if (r["stopped_early"] == "False" and not r["error"]) or r["label"] == "recommended"]
     best = min(finished, key=lambda r: float(r["objective"]))
-    confirmed = {t for t, r in rows.items() if r["confirmed_mean"] != ""}
-    assert confirmed == {best["trial_id"], rec["trial_id"]}, rows
-    assert all(rows[t]["gap_vs_recommended"] != "" for t in confirmed - {rec["trial_id"]})
-    assert parent.data.tags["tune.verdict"].startswith("confirmed best: ")
+    selected = {t for t, r in rows.items() if r["selection_mean"] != ""}
+    assert selected == {best["trial_id"], rec["trial_id"]}, rows
+    assert parent.data.tags["tune.verdict"].startswith("the selection (re-scored on the validation split) ranked ")
+    assert "not judged on the test split (tune.confirm_train_seeds=0" in parent.data.tags["tune.verdict"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
-    assert {"tune/tune_results.csv", "tune/plots", "tune/best"} <= artifacts
+    assert {"tune/tune_results.csv", "tune/plots", "tune/best", "tune/verdict"} <= artifacts
 
 
-def test_best_config_holds_the_confirmed_best_schedule_and_passes_trainings_checks(tuned, tmp_path, digits_shards):
-    # The YAML spells out the confirmed best trial's schedule and sampler (no longer `recommend`), and it passes every check
-    # training makes on the driver against the shards (a config that passes them trains: test_train_ray.py)
+def test_best_config_holds_the_selected_schedule_and_passes_trainings_checks(tuned, tmp_path, digits_shards):
+    # The YAML spells out the schedule and sampler the selection ranked first (no longer `recommend`), and it passes every
+    # check training makes on the driver against the shards (a config that passes them trains: test_train_ray.py)
     run_dir, _, _ = tuned
-    best = min((r for r in _rows(run_dir) if r["confirmed_mean"] != ""), key=lambda r: float(r["confirmed_mean"]))
+    best = min((r for r in _rows(run_dir) if r["selection_mean"] != ""), key=lambda r: float(r["selection_mean"]))
     cfg = load_config(run_dir / "tune" / "best_config.yaml", [f"run_dir={tmp_path}"])
     assert not cfg.schedule.recommend
     schedule = prepare(cfg, digits_shards).schedule
@@ -145,10 +147,18 @@ def test_best_config_holds_the_confirmed_best_schedule_and_passes_trainings_chec
                                                                                     float(best["eps"])))
 
 
-def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, digits_shards, eval_cache):
+def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, trained_digits, digits_shards, eval_cache,
+                                                                      monkeypatch):
+    # Every score the job computes is recorded with the split it was computed against: the search's trials and the
+    # selection use the validation split, the judgement only the test split, and only after the finalist was chosen.
+    import pipelines.tune as tuning
+
     _, schedule, checkpoint = trained_digits
+    calls, real = [], tuning.score_all
+    monkeypatch.setattr(tuning, "score_all", lambda jobs, objective, *a: calls.append((objective.reference_split, [c.trial_id for _, c in jobs]))
+                        or real(jobs, objective, *a))
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=60",
-                                                         "tune.confirm_top=1", "tune.confirm_seeds=2", "tune.confirm_samples=60",
+                                                         "tune.select_top=2", "tune.confirm_seeds=3", "tune.confirm_samples=60",
                                                          "tune.steps_per_level=[2,3]", "tracking.system_metrics=false",
                                                          f"evaluation.cache_dir={eval_cache}"])
     summary = run_tuning(cfg, digits_shards, checkpoint=str(checkpoint))
@@ -157,17 +167,56 @@ def test_sampler_only_tuning_of_a_trained_checkpoint(tmp_path, trained_digits, d
     (rec,) = [r for r in rows if r["label"] == "recommended"]  # the checkpoint's own sampler settings, whole schedule
     assert rec["start_level"] == 0 and rec["steps_per_level"] == schedule.steps_per_level
     assert rec["eps"] == pytest.approx(schedule.eps)
-    best = load_config(summary.best_config)
+    (finalist,) = [r for r in rows if r["finalist"]]  # the best searched trial by its validation mean
+    assert finalist["selection_mean"] == min(r["selection_mean"] for r in rows if r["label"] == "search" and r["selection_mean"] is not None)
+    (selection, selected), (judgement, judged) = calls
+    assert selection == "validation" and judgement == "test" and set(judged) == {finalist["trial_id"], rec["trial_id"]}
+    assert set(selected) == {r["trial_id"] for r in rows if r["selection_mean"] is not None}
+    assert finalist["test_mean"] is not None and finalist["gap_low"] <= finalist["gap_vs_recommended"] <= finalist["gap_high"]
+    assert "over 3 sampling seeds of one network" in summary.verdict and "paired t, 2 df" in summary.verdict
+    best = load_config(summary.best_config)  # the selection's first, whatever the test split says
     assert best.sampling.eps == pytest.approx(summary.best["eps"]) and best.sampling.steps_per_level == summary.best["steps_per_level"]
+    assert summary.best["selection_mean"] == min(r["selection_mean"] for r in rows if r["selection_mean"] is not None)
     assert summary.next_command.startswith(f"ncsn-pipeline sample --checkpoint {checkpoint}")
     client = MlflowClient(summary.tracking_uri)
     children = client.search_runs([client.get_run(summary.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
     assert sorted(c.data.params["tune.trial_id"] for c in children) == sorted(r["trial_id"] for r in rows)
-    assert all(c.info.status == "FINISHED" and "kid_classifier" in c.data.metrics for c in children)
-    confirmed = [r for r in rows if r["confirmed_mean"] is not None]  # tune.confirm_top=1: the best and `recommended`
-    assert {r["label"] for r in confirmed} == {"recommended"} or len(confirmed) == 2
-    assert summary.best["confirmed_mean"] == min(r["confirmed_mean"] for r in confirmed)
+    assert all(c.info.status == "FINISHED" and "kid_std_classifier" in c.data.metrics for c in children)
+
+
+def test_the_judgement_retrains_each_schedule_on_fresh_seeds_and_scores_them_on_the_test_split(tmp_path, digits_shards, eval_cache):
+    # A finalist (the recommended σ_max × 0.6, ε × 2) against `recommended`: both schedules trained again on 2 fresh
+    # training seeds to the full budget, each a finished child run of the job; every network scored on the test split,
+    # recommended's also with the finalist's sampler (the attribution); the same call again trains nothing.
+    from pipelines import tracking
+    from pipelines.confirm import Candidate
+    from pipelines.objective import ObjectiveSpec
+    from pipelines.sample import read_checkpoint
+    from pipelines.tune import ScheduleSearch, _judgements
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path / 'tune'}", "name=digits-tune", *TINY,
+                                                         "tune.confirm_train_seeds=2", f"evaluation.cache_dir={eval_cache}"])
+    cfg = cfg.evolve({"tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    mode = ScheduleSearch(cfg, digits_shards)
+    uri, parent = tracking.open_run(cfg, {"tune.mode": "schedule"})
+    points = {"rec": mode.rec, "fin": {**mode.rec, "sigma_max": mode.rec["sigma_max"] * 0.6, "eps": mode.rec["eps"] * 2}}
+    rec, fin = (Candidate(t, label, 0.0, "", 0, points[t]["eps"], points[t]["steps_per_level"])
+                for t, label in (("rec", "recommended"), ("fin", "search")))
+    (judged,) = _judgements(cfg, mode, [fin], rec, points, uri, parent, ObjectiveSpec.from_config(cfg, digits_shards, "test"))
+    assert (judged.unit, judged.units, judged.repeats, judged.df) == ("training run", 2, 2, 1)
+    assert judged.sampler_part is not None and judged.gap.value == pytest.approx(judged.sampler_part.value + judged.schedule_part.value)
+    client = MlflowClient(uri)
+    runs = {r.data.params["tune.trial_id"]: r for r in client.search_runs([client.get_run(parent).info.experiment_id],
+                                                                        f"tags.mlflow.parentRunId = '{parent}'")}
+    assert set(runs) == set(mode.judgement_runs) == {"judge-rec-s1000", "judge-rec-s1001", "judge-fin-s1000", "judge-fin-s1001"}
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["train.seed"] == name[-4:]
+        ckpt = read_checkpoint(str(tmp_path / "tune" / "trials" / name / "model" / "checkpoint.pt"))[0]
+        assert ckpt.step == 30 and float(ckpt.sigmas[0]) == pytest.approx(points[name.split("-")[1]]["sigma_max"], rel=1e-5)
+    again = mode.networks([rec, fin], points, uri, parent)  # resumed job: the finished runs are kept, nothing retrained
+    assert len(client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 4
+    assert [Path(p).parent.parent.name for p in again["fin"]] == ["judge-fin-s1000", "judge-fin-s1001"]
 
 
 def test_asha_keeps_its_rungs_across_a_restart_of_the_driver(tmp_path):
