@@ -183,7 +183,7 @@ class TuneConfig(Section):
     eps_scale: Range = [0.3, 3.0]  # log-uniform × recommended ε
     steps_per_level: Annotated[list[Int], _rule(lambda ts: bool(ts) and min(ts) >= 1, "a non-empty list of T >= 1")] = [5, 10, 20]
     eval_every: Count = 500  # training steps between objective evaluations (ASHA's rungs)
-    eval_samples: Annotated[Int, _at_least(4)] = 250  # samples per evaluation of the objective (on the validation split)
+    eval_samples: Annotated[Int, _at_least(3)] = 250  # samples per evaluation of the objective (on the validation split)
     # unbiased KID on standardised features: its mean does not move with the count
     metric: Annotated[Str, _one_of(*OBJECTIVES)] = "kid_std_classifier"
     # selection (validation split): the k best trials and `recommended` re-scored on confirm_seeds fresh sampling seeds
@@ -194,7 +194,7 @@ class TuneConfig(Section):
     # seeds (the unit of the verdict; paired across schedules); 0: no judgement. Sampler-only tuning judges on sampling seeds.
     confirm_train_seeds: Annotated[Int, _rule(lambda n: n == 0 or n >= 2, "0 or >= 2 (the interval needs two)")] = 3
     confirm_seeds: Annotated[Int, _rule(lambda n: n >= 2, ">= 2 (the interval needs two)")] = 3  # sampling seeds per network
-    confirm_samples: Annotated[Int, _at_least(4)] = 1000  # … at this many samples per seed
+    confirm_samples: Annotated[Int, _at_least(3)] = 1000  # … at this many samples per seed
     grace_period: Count = 1  # evaluations before ASHA may stop a trial
     reduction_factor: Annotated[Int, _at_least(2)] = 2
     max_concurrent: Count | None = None  # default: cluster CPUs (or GPUs) / resources per trial

@@ -453,8 +453,8 @@ class Evaluator:
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != self.reference.shape[1:]:
             raise EvaluationError(f"{what} of shape {images.shape} ({images.dtype}) do not match the reference images "
                                   f"{self.reference.shape[1:]} (uint8)")
-        if len(images) < 4:
-            raise EvaluationError(f"{what}: {len(images)} image(s); KID's interval needs at least 4")
+        if len(images) < 3:
+            raise EvaluationError(f"{what}: {len(images)} image(s); KID's interval needs at least 3")
 
     def compare(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int = 0, reference_split: str | None = None) -> Evaluation:
         """KID (standardised features, 95% interval), FID and IS (bootstrap sd) of feature sets ``ours`` against ``ref``.

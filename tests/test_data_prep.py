@@ -27,12 +27,14 @@ def _read_back(out: Path, split: str) -> dict:
 
 
 def _assert_exact(out: Path, truth: dict, prefix: str) -> None:
-    """Every shard sample equals the source's image (HWC) and label, key by key."""
-    for split, (images, labels) in truth.items():
-        got = _read_back(out, split)
-        assert len(got) == len(labels)
+    """Every shard sample equals the source's image (HWC) and label, key by key: the test pool is the test split, the
+    training pool the training and validation splits together (disjoint)."""
+    for pool, (images, labels) in truth.items():
+        parts = [_read_back(out, split) for split in (("train", "validation") if pool == "train" else ("test",))]
+        got = {key: sample for part in parts for key, sample in part.items()}
+        assert len(got) == sum(len(part) for part in parts) == len(labels)
         for i in range(len(labels)):
-            pixels, label = got[f"{prefix}-{split}-{i:05d}"]
+            pixels, label = got[f"{prefix}-{pool}-{i:05d}"]
             assert np.array_equal(pixels, images[i]) and label == labels[i]
 
 
@@ -43,11 +45,13 @@ def test_cifar10_tarball_shards_back_exactly(tmp_path, ray_local):
     assert summary.images == 36 and not summary.up_to_date
     _assert_exact(out, truth, "cifar10")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["image_shape"] == [32, 32, 3] and manifest["splits"]["train"]["count"] == 30
-    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7, 2]
-    stats = manifest["splits"]["train"]["statistics"]
-    assert stats["channel_mean"] == pytest.approx((truth["train"][0] / 255).reshape(-1, 3).mean(0), abs=1e-9)
-    flat = truth["train"][0].reshape(30, -1).astype(np.float64) / 255  # exact over all 30 images, blocks of 7
+    splits = manifest["splits"]
+    assert manifest["image_shape"] == [32, 32, 3] and (splits["train"]["count"], splits["validation"]["count"]) == (27, 3)
+    assert [s["count"] for s in splits["train"]["shards"]] == [7, 7, 7, 6] and "stratified" in manifest["validation_split"]
+    train = np.stack([pixels for pixels, _ in _read_back(out, "train").values()])  # the statistics are the training split's
+    stats = splits["train"]["statistics"]
+    assert stats["channel_mean"] == pytest.approx((train / 255).reshape(-1, 3).mean(0), abs=1e-9)
+    flat = train.reshape(27, -1).astype(np.float64) / 255  # exact over all 27 images, blocks of 7
     assert stats["max_pairwise_distance"] == pytest.approx(max(np.linalg.norm(a - b) for a in flat for b in flat), rel=1e-9)
 
 

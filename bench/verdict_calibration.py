@@ -1,0 +1,154 @@
+"""How often the tuning verdict says "beat" when nothing is better, and how often it finds a real improvement: the
+project's own selection and judgement (pipelines.confirm.select and .judge) driven on simulated tuning jobs, for the old
+design (the search's networks re-sampled on the test split, selected and judged on the same scores, the sampling seed as
+the unit) and the new one (search and selection on the validation split; the finalist and `recommended` retrained on
+fresh training seeds and judged on the test split, the training run as the unit).
+
+A network's score on a reference split with one sampling seed is q + ρ·r + σ·e: q its true quality (its schedule's
+mean, plus τ·z for its training run), r its interaction with that reference split (one draw per network and split,
+shared by every score of that network against it), e the sampling seed's noise (σ_search at the search's count, σ per
+seed at the selection's and judgement's). The levels default to those measured on the digits (BENCHMARKS.md says how);
+``--measure RUN_DIR`` measures them again from a finished tuning run's judgement networks. Under the null every
+schedule has the same mean; the power run plants one searched schedule better by twice the new design's stated
+resolution (the smallest gap its test detects with 80% power: noncentral t with n_train − 1 df).
+
+Usage: python bench/verdict_calibration.py [--jobs 1000] [--quick] [--measure runs/digits-tune --shards … ]
+The last line: false_beat=<rate> power=<rate> for the new design.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.confirm import Candidate, detectable_difference, judge, select
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The noise of a score (KID on the classifier's standardised features), each an sd."""
+
+    train: float  # between training runs of one schedule (τ)
+    reference: float  # a network's interaction with one reference split (ρ)
+    seed: float  # between sampling seeds at the selection's and judgement's count (σ)
+    search: float  # one search evaluation at its count (σ_search)
+
+
+@dataclass(frozen=True)
+class Design:
+    finished: int = 5  # trials that finish training (`recommended` among them); ASHA stopped the others
+    top: int = 3  # searched trials re-scored with `recommended` (tune.select_top)
+    seeds: int = 3  # sampling seeds per network (tune.confirm_seeds)
+    train_seeds: int = 3  # training runs per schedule in the judgement (tune.confirm_train_seeds)
+
+
+def _candidates(n: int) -> list[Candidate]:
+    return [Candidate("rec" if i == 0 else f"s{i}", "recommended" if i == 0 else "search", 0.0, "", 0, 1.0, 1) for i in range(n)]
+
+
+def job(rng: np.random.Generator, levels: Levels, design: Design, gap: float, new: bool) -> str:
+    """One simulated tuning job's outcome (beat | not distinguishable | worse); searched trial s1 is better by ``gap``."""
+    found = _candidates(design.finished)
+    truth = {c.trial_id: 0.30 - (gap if c.trial_id == "s1" else 0.0) for c in found}
+    quality = {t: mu + levels.train * rng.standard_normal() for t, mu in truth.items()}  # the search's networks
+    ref = {t: levels.reference * rng.standard_normal() for t in truth}  # against the split the search scores on
+    search = {t: quality[t] + ref[t] + levels.search * rng.standard_normal() for t in truth}
+    ranked = sorted((c for c in found if c.label == "search"), key=lambda c: search[c.trial_id])[:design.top] + [found[0]]
+    scores = {c.trial_id: quality[c.trial_id] + ref[c.trial_id] + levels.seed * rng.standard_normal(design.seeds) for c in ranked}
+    _, finalists = select(ranked, {t: list(s) for t, s in scores.items()})
+    f = finalists[0].trial_id
+    if not new:  # the same networks and scores judge the choice, over sampling seeds
+        return judge(scores[f][:, None], scores["rec"][:, None], f, "sampling seed").outcome
+    fresh = {t: truth[t] + levels.train * rng.standard_normal((design.train_seeds, 1))  # retrained networks
+             + levels.reference * rng.standard_normal((design.train_seeds, 1))  # each against the test split
+             + levels.seed * rng.standard_normal((design.train_seeds, design.seeds)) for t in (f, "rec")}
+    return judge(fresh[f], fresh["rec"], f, "training run").outcome
+
+
+def resolution(levels: Levels, design: Design) -> float:
+    """The new design's stated resolution: the smallest gap its paired t test (n_train − 1 df) detects with 80% power."""
+    per_run = levels.train**2 + levels.reference**2 + levels.seed**2 / design.seeds  # one network's mean over its seeds
+    return detectable_difference(math.sqrt(2 * per_run / design.train_seeds), design.train_seeds - 1)
+
+
+def measure(run_dir: str, shards: str, samples: int) -> Levels:
+    """τ, ρ and σ from a finished tuning job's judgement networks (<run_dir>/tune/trials/judge-*): each network sampled on
+    3 seeds and the same samples scored against the validation and the test split. σ_search: the per-seed sd at the
+    search's count (250) from the same networks, first seed's samples cut to 250."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from ncsn.data import to_stored
+    from pipelines.objective import ObjectiveSpec, sample_and_score
+    from pipelines.sample import load_model
+
+    torch.set_num_threads(2)
+    nets = sorted(Path(run_dir, "tune", "trials").glob("judge-*/model/checkpoint.pt"))
+    if not nets:
+        raise SystemExit(f"no judgement networks under {run_dir}/tune/trials (judge-*/model/checkpoint.pt)")
+    table: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = {split: ObjectiveSpec(shards, split, "classifier", tmp, samples, 100, True, 0) for split in ("validation", "test")}
+        evaluators = {split: spec.evaluator() for split, spec in specs.items()}
+        for path in nets:
+            model, ckpt = load_model(str(path))
+            schedule = path.parent.parent.name.rsplit("-s", 1)[0]
+            row = table.setdefault(path.parent.parent.name, {"schedule": schedule, "validation": [], "test": [], "small": []})
+            for seed in range(3):
+                _, images = sample_and_score(evaluators["test"], model, ckpt.sigmas, ckpt.schedule.eps, ckpt.schedule.steps_per_level,
+                                             specs["test"], 10_000 + seed)
+                stored = to_stored(images)
+                for split in ("validation", "test"):
+                    row[split].append(evaluators[split].metrics(stored, seed)["kid_std_classifier"])
+                row["small"].append(evaluators["validation"].metrics(stored[:250], seed)["kid_std_classifier"])
+            print(f"{path.parent.parent.name}: validation {np.mean(row['validation']):.4f}, test {np.mean(row['test']):.4f}", flush=True)
+    rows = list(table.values())
+    seed_sd = math.sqrt(np.mean([np.var(r[s], ddof=1) for r in rows for s in ("validation", "test")]))
+    search_sd = math.sqrt(np.mean([np.var(r["small"], ddof=1) for r in rows]))
+    by_schedule: dict[str, list[float]] = {}
+    for r in rows:
+        by_schedule.setdefault(r["schedule"], []).append(np.mean(r["test"]))
+    train_sd = math.sqrt(max(0.0, np.mean([np.var(v, ddof=1) for v in by_schedule.values()]) - seed_sd**2 / 3))
+    diffs = np.array([np.mean(r["validation"]) - np.mean(r["test"]) for r in rows])  # the same samples: sampling noise cancels
+    ref_sd = float(np.std(diffs - diffs.mean(), ddof=1) / math.sqrt(2))
+    return Levels(train_sd, ref_sd, seed_sd, search_sd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000, help="simulated jobs per design and hypothesis")
+    parser.add_argument("--quick", action="store_true", help="400 jobs each (well under 3 minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measure", metavar="RUN_DIR", help="measure the levels from this tuning run's judgement networks")
+    parser.add_argument("--shards", help="the run's shards (with --measure)")
+    parser.add_argument("--samples", type=int, default=1000, help="samples per seed (with --measure)")
+    for name, default in (("train", 0.011), ("reference", 0.004), ("seed", 0.012), ("search", 0.027)):
+        parser.add_argument(f"--{name}-sd", type=float, default=default)
+    args = parser.parse_args()
+    levels = (measure(args.measure, args.shards, args.samples) if args.measure else
+              Levels(args.train_sd, args.reference_sd, args.seed_sd, args.search_sd))
+    jobs, design = (400 if args.quick else args.jobs), Design()
+    planted = 2 * resolution(levels, design)
+    print(f"levels (sd): training run {levels.train:.4g}, reference {levels.reference:.4g}, sampling seed {levels.seed:.4g}, "
+          f"search evaluation {levels.search:.4g}; {design.finished} finished trials, top {design.top} + recommended, "
+          f"{design.seeds} sampling seeds, {design.train_seeds} training runs per schedule; {jobs} jobs each")
+    print(f"new design's stated resolution (80% power, paired t, {design.train_seeds - 1} df): {planted / 2:.4g}; planted gap {planted:.4g}")
+    print("| design | false 'beat' under no true difference (nominal 2.5%) | 'beat' at the planted gap (power) | "
+          "'beat' at the stated resolution (the new design's: 0.8 by construction) | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    rates = {}
+    for new in (False, True):
+        start, rng = time.perf_counter(), np.random.default_rng(args.seed)
+        rates[new] = [[job(rng, levels, design, gap, new) for _ in range(jobs)].count("beat") / jobs for gap in (0.0, planted, planted / 2)]
+        print(f"| {'new' if new else 'old'} | {rates[new][0]:.3f} | {rates[new][1]:.3f} | {rates[new][2]:.3f} | "
+              f"{time.perf_counter() - start:.0f} |", flush=True)
+    print(f"false_beat={rates[True][0]:.3f} power={rates[True][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
