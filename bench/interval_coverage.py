@@ -128,7 +128,7 @@ def main() -> None:
           "variance instead | old bootstrap interval (draws) | E[FID] at the counts | FID ± 1.96 sd coverage | FID sd: bootstrap / "
           "over draws | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    wide_rates = coverage("random ReLU, 2048-d", wide["model"], wide["real"], wide_scale, 500, 297, args.draws, args.resamples,
+    wide_rates = coverage("random conv, ReLU, mean pool: 2048-d", wide["model"], wide["real"], wide_scale, 500, 297, args.draws, args.resamples,
                           args.old_draws, 1)
     demo = coverage("classifier, 128-d", features["model"], features["real"], scale, 500, 297, args.draws, args.resamples,
                     args.old_draws, 0)

@@ -32,7 +32,7 @@ class PipelineResult:
     train_run_id: str
 
     def table(self) -> str:
-        """The evaluation table (value [95% interval] per metric, model and baselines), then the run's other numbers."""
+        """The evaluation table (KID [95% interval], FID and IS ±sd; model and baselines), then the run's other numbers."""
         rest = {**self.evaluation.extractor, **{k: v for k, v in self.metrics.items() if k not in self.evaluation.flat()}}
         width = max(len(k) for k in rest)
         return self.evaluation.table() + "\n" + "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items())

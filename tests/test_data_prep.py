@@ -47,7 +47,7 @@ def test_cifar10_tarball_shards_back_exactly(tmp_path, ray_local):
     manifest = json.loads((out / "manifest.json").read_text())
     splits = manifest["splits"]
     assert manifest["image_shape"] == [32, 32, 3] and (splits["train"]["count"], splits["validation"]["count"]) == (27, 3)
-    assert [s["count"] for s in splits["train"]["shards"]] == [7, 7, 7, 6] and "stratified" in manifest["validation_split"]
+    assert [s["count"] for s in splits["train"]["shards"]] == [7, 7, 7, 6] and "uniformly" in manifest["validation_split"]
     train = np.stack([pixels for pixels, _ in _read_back(out, "train").values()])  # the statistics are the training split's
     stats = splits["train"]["statistics"]
     assert stats["channel_mean"] == pytest.approx((train / 255).reshape(-1, 3).mean(0), abs=1e-9)

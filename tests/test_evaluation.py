@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.sources import DigitsSource, stratified_indices
+from data_prep.sources import DigitsSource, held_out_indices, stratified_indices
 from ncsn.metrics import (Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks,
                           mmd2_jackknife, mmd2_unbiased_variance, polynomial_kernel)
 from pipelines.confirm import Candidate, candidates, detectable_difference, judge, select, verdict
@@ -125,22 +125,19 @@ def test_fid_and_is_are_a_spread_at_their_counts_not_an_interval():
     assert shifted.low > same.high and shifted.low > 0 and same.low <= 0 <= same.high
 
 
-def test_the_digits_splits_are_stratified_seeded_and_disjoint():
-    labels = np.repeat(np.arange(10), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])  # load_digits' class sizes
-    test = stratified_indices(labels, 297, seed=0)
-    assert len(test) == len(set(test)) == 297
-    expected = 297 * np.bincount(labels) / len(labels)
-    assert np.all(np.abs(np.bincount(labels[test], minlength=10) - expected) < 1)  # every class in proportion
-    assert np.array_equal(test, stratified_indices(labels, 297, seed=0))
-    assert not np.array_equal(test, stratified_indices(labels, 297, seed=1))
+def test_the_digits_splits_are_uniform_seeded_and_disjoint():
+    held = held_out_indices(1797, 297, seed=0)
+    assert len(held) == len(set(held)) == 297 and np.array_equal(held, held_out_indices(1797, 297, seed=0))
+    assert not np.array_equal(held, held_out_indices(1797, 297, seed=1))
     source = DigitsSource()
     records = {split: list(source.read(split, 0, source.count(split))) for split in ("train", "validation", "test")}
     keys = {split: {r.key for r in found} for split, found in records.items()}
     assert [len(keys[s]) for s in ("train", "validation", "test")] == [1203, 297, 297]
     assert len(keys["train"] | keys["validation"] | keys["test"]) == 1797  # disjoint, and together every digit
-    counts = np.bincount([r.label for r in records["validation"]], minlength=10)
-    assert counts.min() >= 29 and counts.max() <= 30  # stratified
-    assert "stratified" in source.split_rule and "seed 0" in source.split_rule and "never trained on" in source.validation_rule
+    assert "uniformly at random (seed 0" in source.split_rule and "never trained on" in source.validation_rule
+    labels = np.repeat(np.arange(10), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])  # the classifier's own held-out
+    inner = stratified_indices(labels, 297, seed=0)  # 10% (early stopping) is stratified: every class in proportion
+    assert np.all(np.abs(np.bincount(labels[inner], minlength=10) - 297 * np.bincount(labels) / len(labels)) < 1)
 
 
 # ---------------------------------------------------------------- the verdict's statistics
@@ -232,6 +229,29 @@ def test_under_a_planted_null_the_job_says_not_distinguishable_and_finds_a_large
 
 
 # ---------------------------------------------------------------- on the digits shards
+def test_held_out_splits_are_uniform_draws_because_stratified_sets_bias_kid(digits_shards, eval_cache):
+    # KID's U-statistic treats each set as independent draws. Two stratified sets of 297 digits (every class in
+    # proportion) are more alike than that: over 20 pairs their KID sits at about −0.03 with a spread of 0.004, far below
+    # 0; uniform draws of the same sizes average within noise of 0. Hence the validation and test splits are uniform.
+    from pipelines.evaluate import Evaluator, read_split
+
+    evaluator = Evaluator(digits_shards, "classifier", cache_dir=eval_cache, resamples=20)
+    parts = [read_split(digits_shards, split) for split in ("train", "validation", "test")]
+    features = evaluator.scaler()(evaluator.features(np.concatenate([p[0] for p in parts]))["features"])
+    labels = np.concatenate([p[1] for p in parts])
+    stratified, uniform = [], []
+    for seed in range(20):
+        a = stratified_indices(labels, 297, seed)
+        rest = np.setdiff1d(np.arange(len(labels)), a)
+        stratified.append(kid(features[a], features[rest[stratified_indices(labels[rest], 297, seed + 100)]]).value)
+        a = held_out_indices(len(labels), 297, seed)
+        rest = np.setdiff1d(np.arange(len(labels)), a)
+        uniform.append(kid(features[a], features[rest[held_out_indices(len(rest), 297, seed + 100)]]).value)
+    se = np.std(uniform, ddof=1) / math.sqrt(len(uniform))
+    assert np.mean(stratified) < -0.015 and np.mean(stratified) + 3 * np.std(stratified, ddof=1) < 0
+    assert abs(np.mean(uniform)) < 3 * se
+
+
 def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path, eval_cache):
     from pipelines.evaluate import Evaluator
 
