@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from pipelines.objective import ObjectiveSpec, sample_and_score
+from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 from pipelines.sample import load_model
 
 

@@ -1,5 +1,5 @@
 """How often the tuning verdict says "beat" when nothing is better, and how often it finds a real improvement: the
-project's own selection and judgement (pipelines.confirm.select and .judge) driven on simulated tuning jobs, for the old
+project's own selection and judgement (pipelines.tune.verdict.select and .judge) driven on simulated tuning jobs, for the old
 design (the search's networks re-sampled on the test split, selected and judged on the same scores, the sampling seed as
 the unit) and the new one (search and selection on the validation split; the finalist and `recommended` retrained on
 fresh training seeds and judged on the test split, the training run as the unit).
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.confirm import Candidate, detectable_difference, judge, select
+from pipelines.tune.verdict import Candidate, detectable_difference, judge, select
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def measure(run_dir: str, shards: str, samples: int) -> Levels:
     import torch
 
     from ncsn.data import to_stored
-    from pipelines.objective import ObjectiveSpec, sample_and_score
+    from pipelines.tune.objective import ObjectiveSpec, sample_and_score
     from pipelines.sample import load_model
 
     torch.set_num_threads(2)

@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train import shards_for
-    from pipelines.tune import run_tuning
+    from pipelines.tune.job import run_tuning
 
     try:
         cfg = load_config(args.config, args.set)

@@ -30,7 +30,7 @@ from ncsn.sigmas import Schedule, recommend_schedule
 from ncsn.train import NonFiniteLossError, train_steps
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
-from pipelines.objective import ObjectiveSpec, sample_and_score
+from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -125,7 +125,7 @@ def test_evolve_returns_a_changed_copy_and_leaves_the_config_as_it_was():
 
 @pytest.mark.parametrize("metric, extractor", [("kid_std_classifier", "classifier"), ("fid_inception", "inception")])
 def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings_from_the_config(metric, extractor):
-    from pipelines.objective import ObjectiveSpec
+    from pipelines.tune.objective import ObjectiveSpec
 
     cfg = load_config(CONFIGS / "digits.yaml", [f"tune.metric={metric}", "tune.eval_samples=123", "evaluation.resamples=17",
                                                  "sampling.denoise=false", "tune.eval_every=40", "run_dir=/r"])
@@ -135,7 +135,7 @@ def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings
 
 def test_the_evaluation_cache_is_the_run_directorys_unless_one_is_given(tmp_path, monkeypatch):
     # absolute either way: evaluation runs on a Ray worker (tuning trials, the pipeline's stage 4) in another directory
-    from pipelines.objective import ObjectiveSpec
+    from pipelines.tune.objective import ObjectiveSpec
 
     monkeypatch.chdir(tmp_path)
     assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "runs" / "eval_cache"

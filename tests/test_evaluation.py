@@ -16,7 +16,7 @@ from PIL import Image
 from data_prep.sources import DigitsSource, held_out_indices, stratified_indices
 from ncsn.metrics import (Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks,
                           mmd2_jackknife, mmd2_unbiased_variance, polynomial_kernel)
-from pipelines.confirm import Candidate, candidates, detectable_difference, judge, select, verdict
+from pipelines.tune.verdict import Candidate, candidates, detectable_difference, judge, select, verdict
 
 CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
 

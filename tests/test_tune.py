@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
 from pipelines.train import prepare
-from pipelines.tune import run_tuning
+from pipelines.tune.job import run_tuning
 from tests.servers import only_ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, 
                                                                       monkeypatch):
     # Every score the job computes is recorded with the split it was computed against: the search's trials and the
     # selection use the validation split, the judgement only the test split, and only after the finalist was chosen.
-    import pipelines.tune as tuning
+    import pipelines.tune.job as tuning
 
     _, schedule, checkpoint = trained_digits
     calls, real = [], tuning.score_all
@@ -190,10 +190,11 @@ def test_the_judgement_retrains_each_schedule_on_fresh_seeds_and_scores_them_on_
     # training seeds to the full budget, each a finished child run of the job; every network scored on the test split,
     # recommended's also with the finalist's sampler (the attribution); the same call again trains nothing.
     from pipelines import tracking
-    from pipelines.confirm import Candidate
-    from pipelines.objective import ObjectiveSpec
     from pipelines.sample import read_checkpoint
-    from pipelines.tune import ScheduleSearch, _judgements
+    from pipelines.tune.job import _judgements
+    from pipelines.tune.modes import ScheduleSearch
+    from pipelines.tune.objective import ObjectiveSpec
+    from pipelines.tune.verdict import Candidate
 
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path / 'tune'}", "name=digits-tune", *TINY,
                                                          "tune.confirm_train_seeds=2", f"evaluation.cache_dir={eval_cache}"])
@@ -227,7 +228,7 @@ def test_asha_keeps_its_rungs_across_a_restart_of_the_driver(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from pipelines.asha import ResumableASHA
+    from pipelines.tune.asha import ResumableASHA
 
     def started(history):
         asha = ResumableASHA(str(history), max_t=30, grace_period=10, reduction_factor=3)

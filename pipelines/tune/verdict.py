@@ -18,7 +18,10 @@ import numpy as np
 from scipy import optimize, stats
 
 from ncsn.metrics import Estimate
-from pipelines.objective import ObjectiveSpec, sample_and_score
+import ray
+
+from pipelines.sample import load_model, read_checkpoint
+from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 
 log = logging.getLogger(__name__)
 SEED_BASE = 10_000  # sampling seeds of both stages are SEED_BASE + i: never the search's own evaluation seed
@@ -187,8 +190,6 @@ def verdict(order: list[Ranked], judgements: list[Judgement], metric: str, sampl
 def _score(candidate: Candidate, payload: bytes, seed: int, objective: ObjectiveSpec, num_samples: int, metric: str) -> float:
     """``metric`` of ``num_samples`` samples of the checkpoint in ``payload`` with the candidate's sampler settings, on
     ``seed``, against the objective's reference split."""
-    from pipelines.sample import load_model
-
     model, ckpt = load_model(payload)
     metrics, _ = sample_and_score(objective.evaluator(), model, ckpt.sigmas[candidate.start_level:], candidate.eps,
                                   candidate.steps_per_level, objective, seed, num_samples)
@@ -198,10 +199,6 @@ def _score(candidate: Candidate, payload: bytes, seed: int, objective: Objective
 def score_all(jobs: list[tuple[str, Candidate]], objective: ObjectiveSpec, metric: str, seeds: int, num_samples: int) -> list[list[float]]:
     """For each (checkpoint, sampler) job, ``metric`` on sampling seeds SEED_BASE + 0 … seeds − 1 (the same seeds for every
     job, so scores pair), as parallel Ray tasks (one CPU each; each checkpoint read once and shipped as bytes)."""
-    import ray
-
-    from pipelines.sample import read_checkpoint
-
     task = ray.remote(num_cpus=1, max_retries=0)(_score)
     payloads = {path: ray.put(read_checkpoint(path)[1]) for path in dict.fromkeys(path for path, _ in jobs)}
     log.info("scoring %d networks × samplers on %d sampling seeds of %d samples against the %s split", len(jobs), seeds,

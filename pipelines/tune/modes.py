@@ -1,0 +1,117 @@
+"""The two kinds of tuning job: ScheduleSearch (each trial trains a model with its σ schedule and sampler; ASHA stops
+weak trials) and SamplerSearch (each trial samples one trained checkpoint with its ε, T and first σ level). Each says
+what its trials run, how they are scheduled, where their networks are for the selection and the judgement, and what
+the chosen point means for the user."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+
+from data_prep.shard import load_manifest
+from pipelines.config import Config
+from pipelines.sample import read_checkpoint
+from pipelines.tune.asha import ResumableASHA
+from pipelines.tune.objective import ObjectiveSpec
+from pipelines.tune.space import PARAMS, apply_point, recommended_point, sampler_space, search_space
+from pipelines.tune.trials import (RECOMMENDED_FULL, max_concurrent, retrain, sampler_trial, train_recommended_fully, train_trial,
+                                   trial_checkpoint)
+from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
+
+
+class ScheduleSearch:
+    """Each trial trains a model with its σ schedule, ε and T; ASHA stops weak trials at the objective's evaluations."""
+
+    label = "schedule"
+    keys = PARAMS
+
+    def __init__(self, cfg: Config, shards: str):
+        self.cfg, self.shards, self.judgement_runs = cfg, shards, []
+        self.rec = recommended_point(cfg, load_manifest(shards))
+        self.max_t = cfg.train.steps  # ASHA's clock is the training step: a resumed trial's Tune iterations restart at 1
+        self.cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+
+    def space(self) -> dict:
+        return search_space(self.cfg, self.rec)
+
+    def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
+        return tune.with_resources(tune.with_parameters(train_trial, base=self.cfg, shards=self.shards, uri=uri, parent_run_id=parent,
+                                                        rec=self.rec, objective=objective),
+                                   {"CPU": 0.0, "memory": 2**20})  # the trial driver only waits; its TorchTrainer holds the CPUs
+
+    def scheduler(self, history: Path):
+        """ASHA on the training step, its rungs kept in ``history`` across a restart of the job."""
+        t = self.cfg.tune
+        return ResumableASHA(str(history), max_t=self.max_t, grace_period=min(t.grace_period * t.eval_every, self.max_t),
+                             reduction_factor=t.reduction_factor)
+
+    def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
+        """Each row's checkpoint at the end of the training budget; first trains the recommended schedule to the end when
+        ASHA stopped its trial (the verdict compares fully trained models)."""
+        def checkpoint_of(row: dict) -> str | None:
+            found = trial_checkpoint(self.cfg, row["trial_id"])
+            return found or (trial_checkpoint(self.cfg, RECOMMENDED_FULL) if row["label"] == "recommended" else None)
+
+        rec_row = next((r for r in rows if r["label"] == "recommended" and r["objective"] is not None), None)
+        if rec_row and checkpoint_of(rec_row) is None:
+            train_recommended_fully(self.cfg, self.rec, self.shards, uri, parent)
+        return checkpoint_of
+
+    def networks(self, schedules: list[Candidate], rows: dict[str, dict], uri: str, parent: str) -> dict[str, list[str]]:
+        """The judgement's networks: each schedule trained again on tune.confirm_train_seeds fresh training seeds (the same
+        seeds for every schedule, so gaps pair), to the full budget; the unit of the verdict is the training run."""
+        seeds = [self.cfg.train.seed + TRAIN_SEED_OFFSET + i for i in range(self.cfg.tune.confirm_train_seeds)]
+        points = {c.trial_id: (c.label, {k: rows[c.trial_id][k] for k in PARAMS}) for c in schedules}
+        self.judgement_runs = [f"judge-{trial}-s{seed}" for trial in points for seed in seeds]
+        return retrain(self.cfg, self.shards, points, seeds, uri, parent, max_concurrent(self.cfg, self.cpus_per_trial))
+
+    def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
+        """The best trial's config, the command that uses it, its last sample grid."""
+        grids = sorted((Path(self.cfg.run_dir) / "trials" / best["trial_id"] / "samples").glob("step_*.png"))
+        return apply_point(self.cfg, best), f"ncsn-pipeline train --config {best_yaml}", grids[-1] if grids else None
+
+
+class SamplerSearch:
+    """Each trial samples a trained checkpoint once with its ε, T and first σ level (the levels from start_level on)."""
+
+    label = "sampler"
+    keys = ("start_level", "eps", "steps_per_level")
+    max_t = None  # one report per trial: nothing to stop early
+    cpus_per_trial = 1.0
+    judgement_runs: list[str] = []  # the verdict trains nothing: it samples the one checkpoint
+
+    def __init__(self, cfg: Config, checkpoint: str):
+        self.cfg, self.checkpoint = cfg, checkpoint
+        ckpt = read_checkpoint(checkpoint)[0]
+        self.sigmas, trained = ckpt.sigmas.tolist(), ckpt.schedule
+        self.rec = {"start_level": 0, "eps": trained.eps if trained.eps is not None else cfg.sampling.eps,
+                    "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
+
+    def space(self) -> dict:
+        return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1), **sampler_space(self.cfg, self.rec)}
+
+    def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
+        return tune.with_resources(tune.with_parameters(sampler_trial, base=self.cfg, checkpoint=self.checkpoint, uri=uri,
+                                                        parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
+
+    def scheduler(self, history: Path):
+        """FIFO: one report per trial, so nothing to stop early and no rungs to keep (``history`` is not written)."""
+        return FIFOScheduler()
+
+    def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
+        return lambda row: self.checkpoint
+
+    def networks(self, schedules: list[Candidate], rows: dict[str, dict], uri: str, parent: str) -> dict[str, list[str]]:
+        """One network, the tuned checkpoint: the unit of the verdict is the sampling seed."""
+        return {c.trial_id: [self.checkpoint] for c in schedules}
+
+    def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
+        """The config with the best sampler settings, the `sample` command that uses them, the trial's grid."""
+        sigmas, out = self.sigmas[int(best["start_level"]):], Path(self.cfg.run_dir).parent / "best" / "samples"
+        command = (f"ncsn-pipeline sample --checkpoint {self.checkpoint} --num-samples {self.cfg.sampling.num_samples} --output {out} "
+                   f"--eps {best['eps']:.6g} --steps-per-level {best['steps_per_level']}"
+                   + (f" --sigmas {' '.join(f'{x:.6g}' for x in sigmas)}" if best["start_level"] else ""))
+        best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(best["steps_per_level"])})
+        return best_cfg, command, Path(best["grid"]) if best["grid"] else None
