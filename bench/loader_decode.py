@@ -22,6 +22,7 @@ from PIL import Image
 
 from data_prep.loader import make_loader
 from data_prep.shard import ShardOptions, shard_dataset
+from pipelines.cluster import connect_ray
 from tests.datasets import smooth_images
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         for size in (32, 64):
             write_smooth_images(Path(tmp) / f"images{size}", args.images, size)
             out = str(Path(tmp) / f"shards{size}")
-            shard_dataset(ShardOptions("image-folder", str(Path(tmp) / f"images{size}"), shard_size=500), out, progress=False)
+            shard_dataset(ShardOptions("image-folder", str(Path(tmp) / f"images{size}"), shard_size=500), out, progress=False, connect=connect_ray)
             shards[size] = out
         ray.shutdown()
         best = {(size, w): 0.0 for size in shards for w in (1, 2)}

@@ -26,6 +26,7 @@ import ray  # noqa: E402
 
 from data_prep.loader import make_loader  # noqa: E402
 from data_prep.shard import ShardOptions, load_manifest, shard_dataset  # noqa: E402
+from pipelines.cluster import connect_ray  # noqa: E402
 from tests.datasets import write_cifar10_tarball  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main() -> None:
             write_cifar10_tarball(tarball, per_batch=args.images // 6)
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             local = str(Path(tmp) / "shards")
-            shard_dataset(ShardOptions("cifar10", str(tarball), shard_size=1000), local, progress=False)
+            shard_dataset(ShardOptions("cifar10", str(tarball), shard_size=1000), local, progress=False, connect=connect_ray)
             ray.shutdown()
             remote = server.create_bucket("bench") + "/shards"
             fs, base = fsspec.core.url_to_fs(remote)

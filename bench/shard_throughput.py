@@ -20,6 +20,7 @@ import ray
 import webdataset as wds
 
 from data_prep.shard import ShardOptions, encode_png, load_manifest, shard_dataset
+from pipelines.cluster import connect_ray
 from data_prep.sources import SPLITS, Cifar10Source
 from tests.datasets import write_cifar10_tarball
 
@@ -41,7 +42,7 @@ def plain(tarball: Path, out: Path, shard_size: int) -> float:
 def job(tarball: Path, out: Path, shard_size: int, workers: int) -> tuple[float, float]:
     """Images/s of the sharding job from its start to the manifest written: all of it, and less its σ_max phase."""
     t = time.perf_counter()
-    summary = shard_dataset(ShardOptions("cifar10", str(tarball), shard_size=shard_size), str(out), workers=workers, progress=False)
+    summary = shard_dataset(ShardOptions("cifar10", str(tarball), shard_size=shard_size), str(out), workers=workers, progress=False, connect=connect_ray)
     seconds = time.perf_counter() - t
     return summary.images / seconds, summary.images / (seconds - summary.distance_seconds)
 

@@ -17,6 +17,7 @@ import torch
 
 from data_prep.loader import make_loader
 from data_prep.shard import ShardOptions, load_manifest, shard_dataset
+from pipelines.cluster import connect_ray
 from ncsn.data import to_unit_interval
 from ncsn.models import ScoreNetwork
 from ncsn.train import train_steps
@@ -67,7 +68,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         shards = str(Path(tmp) / "shards")
-        shard_dataset(ShardOptions("digits", shard_size=300), shards, progress=False)
+        shard_dataset(ShardOptions("digits", shard_size=300), shards, progress=False, connect=connect_ray)
         cfg = lambda: load_config(CONFIG, [f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.log_every={WARMUP}",
                                            f"train.checkpoint_every={args.steps}", f"train.sample_every={10 * args.steps}",
                                            "data.loader_workers=0", "tracking.system_metrics=false"])  # noqa: E731

@@ -18,11 +18,11 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from data_prep.cluster import connect_ray
 from data_prep.sources import SPLITS, Source, open_source
 from data_prep.storage import Storage, sha256_and_size
 from ncsn.sigmas import bound_factors, farthest, principal_basis, scan_pairs, squared_distance
@@ -208,8 +208,11 @@ def _intact(storage: Storage, manifest: dict) -> bool:
                for split in manifest["splits"].values() for s in split["shards"])
 
 
-def shard_dataset(options: ShardOptions, output: str, workers: int | None = None, progress: bool = True) -> ShardSummary:
-    """Shard ``options.source`` into ``output`` with Ray tasks (``workers`` at once; default: the cluster's CPUs)."""
+def shard_dataset(options: ShardOptions, output: str, workers: int | None = None, progress: bool = True,
+                  connect: Callable[[], None] | None = None) -> ShardSummary:
+    """Shard ``options.source`` into ``output`` with Ray tasks (``workers`` at once; default: the cluster's CPUs).
+    ``connect`` joins or starts Ray when there is work to do (pipelines.cluster.connect_ray); without it the caller has
+    connected already. Up-to-date shards need no Ray."""
     import ray
     from tqdm import tqdm
 
@@ -234,7 +237,10 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
             shards = [s for sp in old["splits"].values() for s in sp["shards"]]
             return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
         log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
-    connect_ray()
+    if connect is not None:
+        connect()
+    elif not ray.is_initialized():
+        raise ShardError("the sharding job runs as Ray tasks: connect to Ray first (ray.init, or pass connect=)")
     workers = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
     task_fn = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(write_shard_range)
     plan = _plan_tasks(source, options.shard_size, workers)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 
 
@@ -56,8 +57,7 @@ def storage_error(url: str, err: BaseException) -> StorageError:
         endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
         where = f"endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "the object store"
         return StorageError(f"cannot reach {where} for {url}: {err}")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return StorageError(f"{url}: {type(err).__name__}: {first}")
+    return StorageError(f"{url}: {type(err).__name__}: {first_line(err)}")
 
 
 def open_binary(url: str) -> BinaryIO:

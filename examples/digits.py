@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from data_prep.sources import DigitsSource
-from ncsn.figures import save_image_grid, save_trajectory_strip
+from ncsn.images import save_image_grid, save_trajectory_strip
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sampling import sample_images
 from ncsn.sigmas import recommend_schedule

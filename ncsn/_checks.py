@@ -1,4 +1,5 @@
-"""Argument checks shared by the library: every failure is a ValueError naming the argument."""
+"""Argument checks shared by the library (every failure a ValueError naming the argument), and the one-line form of an
+error that every one-line message quotes."""
 from __future__ import annotations
 
 import math
@@ -31,3 +32,9 @@ def noise_schedule(sigmas, name: str = "sigmas"):
     if sigmas.numel() > 1 and (sigmas[1:] >= sigmas[:-1]).any():
         raise ValueError(f"{name} must be strictly decreasing (σ_1 > … > σ_L), got {sigmas.tolist()[:6]}")
     return sigmas
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of ``err``'s message, at most ``limit`` characters; its type's name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ncsn._checks import first_line
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
@@ -92,8 +93,7 @@ def load_checkpoint(
     try:
         raw = torch.load(source, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint: {first}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a checkpoint: {first_line(err)}") from None
     if not isinstance(raw, dict) or raw.get("format") not in READABLE:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path} is not an ncsn-pipeline checkpoint (format {found!r}, expected {FORMAT!r})")

@@ -1,13 +1,8 @@
-"""Figures: the toy mixture experiment (matplotlib, headless), image grids and Langevin trajectory strips."""
+"""The toy mixture experiment's figure (NCSN Figure 3; matplotlib, headless). Image grids are ncsn.images."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
-from PIL import Image
-
-from ncsn.data import to_uint8
 
 from ncsn.experiments import lower_left_fraction, mixture_experiment, paper_mixture
 from ncsn.sigmas import geometric_sigmas
@@ -18,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def mixture_figure(out: Path, n: int = 1280, learned: bool = False, seed: int = 0) -> dict[str, float]:
     """Draw NCSN Figure 3 to ``out``; return the share of samples in the weight-0.2 mode per panel."""
-    import matplotlib  # here, not at import: the grid and strip writers (used by every Ray worker) need only PIL
+    import matplotlib  # heavy: imported only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,22 +39,3 @@ def mixture_figure(out: Path, n: int = 1280, learned: bool = False, seed: int = 
     plt.close(fig)
     log.info("wrote %s (%s)", out, ", ".join(f"{k}: {v:.2f}" for k, v in shares.items()))
     return shares
-
-
-def save_image_grid(images: torch.Tensor, out: Path, nrow: int = 10, scale: int = 1) -> Path:
-    """Save a (N, C, H, W) batch in [0, 1] as a PNG grid, each image enlarged ``scale`` times (nearest)."""
-    from torchvision.utils import make_grid
-
-    x = images.detach().float().clamp(0, 1).cpu()
-    if scale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
-    grid = make_grid(x, nrow=nrow, padding=max(1, scale), pad_value=0.5)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(grid).permute(1, 2, 0).squeeze(-1).numpy()).save(out)
-    return out
-
-
-def save_trajectory_strip(trajectory: list[torch.Tensor], out: Path, num_samples: int = 8, scale: int = 4) -> Path:
-    """Rows = samples, columns = snapshots of annealed Langevin (NCSN Figure 4), as one PNG."""
-    frames = torch.stack([t[:num_samples] for t in trajectory], dim=1)  # (n, T, C, H, W)
-    return save_image_grid(frames.flatten(0, 1), out, nrow=len(trajectory), scale=scale)

@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ncsn._checks import first_line
+
 
 def _toy_mixture(args: argparse.Namespace) -> int:
     from ncsn.figures import mixture_figure
@@ -19,6 +21,7 @@ def _toy_mixture(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
+    from pipelines.cluster import connect_ray
 
     try:
         if args.verify:
@@ -36,7 +39,7 @@ def _shard(args: argparse.Namespace) -> int:
             input_path = str(download_with_torchvision(args.source, args.download))
         options = ShardOptions(source=args.source, input=input_path, shard_size=args.shard_size, max_shard_mb=args.max_shard_mb,
                                crop=args.crop, resize=args.resize, channels=args.channels)
-        summary = shard_dataset(options, args.output, workers=args.workers, progress=not args.no_progress)
+        summary = shard_dataset(options, args.output, workers=args.workers, progress=not args.no_progress, connect=connect_ray)
     except _user_errors() as err:
         print(f"ncsn-pipeline shard: error: {err}", file=sys.stderr)
         return 1
@@ -68,7 +71,8 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     import yaml
 
     from pipelines.tracking import tracking_uri
-    from pipelines.train import local_shards, prepare
+    from pipelines.shards import local_shards
+    from pipelines.train import prepare
 
     shards, local = args.shards or cfg.data.shards, local_shards(cfg)
     if shards is None and (local / "manifest.json").exists():
@@ -93,7 +97,8 @@ def _preview(cfg, args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.train import run_training, shards_for
+    from pipelines.shards import shards_for
+    from pipelines.train import run_training
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
@@ -112,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.run import run_pipeline
-    from pipelines.train import shards_for
+    from pipelines.shards import shards_for
 
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
@@ -134,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
-    from pipelines.train import shards_for
+    from pipelines.shards import shards_for
     from pipelines.tune.job import run_tuning
 
     try:
@@ -175,7 +180,7 @@ def _sync_metrics(args: argparse.Namespace) -> int:
     try:
         sent = sync_metrics(uri, saved["run_id"], Path(args.run_dir) / METRICS_FILE)
     except Exception as err:  # noqa: BLE001 — report the server problem in one line
-        print(f"ncsn-pipeline sync-metrics: error: MLflow at {uri}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", file=sys.stderr)
+        print(f"ncsn-pipeline sync-metrics: error: MLflow at {uri}: {type(err).__name__}: {first_line(err)}", file=sys.stderr)
         return 1
     print(f"sent {sent} metric rows missing from MLflow run {saved['run_id']} ({uri})")
     return 0

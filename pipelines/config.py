@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from ncsn._checks import first_line
 from ncsn.models import ModelConfig
 from ncsn.sigmas import geometric_sigmas
 
@@ -341,7 +342,7 @@ def _set_dotted(tree: dict, assignment: str) -> str:
     try:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({first_line(err)})") from None
     return key
 
 

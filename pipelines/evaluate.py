@@ -29,6 +29,7 @@ from tqdm import tqdm
 from data_prep.loader import make_loader
 from data_prep.shard import load_manifest, manifest_digest
 from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_indices
+from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 from ncsn.metrics import Estimate, Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks
@@ -326,7 +327,7 @@ def check_inception_weights(path: str) -> dict[str, torch.Tensor]:
         raise EvaluationError(f"--inception-weights {path}: no such file") from None
     except Exception as err:  # noqa: BLE001 — unpickling refused or not a torch file
         raise EvaluationError(f"--inception-weights {path}: not a plain PyTorch state dict that loads with weights_only=True "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                              f"({type(err).__name__}: {first_line(err, 200)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EvaluationError(f"--inception-weights {path}: expected a state dict of tensors (torch-fidelity's pt_inception-2015-12-05 file)")
     return state
@@ -348,7 +349,7 @@ def _download_inception_weights() -> dict[str, torch.Tensor]:
         return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False, weights_only=True)
     except Exception as err:  # noqa: BLE001 — no network, or a cached file that is not plain tensors
         raise EvaluationError(f"cannot load the Inception weights from {URL_INCEPTION_V3} ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]}); on a machine without internet pass --inception-weights PATH") from None
+                              f"{first_line(err, 200)}); on a machine without internet pass --inception-weights PATH") from None
 
 
 def _tensors_digest(state: dict[str, torch.Tensor]) -> str:

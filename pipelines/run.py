@@ -43,17 +43,16 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     run_training)."""
     run_dir = Path(cfg.run_dir).resolve()
     cfg = cfg.evolve({"run_dir": str(run_dir)})
-    if resume == "fresh":
+    if resume == "fresh":  # the previous runs set aside here, training starts anew by itself
         set_aside_previous_run(cfg, cfg.cluster.storage_path or str(run_dir / "ray"))
-        resume = "auto"
     # the parent run's own record, beside (not in) the training run's
     pipeline_cfg = cfg.evolve({"name": f"{cfg.name}-pipeline", "run_dir": str(run_dir / "pipeline"),
                                "tracking.tracking_uri": tracking.tracking_uri(cfg)})
-    uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards}, resume=resume)
+    uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards}, accept_changes=resume == "accept")
     cfg = cfg.evolve({"tracking.tracking_uri": uri})
     try:
         log.info("stage 1/4: training %s", cfg.name)
-        trained = run_training(cfg, shards, parent_run_id=parent, resume=resume)
+        trained = run_training(cfg, shards, parent_run_id=parent, resume="auto" if resume == "fresh" else resume)
         checkpoint = trained.model_file
 
         log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)

@@ -5,7 +5,6 @@ disk); the driver writes each chunk atomically (its PNGs, then its .npz last, wh
 redoes only missing chunks."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,13 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.cluster import connect_ray
+from pipelines.cluster import connect_ray
 from data_prep.storage import absolute_location, is_url, open_binary
+from ncsn._checks import first_line
 from ncsn._checks import noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import from_stored, to_stored
-from ncsn.figures import save_image_grid, save_trajectory_strip
+from ncsn.images import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import derived_seed, inpaint, sample_images
 
@@ -134,8 +134,11 @@ def write_chunk(output: Path, chunk: int, start: int, images: np.ndarray) -> Non
     (output / "chunks").mkdir(exist_ok=True)
     for i, image in enumerate(images):
         atomic_write(output / "images" / f"{start + i:06d}.png", lambda p: Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(p, format="PNG"))
-    atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz",
-                  lambda p: np.savez(open(p, "wb"), images=images, indices=np.arange(start, start + len(images))))
+    def npz(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary's name
+            np.savez(f, images=images, indices=np.arange(start, start + len(images)))
+
+    atomic_write(output / "chunks" / f"chunk_{chunk:05d}.npz", npz)
 
 
 def load_model(checkpoint: str | Path | bytes, device: torch.device | str = "cpu") -> tuple[ScoreNetwork, Checkpoint]:
@@ -193,7 +196,7 @@ def read_checkpoint(checkpoint: str | Path) -> tuple[Checkpoint, bytes]:
     except SamplingError:
         raise
     except Exception as err:  # noqa: BLE001 — CheckpointError, StorageError or MLflow's error: name the checkpoint
-        raise SamplingError(f"{checkpoint}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise SamplingError(f"{checkpoint}: {first_line(err)}") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise SamplingError(f"{checkpoint}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); the model diverged before this checkpoint")
@@ -281,8 +284,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
         try:
             for done in pool.map_unordered(lambda a, c: a.sample_chunk.remote(settings, *c), pending):
                 if done.trajectory is not None:
-                    save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings.trajectory_samples,
-                                          scale=max(1, 32 // ckpt.model_config.image_size))
+                    save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings.trajectory_samples)
                 write_chunk(output, done.index, done.start, done.images)
                 bar.update(1)
         except ray.exceptions.RayTaskError as err:
@@ -296,8 +298,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     steps = len(settings.sigmas) * settings.steps_per_level
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
                             sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
-    save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))),
-                    output / "grid.png", nrow=10, scale=max(1, 32 // ckpt.model_config.image_size))
+    save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))), output / "grid.png", nrow=10)
     return summary
 
 
@@ -346,14 +347,6 @@ def load_samples(output: str | Path, limit: int | None = None) -> np.ndarray:
     return images[:limit] if limit is not None else images
 
 
-def sample_set_digest(output: str | Path) -> str:
-    """SHA-256 over all sample PNG bytes in index order: equal digests, identical sample sets."""
-    h = hashlib.sha256()
-    for f in sorted(Path(output, "images").glob("*.png")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 MASKS = ("centre", "half", "random")
 
 
@@ -400,4 +393,4 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
     occluded = images * mask + 0.5 * (1 - mask)
     rows = torch.stack([occluded, *filled, images], dim=1)  # (n, completions + 2, C, H, W)
     out = Path(output) / f"inpainting_{mask_kind}.png"
-    return save_image_grid(rows.flatten(0, 1), out, nrow=completions + 2, scale=max(1, 32 // images.shape[-1])), settings
+    return save_image_grid(rows.flatten(0, 1), out, nrow=completions + 2), settings

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from data_prep.shard import manifest_digest
+from ncsn._checks import first_line
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ModelConfig
 from pipelines.config import Config, ConfigError
@@ -85,10 +86,10 @@ def changed_settings(params: dict[str, str], logged: dict[str, str]) -> list[tup
 
 
 def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None,
-             resume: str = "auto") -> tuple[str, str]:
-    """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume): with
-    ``resume="auto"`` only if its settings are the config's (else a ConfigError listing the differences), with
-    "accept" whatever changed (recorded as ``resumed.*`` tags). Logs the config as params and as ``config.yaml``;
+             accept_changes: bool = False) -> tuple[str, str]:
+    """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume): only if
+    its settings are the config's (else a ConfigError listing the differences), or, with ``accept_changes``, whatever
+    changed (recorded as ``resumed.*`` tags). Logs the config as params and as ``config.yaml``;
     returns (tracking URI, run id)."""
     import yaml
     from mlflow.entities import Param
@@ -110,7 +111,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
         else:
             logged = client.get_run(run_id).data.params
             differences = changed_settings(params, logged)
-            if differences and resume != "accept":
+            if differences and not accept_changes:
                 listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
                 raise ConfigError(f"run {cfg.name!r} in {run_dir} was started with other settings ({listed}): pass --resume to "
                                   "continue it with these, --fresh to start it anew (the old one is kept aside), or choose another name")
@@ -127,7 +128,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 — any client error here means the store cannot be used
-        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {str(err).splitlines()[0][:300]}; "
+        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {first_line(err)}; "
                           "start the server, or unset tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local sqlite store") from None
     return uri, run_id
 
@@ -225,13 +226,13 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, value)
     except Exception as err:  # noqa: BLE001
-        log.warning("could not log to MLflow run %s at %s: %s: %s", run_id, uri, type(err).__name__, str(err).splitlines()[0][:200])
+        log.warning("could not log to MLflow run %s at %s: %s: %s", run_id, uri, type(err).__name__, first_line(err, 200))
         return False
     for key, value in (params or {}).items():
         try:
             client.log_param(run_id, key, value)
         except Exception as err:  # noqa: BLE001 — params are immutable in MLflow
-            log.warning("MLflow run %s keeps its param %s (not %s): %s", run_id, key, value, str(err).splitlines()[0][:200])
+            log.warning("MLflow run %s keeps its param %s (not %s): %s", run_id, key, value, first_line(err, 200))
     return True
 
 
@@ -320,9 +321,6 @@ class RunLogger:
                     f.write(b"\n")  # a line a crash cut short stays on its own (read_metric_rows leaves it out)
             f.write((json.dumps(row) + "\n").encode())
         self._submit(lambda: self._send_row(row, timestamp), landed=lambda: self._has_step(row["step"]))
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._submit(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """An image file as MLflow's image ``key`` at ``step`` (the UI's image grid with a step slider)."""
@@ -436,12 +434,12 @@ class RunLogger:
                     break
                 except Exception as err:  # noqa: BLE001 — keep training; retry until it answers
                     if not _unreachable(err):
-                        log.error("MLflow call failed and is skipped (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
+                        log.error("MLflow call failed and is skipped (%s: %s)", type(err).__name__, first_line(err))
                         break
                     if self._down_since is None:
                         self._down_since = time.time()
                         log.warning("MLflow at %s failed (%s: %s); training continues, metrics stay in %s and are re-sent "
-                                    "when it answers", self.uri, type(err).__name__, str(err).splitlines()[0][:200], self.metrics_file)
+                                    "when it answers", self.uri, type(err).__name__, first_line(err, 200), self.metrics_file)
                     time.sleep(self.retry_seconds)
                     retry = True
 

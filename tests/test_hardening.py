@@ -147,7 +147,7 @@ def test_images_whose_values_a_conversion_would_change_are_refused(tmp_path):
 
 def test_a_torn_metrics_line_is_left_out_and_the_file_repaired(tmp_path):
     from pipelines.tracking import read_metric_rows
-    from pipelines.train import _drop_metrics_after
+    from pipelines.train_worker import _drop_metrics_after
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 15, "loss": 0.8}\n{"step": 20, "lo')

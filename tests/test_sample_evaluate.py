@@ -1,5 +1,6 @@
 """Parallel sampling (reproducible whatever the worker count, resumable after a lost actor), inpainting,
 and FID / IS / KID with the classifier and the Inception feature extractors (issue 6)."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,10 +16,18 @@ from ncsn.data import to_stored
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.evaluate import EvaluationError, Evaluator
-from pipelines.sample import SamplingError, SamplingOptions, load_samples, run_sampling, sample_set_digest
+from pipelines.sample import SamplingError, SamplingOptions, load_samples, run_sampling
 from tests.servers import joining_env
 
 CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
+
+
+def sample_set_digest(output: str | Path) -> str:
+    """SHA-256 over all sample PNG bytes in index order: equal digests, identical sample sets."""
+    h = hashlib.sha256()
+    for f in sorted(Path(output, "images").glob("*.png")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def test_empty_loader_is_an_error():
 
 def test_metrics_window_averages_the_steps_between_reports_and_starts_again_empty():
     from ncsn.train import StepStats
-    from pipelines.train import MetricsWindow
+    from pipelines.train_worker import MetricsWindow
 
     window = MetricsWindow(3, torch.device("cpu"))
     window.add(StepStats(1, 2.0, torch.tensor([4.0, 0.0, 1.0]), torch.tensor([2.0, 0.0, 1.0]), 0.5, 8))
@@ -156,7 +156,7 @@ def test_metrics_window_averages_the_steps_between_reports_and_starts_again_empt
 def test_loss_watch_says_once_when_the_loss_rises_far_above_its_lowest():
     # The demo's losses when its network collapsed to a zero score (loss D/2 = 32 on 8×8): a falling loss and a spike
     # that recovers (11.5 against a low of 9.7) say nothing; the collapse says so once, naming both steps.
-    from pipelines.train import LossWatch
+    from pipelines.train_worker import LossWatch
 
     watch = LossWatch()
     said = [watch.check(step, loss) for step, loss in [(50, 22.0), (100, 15.8), (1000, 9.7), (1100, 11.5), (1200, 9.1),

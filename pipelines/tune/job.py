@@ -13,7 +13,7 @@ import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from data_prep.cluster import connect_ray
+from pipelines.cluster import connect_ray
 from data_prep.storage import absolute_location
 from pipelines import tracking
 from pipelines.config import Config, ConfigError

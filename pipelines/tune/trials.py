@@ -10,7 +10,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from data_prep.storage import Storage
-from ncsn.figures import save_image_grid
+from ncsn.images import save_image_grid
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.sample import SamplingError, load_model, read_checkpoint
@@ -111,7 +111,7 @@ def sampler_trial(point: dict, *, base: Config, checkpoint: str, uri: str, paren
     metrics, samples = sample_and_score(objective.evaluator(), model, ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps,
                                         cfg.sampling.steps_per_level, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
-    save_image_grid(samples[:100], grid, nrow=10, scale=max(1, 32 // ckpt.model_config.image_size))
+    save_image_grid(samples[:100], grid, nrow=10)
     tracking.log_to_run(uri, run_id, metrics, {"samples": grid})
     tracking.finish_run(uri, run_id)
     tune.report({**metrics, "label": label, "grid": str(grid)})

@@ -1,5 +1,5 @@
 """The process's one connection to Ray, made on first need by whichever stage runs first (sharding, training,
-tuning, sampling, inpainting) and then shared by the rest."""
+tuning, sampling, inpainting) and then shared by the rest. The sharding job (data_prep) is handed it as a callable."""
 from __future__ import annotations
 
 import logging

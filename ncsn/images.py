@@ -1,0 +1,34 @@
+"""Image grids and Langevin trajectory strips as PNG files (PIL; what every sampling and training worker writes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ncsn.data import to_uint8
+
+
+def display_scale(image_size: int) -> int:
+    """How many times a grid enlarges its images: small ones to about 32 pixels, none below 1."""
+    return max(1, 32 // image_size)
+
+
+def save_image_grid(images: torch.Tensor, out: Path, nrow: int = 10, scale: int | None = None) -> Path:
+    """Save a (N, C, H, W) batch in [0, 1] as a PNG grid, each image enlarged ``scale`` times (nearest; default
+    display_scale of its size)."""
+    scale = display_scale(images.shape[-1]) if scale is None else scale
+    x = images.detach().float().clamp(0, 1).cpu()
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    grid = make_grid(x, nrow=nrow, padding=max(1, scale), pad_value=0.5)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(grid).permute(1, 2, 0).squeeze(-1).numpy()).save(out)
+    return out
+
+
+def save_trajectory_strip(trajectory: list[torch.Tensor], out: Path, num_samples: int = 8, scale: int | None = None) -> Path:
+    """Rows = samples, columns = snapshots of annealed Langevin (NCSN Figure 4), as one PNG."""
+    frames = torch.stack([t[:num_samples] for t in trajectory], dim=1)  # (n, T, C, H, W)
+    return save_image_grid(frames.flatten(0, 1), out, nrow=len(trajectory), scale=scale)
