@@ -25,7 +25,8 @@ import fsspec  # noqa: E402
 import ray  # noqa: E402
 
 from data_prep.loader import make_loader  # noqa: E402
-from data_prep.shard import ShardOptions, load_manifest, shard_dataset  # noqa: E402
+from data_prep.manifest import load_manifest  # noqa: E402
+from data_prep.shard import ShardOptions, shard_dataset  # noqa: E402
 from pipelines.cluster import connect_ray  # noqa: E402
 from tests.datasets import write_cifar10_tarball  # noqa: E402
 
@@ -59,7 +60,7 @@ def main() -> None:
             for f in Path(local).rglob("*"):
                 if f.is_file():
                     fs.put_file(str(f), f"{base}/{f.relative_to(local).as_posix()}")
-            train = load_manifest(local)["splits"]["train"]["count"]
+            train = load_manifest(local).split("train").count
             print(f"{train} CIFAR-10-format training images (32×32×3 PNG in 1000-image shards), one pass, batch 250, best of {args.repeats}")
             print("| loader workers | local files, images/s | S3 (moto on 127.0.0.1), images/s | ratio S3 / local |")
             print("| --- | --- | --- | --- |")

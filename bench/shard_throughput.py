@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray
 import webdataset as wds
 
-from data_prep.shard import ShardOptions, encode_png, load_manifest, shard_dataset
+from data_prep.manifest import load_manifest
+from data_prep.shard import ShardOptions, encode_png, shard_dataset
 from pipelines.cluster import connect_ray
 from data_prep.sources import SPLITS, Cifar10Source
 from tests.datasets import write_cifar10_tarball
@@ -65,13 +66,13 @@ def main() -> None:
             best["plain"] = max(best["plain"], plain(tarball, Path(tmp) / f"plain{k}", args.shard_size))
             whole, shards = job(tarball, Path(tmp) / f"job{k}", args.shard_size, args.workers)
             best["job"], best["shards"] = max(best["job"], whole), max(best["shards"], shards)
-        stats = load_manifest(str(Path(tmp) / "job0"))["splits"]["train"]["statistics"]
+        stats = load_manifest(str(Path(tmp) / "job0")).split("train").statistics
         ray.shutdown()
     print(f"{args.images // 6 * 6} CIFAR-10-format images (32x32x3, {args.pixels} pixels), shard size {args.shard_size}, "
           f"best of {args.repeats}, interleaved")
     print(f"plain ShardWriter, 1 process:             {best['plain']:8.0f} images/s")
     print(f"Ray sharding job, {args.workers} workers, all of it:  {best['job']:8.0f} images/s  (exact σ_max "
-          f"{stats['max_pairwise_distance']:.4f} included)   ratio to plain {best['job'] / best['plain']:.2f}")
+          f"{stats.max_pairwise_distance:.4f} included)   ratio to plain {best['job'] / best['plain']:.2f}")
     print(f"  … less its σ_max phase:                 {best['shards']:8.0f} images/s  (shards, sha256, pixel statistics, "
           f"manifest)   ratio to plain {best['shards'] / best['plain']:.2f}")
 

@@ -16,7 +16,8 @@ import ray
 import torch
 
 from data_prep.loader import make_loader
-from data_prep.shard import ShardOptions, load_manifest, shard_dataset
+from data_prep.manifest import load_manifest
+from data_prep.shard import ShardOptions, shard_dataset
 from pipelines.cluster import connect_ray
 from ncsn.data import to_unit_interval
 from ncsn.models import ScoreNetwork

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_prep.shard import ShardError, load_manifest
+from data_prep.manifest import Manifest, ShardError, load_manifest
 from data_prep.storage import Storage, StorageError, open_binary
 
 log = logging.getLogger(__name__)
@@ -110,28 +110,29 @@ class _ShardStream(torch.utils.data.IterableDataset):
         yield from buffer
 
 
-def check_shards_present(manifest: dict, location: str, split: str) -> None:
+def check_shards_present(manifest: Manifest, split: str) -> None:
     """A ShardError naming the first missing file when a shard the manifest lists for ``split`` is not there."""
-    storage = Storage(location)
-    missing = [s["path"] for s in manifest["splits"][split]["shards"] if not storage.exists(s["path"])]
+    storage = Storage(manifest.location)
+    missing = [s.path for s in manifest.split(split).shards if not storage.exists(s.path)]
     if missing:
-        raise ShardError(f"{len(missing)} shard file(s) listed in {location}/manifest.json are missing, e.g. {storage.path(missing[0])}")
+        raise ShardError(f"{len(missing)} shard file(s) listed in {manifest.location}/manifest.json are missing, e.g. "
+                         f"{storage.path(missing[0])}")
 
 
 class ShardLoader:
     """Iterable of (images uint8 (B, C, H, W), labels int64 (B,)) batches for one rank; see the module doc."""
 
-    def __init__(self, manifest: dict, location: str, split: str, batch_size: int, rank: int, world_size: int,
+    def __init__(self, manifest: Manifest, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, resampled: bool, batches_per_epoch: int | None, seed: int):
         self.manifest, self.batch_size = manifest, batch_size
         self.skipped = 0
         self.epoch = 0
-        shards = manifest["splits"][split]["shards"]
-        storage = Storage(location)
-        check_shards_present(manifest, location, split)
+        shards = manifest.split(split).shards
+        storage = Storage(manifest.location)
+        check_shards_present(manifest, split)
         if resampled:
             mine = shards
-            pass_batches = manifest["splits"][split]["count"] // (world_size * batch_size)
+            pass_batches = manifest.split(split).count // (world_size * batch_size)
             self.batches_per_epoch = batches_per_epoch or pass_batches
             self.dropped_per_epoch = 0
         else:
@@ -140,7 +141,7 @@ class ShardLoader:
                     f"{len(shards)} {split} shard(s) cannot feed {world_size} ranks in one exact pass: "
                     f"re-shard with a smaller --shard-size (at least {world_size} shards) or use resampled=True"
                 )
-            per_rank = [sum(s["count"] for s in shards[r::world_size]) for r in range(world_size)]
+            per_rank = [sum(s.count for s in shards[r::world_size]) for r in range(world_size)]
             fillable = min(per_rank) // batch_size
             self.batches_per_epoch = min(batches_per_epoch, fillable) if batches_per_epoch else fillable
             self.dropped_per_epoch = sum(per_rank) - self.batches_per_epoch * batch_size * world_size
@@ -148,8 +149,7 @@ class ShardLoader:
         if self.batches_per_epoch < 1:
             raise ShardError(f"batch_size {batch_size} is larger than what each of the {world_size} rank(s) holds of split {split}")
         self.num_workers = min(num_workers, len(mine)) if not resampled else num_workers
-        shape = manifest["image_shape"]
-        self.stream = _ShardStream([storage.path(s["path"]) for s in mine], resampled, shuffle_buffer, seed, rank, shape)
+        self.stream = _ShardStream([storage.path(s.path) for s in mine], resampled, shuffle_buffer, seed, rank, manifest.image_shape)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -180,7 +180,7 @@ class ShardLoader:
 
 
 def make_loader(
-    shards: str,
+    shards: Manifest | str,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -192,13 +192,13 @@ def make_loader(
     batches_per_epoch: int | None = None,
     seed: int = 0,
 ) -> ShardLoader:
-    """A loader over the ``split`` shards in ``shards`` (a directory/URL holding manifest.json, or the manifest's path)."""
-    location = shards[: -len("/manifest.json")] if shards.endswith("/manifest.json") else shards
+    """A loader over the ``split`` shards of ``shards``: a Manifest already read (a training worker's, from its spec), or a
+    directory/URL holding manifest.json (or the manifest's path), read here."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    manifest = load_manifest(location)
-    if split not in manifest["splits"]:
-        raise ShardError(f"{location}/manifest.json has no split {split!r}")
-    return ShardLoader(manifest, location, split, batch_size, rank, world_size, num_workers, shuffle_buffer, resampled, batches_per_epoch, seed)
+    if isinstance(shards, str):
+        shards = load_manifest(shards[: -len("/manifest.json")] if shards.endswith("/manifest.json") else shards)
+    shards.split(split)
+    return ShardLoader(shards, split, batch_size, rank, world_size, num_workers, shuffle_buffer, resampled, batches_per_epoch, seed)

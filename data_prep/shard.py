@@ -8,7 +8,6 @@ input and options finds the manifest and every shard intact and does nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,18 +22,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from data_prep.manifest import MANIFEST, Manifest, ShardError, load_manifest
 from data_prep.sources import SPLITS, Source, open_source
 from data_prep.storage import Storage, sha256_and_size
 from ncsn.sigmas import bound_factors, farthest, principal_basis, scan_pairs, squared_distance
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT = "ncsn-pipeline/shards/3"  # 3: a validation split held out of the training pool; 2: exact max pairwise distance
-
-
-class ShardError(RuntimeError):
-    """The sharding job failed; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -170,42 +165,9 @@ def _fingerprint(options: ShardOptions, source: Source) -> dict:
     return {"format": FORMAT, "options": fields, "input": source.fingerprint()}
 
 
-def load_manifest(output: str) -> dict:
-    """The manifest of a shard directory or URL, checked: every shard entry names a file inside ``output`` and has
-    integer counts and sizes and a sha256; a clear error naming the entry otherwise, or when it is missing or unreadable."""
-    storage = Storage(output)
-    where = f"{output.rstrip('/')}/{MANIFEST}"
-    try:
-        manifest = json.loads(storage.read_text(MANIFEST))
-    except FileNotFoundError:
-        raise ShardError(f"no {MANIFEST} in {output}: run `ncsn-pipeline shard` first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{where} is not valid JSON: {err}") from None
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list) for v in splits.values()):
-        raise ShardError(f"{where} has no splits with shard lists; re-run `ncsn-pipeline shard`")
-    for split, entry in splits.items():
-        for shard in entry["shards"]:
-            if not isinstance(shard, dict):
-                raise ShardError(f"{where}: split {split} lists {shard!r}, not a shard entry")
-            try:
-                Storage.check_relative(shard.get("path"))
-            except ValueError as err:
-                raise ShardError(f"{where}: split {split}: shard path {err}; refusing to read or remove it") from None
-            if not all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("count", "bytes")) or not isinstance(shard.get("sha256"), str):
-                raise ShardError(f"{where}: shard {shard['path']} needs integer count and bytes and a sha256")
-    return manifest
-
-
-def manifest_digest(manifest: dict) -> str:
-    """16 hex digits of sha256 over the splits (every shard's path, count, bytes and sha256): the shard set's identity."""
-    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _intact(storage: Storage, manifest: dict) -> bool:
+def _intact(storage: Storage, manifest: Manifest) -> bool:
     """Every shard present with the bytes the manifest hashed (content, not only sizes)."""
-    return all(storage.exists(s["path"]) and storage.sha256_and_size(s["path"]) == (s["sha256"], s["bytes"])
-               for split in manifest["splits"].values() for s in split["shards"])
+    return all(storage.exists(s.path) and storage.sha256_and_size(s.path) == (s.sha256, s.bytes) for s in manifest.shards())
 
 
 def shard_dataset(options: ShardOptions, output: str, workers: int | None = None, progress: bool = True,
@@ -233,9 +195,9 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
         except ShardError as err:  # a damaged manifest is rewritten; nothing it names is trusted or removed
             log.warning("%s; rewriting the shards", err)
     if old is not None:
-        if old.get("fingerprint") == fingerprint and _intact(storage, old):
-            shards = [s for sp in old["splits"].values() for s in sp["shards"]]
-            return ShardSummary(output, old["total_count"], len(shards), sum(s["bytes"] for s in shards), 0.0, True)
+        if old.fingerprint == fingerprint and _intact(storage, old):
+            shards = old.shards()
+            return ShardSummary(output, old.total_count, len(shards), sum(s.bytes for s in shards), 0.0, True)
         log.info("%s holds shards from other inputs or options, or damaged ones: rewriting", output)
     if connect is not None:
         connect()
@@ -271,7 +233,7 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     max_distance = _max_distance(train_blocks)
     distance_seconds = time.perf_counter() - distance_start
     manifest = _build_manifest(options, fingerprint, source, plan, results, max_distance)
-    old_paths = {s["path"] for sp in old["splits"].values() for s in sp["shards"]} if old is not None else set()
+    old_paths = {s.path for s in old.shards()} if old is not None else set()
     storage.write_text_atomic(MANIFEST, json.dumps(manifest, indent=2))
     new_paths = {s["path"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for stale in old_paths - new_paths:
@@ -377,14 +339,13 @@ def verify_shards(output: str) -> list[str]:
     storage = Storage(output)
     manifest = load_manifest(output)
     problems = []
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            if not storage.exists(shard["path"]):
-                problems.append(f"{shard['path']}: missing")
-                continue
-            digest, size = storage.sha256_and_size(shard["path"])
-            if size != shard["bytes"]:
-                problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
-            elif digest != shard["sha256"]:
-                problems.append(f"{shard['path']}: sha256 {digest[:12]}…, manifest says {shard['sha256'][:12]}…")
+    for shard in manifest.shards():
+        if not storage.exists(shard.path):
+            problems.append(f"{shard.path}: missing")
+            continue
+        digest, size = storage.sha256_and_size(shard.path)
+        if size != shard.bytes:
+            problems.append(f"{shard.path}: {size} bytes, manifest says {shard.bytes}")
+        elif digest != shard.sha256:
+            problems.append(f"{shard.path}: sha256 {digest[:12]}…, manifest says {shard.sha256[:12]}…")
     return problems

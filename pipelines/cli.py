@@ -20,7 +20,8 @@ def _toy_mixture(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
+    from data_prep.manifest import ShardError
+    from data_prep.shard import ShardOptions, shard_dataset, verify_shards
     from pipelines.cluster import connect_ray
 
     try:
@@ -49,7 +50,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input (printed as one line), not a bug."""
-    from data_prep.shard import ShardError
+    from data_prep.manifest import ShardError
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
     from pipelines.config import ConfigError
@@ -234,7 +235,7 @@ def _inpaint(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from data_prep.shard import ShardError, load_manifest
+    from data_prep.manifest import ShardError, load_manifest
     from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
     from pipelines.sample import SamplingError, load_samples, read_settings
     from pipelines.tracking import log_to_run
@@ -243,7 +244,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         settings = read_settings(args.samples) if project_samples else None
         samples = (load_samples(args.samples) if project_samples
-                   else load_image_folder(args.samples, load_manifest(args.reference)["channels"]))
+                   else load_image_folder(args.samples, load_manifest(args.reference).channels))
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
                               Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu,
                               progress=not args.no_progress)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data_prep.loader import make_loader
-from data_prep.shard import load_manifest, manifest_digest
+from data_prep.manifest import Manifest, ShardError, load_manifest
 from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_indices
 from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
@@ -129,14 +129,15 @@ class UInt8Images(Dataset):
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
-def read_split(shards: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8 NHWC) and labels of one split of a shard set, in shard order (batches of one: none left over)."""
+def read_split(shards: Manifest | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8 NHWC) and labels of one split of a shard set (its manifest, or its location), in shard order
+    (batches of one: none left over)."""
     images, labels = [], []
     for x, y in make_loader(shards, 1, split=split, num_workers=0, shuffle_buffer=0):
         images.append(x.permute(0, 2, 3, 1).numpy())
         labels.append(y.numpy())
     if not images:
-        raise EvaluationError(f"{shards}: split {split!r} has no images")
+        raise EvaluationError(f"{getattr(shards, 'location', shards)}: split {split!r} has no images")
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -187,19 +188,19 @@ def _accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((torch.cat([model(b)[1].argmax(1) for b in x.split(1024)]) == y).float().mean())
 
 
-def train_classifier(shards: str, out: Path, seed: int = 0, batch_size: int = 64, max_epochs: int = 100, patience: int = 10,
+def train_classifier(shards: Manifest | str, out: Path, seed: int = 0, batch_size: int = 64, max_epochs: int = 100, patience: int = 10,
                      progress: bool = True) -> dict:
     """Train the feature classifier deterministically (seeded) to convergence: a stratified 10% of the training split
     validates, the epoch of lowest validation loss is kept (at most ``max_epochs``, stopping ``patience`` epochs after
     the best). Saved with its validation and test accuracy; returns that record."""
-    manifest = load_manifest(shards)
-    x_train, y_train = read_split(shards, "train")
+    manifest = load_manifest(shards) if isinstance(shards, str) else shards
+    x_train, y_train = read_split(manifest, "train")
     if (y_train < 0).any():
         raise EvaluationError(f"{shards}: the classifier feature extractor needs labelled training images and this shard set "
                               "has none; use --feature-extractor inception (with --inception-weights PATH on a machine "
                               "without internet)")
-    x_test, y_test = read_split(shards, "test")
-    num_classes = len(manifest.get("classes") or []) or int(y_train.max()) + 1
+    x_test, y_test = read_split(manifest, "test")
+    num_classes = len(manifest.classes or ()) or int(y_train.max()) + 1
     held = stratified_indices(y_train, max(num_classes, len(y_train) // 10), seed)
     fit = np.setdiff1d(np.arange(len(y_train)), held)
     xf, yf = from_stored(x_train[fit]), torch.from_numpy(y_train[fit]).long()
@@ -380,15 +381,16 @@ class Evaluator:
         self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
         self.progress = progress and sys.stderr.isatty()  # torch-fidelity's feature-extraction bar, on a terminal only
         self.manifest = load_manifest(shards)
-        _check_split(self.manifest, shards, reference_split)
-        self.cache = (cache_dir or default_cache_dir()) / manifest_digest(self.manifest)
-        self.reference, _ = read_split(shards, reference_split)
+        _check_split(self.manifest, reference_split)
+        self.cache = (cache_dir or default_cache_dir()) / self.manifest.digest
+        self._splits: dict[str, np.ndarray] = {}  # images of each split, decoded once
+        self.reference = self.split_images(reference_split)
         self.info: dict[str, float] = {}
         self._extractor, self._scaler = None, None
         if extractor == "classifier":
             register_classifier_extractor()
             self.weights = str(self.cache / "classifier.pt")
-            record = _cached_classifier(self.weights) or train_classifier(shards, Path(self.weights), progress=progress)
+            record = _cached_classifier(self.weights) or train_classifier(self.manifest, Path(self.weights), progress=progress)
             self.info = {"classifier_test_accuracy": float(record["test_accuracy"]),
                          "classifier_validation_accuracy": float(record["validation_accuracy"])}
             self.fidelity_name, state = CLASSIFIER, record["state_dict"]
@@ -398,6 +400,12 @@ class Evaluator:
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
         self.extractor_id = _tensors_digest(state)  # the weights' content: a rebuild from the same seed has the same id
+
+    def split_images(self, split: str) -> np.ndarray:
+        """The uint8 NHWC images of one split of the shard set, decoded on first use."""
+        if split not in self._splits:
+            self._splits[split] = read_split(self.manifest, split)[0]
+        return self._splits[split]
 
     def _layers(self) -> dict[str, str]:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -442,7 +450,7 @@ class Evaluator:
         extractor and shard set."""
         if self._scaler is None:
             def compute() -> dict[str, np.ndarray]:
-                train, _ = read_split(self.shards, "train")
+                train = self.split_images("train")
                 rows = np.sort(np.random.default_rng(0).permutation(len(train))[:SCALER_ROWS])
                 fitted = Scaler.fit(self.features(train[rows])[self._layers()["kid"]])
                 return {"mean": fitted.mean, "sd": fitted.sd}
@@ -505,7 +513,7 @@ class Evaluator:
         as many as the held-out split has) and a Gaussian fitted to the training split (gaussian: a weak model). Cached
         per extractor, count, seed and resample count."""
         held = self.heldout_split()
-        _check_split(self.manifest, self.shards, held)
+        _check_split(self.manifest, held)
         path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.extractor_id}-{num_samples}-{seed}-{self.resamples}.json"
         if path.exists():
             try:
@@ -513,8 +521,7 @@ class Evaluator:
             except (ValueError, TypeError, AttributeError, KeyError) as err:
                 log.warning("ignoring unreadable baseline cache %s (%s); recomputing", path, type(err).__name__)
         log.info("baselines at %d samples against the %s split (cached in %s)", num_samples, self.split, self.cache)
-        real, _ = read_split(self.shards, held)
-        train, _ = read_split(self.shards, "train")
+        real, train = self.split_images(held), self.split_images("train")
         rng = np.random.default_rng(seed)
         real = real[np.sort(rng.permutation(len(real))[:num_samples])]
         out = {"heldout_real": self.evaluate(real, seed), "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed)}
@@ -529,10 +536,12 @@ class Evaluator:
                       {**self.info, "extractor_dead_features": float(dead)})
 
 
-def _check_split(manifest: dict, shards: str, split: str) -> None:
-    if split not in manifest["splits"]:
-        raise EvaluationError(f"{shards}: no {split!r} split (shards written before validation splits existed, or a wrong "
-                              f"split name; the manifest has {', '.join(manifest['splits'])}); re-run `ncsn-pipeline shard`")
+def _check_split(manifest: Manifest, split: str) -> None:
+    """An EvaluationError (one line) when the shard set has no such split."""
+    try:
+        manifest.split(split)
+    except ShardError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _report(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_prep.shard import manifest_digest
+from data_prep.manifest import Manifest
 from ncsn._checks import first_line
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ModelConfig
@@ -133,7 +133,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     return uri, run_id
 
 
-def log_shards_input(uri: str, run_id: str, shards: str, manifest: dict) -> None:
+def log_shards_input(uri: str, run_id: str, shards: str, manifest: Manifest) -> None:
     """The shard set as the run's dataset input (context "training"): its location, the manifest's digest, the images'
     schema — what MLflow's UI shows under the run's datasets."""
     import numpy as np
@@ -146,8 +146,8 @@ def log_shards_input(uri: str, run_id: str, shards: str, manifest: dict) -> None
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (two equal local sources)
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(shards)
-    dataset = MetaDataset(source, name=manifest.get("dataset") or "shards", digest=manifest_digest(manifest),
-                          schema=Schema([TensorSpec(np.dtype(np.uint8), (-1, *manifest["image_shape"]), "image")]))
+    dataset = MetaDataset(source, name=manifest.dataset, digest=manifest.digest,
+                          schema=Schema([TensorSpec(np.dtype(np.uint8), (-1, *manifest.image_shape), "image")]))
     inputs, client = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])], _client(uri)
     try:
         client.log_inputs(run_id, datasets=inputs)

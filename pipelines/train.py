@@ -16,7 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from data_prep.loader import check_shards_present
-from data_prep.shard import load_manifest
+from data_prep.manifest import Manifest, load_manifest
 from data_prep.storage import absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import RunRef
@@ -35,22 +35,22 @@ class TrainingError(RuntimeError):
     """Training stopped on a failure a retry would repeat (a non-finite loss, a checkpoint that does not fit)."""
 
 
-def resolve_schedule(cfg: Config, manifest: dict) -> Schedule:
+def resolve_schedule(cfg: Config, manifest: Manifest) -> Schedule:
     """The σ schedule and the sampler's defaults: σs and ε fixed in the config, or by NCSNv2's rules on the manifest's
     statistics; T and denoising from the config."""
     steps, denoise = cfg.sampling.steps_per_level, cfg.sampling.denoise
     if not cfg.schedule.recommend:
         return Schedule(cfg.sigmas(), cfg.sampling.eps, steps, denoise)
-    stats = manifest["splits"]["train"].get("statistics")
-    if not stats:
+    stats = manifest.split("train").statistics
+    if stats is None:
         raise ConfigError("schedule.recommend needs the training statistics in the shard manifest; re-run `ncsn-pipeline shard`")
-    h, w, c = manifest["image_shape"]
-    rec = recommend_schedule(None, steps, cfg.schedule.sigma_min, sigma_max=stats["max_pairwise_distance"], dim=h * w * c)
+    h, w, c = manifest.image_shape
+    rec = recommend_schedule(None, steps, cfg.schedule.sigma_min, sigma_max=stats.max_pairwise_distance, dim=h * w * c)
     return Schedule(rec.sigmas(), rec.eps, steps, denoise)
 
 
-def _check_shapes(cfg: Config, manifest: dict) -> None:
-    h, w, c = manifest["image_shape"]
+def _check_shapes(cfg: Config, manifest: Manifest) -> None:
+    h, w, c = manifest.image_shape
     if (h, w, c) != (cfg.model.image_size, cfg.model.image_size, cfg.model.channels):
         raise ConfigError(f"model.image_size/model.channels ({cfg.model.image_size}, {cfg.model.channels}) do not match "
                           f"the shards' images {h}×{w}×{c}; set them to match or re-shard with --resize")
@@ -99,7 +99,7 @@ class TrainingPlan:
     """What a training run will use, resolved and checked on the driver before Ray starts."""
 
     shards: str
-    manifest: dict
+    manifest: Manifest
     schedule: Schedule
     storage: str  # Ray Train's storage_path
 
@@ -108,8 +108,8 @@ class TrainingPlan:
         sigmas = self.schedule.sigmas
         return (f"train {cfg.name!r} for {cfg.train.steps} steps on {cfg.cluster.num_workers} worker(s) "
                 f"({'GPU' if cfg.cluster.use_gpu else 'CPU'}), batch {cfg.train.batch_size}\n"
-                f"shards: {self.shards} ({self.manifest['splits']['train']['count']} training images "
-                f"{'×'.join(map(str, self.manifest['image_shape']))})\n"
+                f"shards: {self.shards} ({self.manifest.split('train').count} training images "
+                f"{'×'.join(map(str, self.manifest.image_shape))})\n"
                 f"schedule: L = {len(sigmas)} levels, σ {sigmas[0]:.4g} → {sigmas[-1]:.4g}, "
                 f"ε = {self.schedule.eps:.4g}, T = {self.schedule.steps_per_level}\n"
                 f"checkpoints: {self.storage}/{cfg.name}; run directory: {Path(cfg.run_dir).resolve()}")
@@ -120,7 +120,7 @@ def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> Traini
     the σ schedule and ε, and an object-store storage path (parsable, reachable)."""
     shards = absolute_location(shards)
     manifest = load_manifest(shards)
-    check_shards_present(manifest, shards, "train")  # on the driver: a worker would fail on it, retried for nothing
+    check_shards_present(manifest, "train")  # on the driver: a worker would fail on it, retried for nothing
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
@@ -178,7 +178,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
                                    parent_run_id, accept_changes=resume == "accept")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)
-    spec = WorkerSpec(cfg, schedule, str(shards), run, objective,
+    spec = WorkerSpec(cfg, schedule, manifest, run, objective,
                       verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.loader import make_loader
+from data_prep.manifest import Manifest
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, RunRef, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_unit_interval
@@ -37,11 +38,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the driver hands every training worker: the run's config and its schedule (resolved once, on the driver),
-    the shards, the MLflow run and Tune's objective (tuning trials only)."""
+    the shards' manifest (read once, on the driver), the MLflow run and Tune's objective (tuning trials only)."""
 
     config: Config
     schedule: Schedule
-    shards: str
+    manifest: Manifest
     run: RunRef
     objective: ObjectiveSpec | None = None
     verbose: bool = False
@@ -239,7 +240,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
 
     torch.manual_seed(cfg.train.seed * 100_003 + rank * 1009 + model.start)  # noise and levels differ per rank and segment
     ddp_model = ray.train.torch.prepare_model(model.net)
-    loader = make_loader(spec.shards, cfg.train.batch_size // world, rank, world, resampled=True, num_workers=cfg.data.loader_workers,
+    loader = make_loader(spec.manifest, cfg.train.batch_size // world, rank, world, resampled=True, num_workers=cfg.data.loader_workers,
                          shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + model.start)
     failure: list[str] = []
     window, step = MetricsWindow(len(sigmas), device), model.start

@@ -32,7 +32,7 @@ def test_verbose_is_taken_before_or_after_the_subcommand_and_version_is_printed(
 def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_path, digits_shards):
     import yaml
 
-    from data_prep.shard import load_manifest
+    from data_prep.manifest import load_manifest
     from pipelines.config import load_config
     from pipelines.train import resolve_schedule
 

@@ -9,7 +9,8 @@ import pytest
 import webdataset as wds
 
 from data_prep.loader import make_loader
-from data_prep.shard import ShardError, ShardOptions, shard_dataset, verify_shards
+from data_prep.manifest import ShardError
+from data_prep.shard import ShardOptions, shard_dataset, verify_shards
 from data_prep.sources import Cifar10Source, ImageFolderSource, MnistSource, SourceError, open_source
 from tests.datasets import write_cifar10_tarball, write_image_folder, write_mnist
 from tests.servers import joining_env

@@ -86,7 +86,8 @@ def _shard_digits(out: Path):
 
 def test_manifest_paths_outside_the_shard_folder_are_never_read_or_removed(tmp_path, ray_local):
     from data_prep.loader import make_loader
-    from data_prep.shard import ShardError, load_manifest, verify_shards
+    from data_prep.manifest import ShardError, load_manifest
+    from data_prep.shard import verify_shards
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from data_prep.loader import make_loader
-from data_prep.shard import ShardError, ShardOptions, load_manifest, shard_dataset, verify_shards
+from data_prep.manifest import ShardError, load_manifest
+from data_prep.shard import ShardOptions, shard_dataset, verify_shards
 from data_prep.storage import StorageError
 from pipelines.config import ConfigError
 from pipelines.train import check_storage_url
@@ -55,18 +56,18 @@ def test_object_store_failures_are_one_line_naming_the_object(digits_shards, s3_
         check_storage_url("s3://ncsn-test/a[1]")
     url = upload_tree(digits_shards, "s3://ncsn-test/broken/digits")
     fs, base = fsspec.core.url_to_fs(url)
-    shards = load_manifest(url)["splits"]["train"]["shards"]
+    shards = load_manifest(url).split("train").shards
 
     # a truncated object: --verify names it; the loader skips what it cannot read and counts it
-    data = fs.cat_file(f"{base}/{shards[1]['path']}")
-    fs.pipe_file(f"{base}/{shards[1]['path']}", data[: len(data) // 2 + 100])
-    assert [p.split(":")[0] for p in verify_shards(url)] == [shards[1]["path"]]
+    data = fs.cat_file(f"{base}/{shards[1].path}")
+    fs.pipe_file(f"{base}/{shards[1].path}", data[: len(data) // 2 + 100])
+    assert [p.split(":")[0] for p in verify_shards(url)] == [shards[1].path]
     loader = make_loader(url, 32, resampled=True, batches_per_epoch=40, seed=1)
     assert len(list(loader)) == 40 and loader.skipped >= 1
 
     # a missing object: named by its URL, before any batch
-    fs.rm_file(f"{base}/{shards[0]['path']}")
-    with pytest.raises(ShardError, match=f"missing, e.g. {url}/{shards[0]['path']}$"):
+    fs.rm_file(f"{base}/{shards[0].path}")
+    with pytest.raises(ShardError, match=f"missing, e.g. {url}/{shards[0].path}$"):
         make_loader(url, 32)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 

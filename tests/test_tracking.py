@@ -88,6 +88,7 @@ def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tm
     # the row missing and then collide with the other's insert (a UNIQUE-constraint error, which errored a trial).
     from mlflow.exceptions import MlflowException
 
+    from data_prep.manifest import Manifest, Split
     from pipelines.tracking import log_shards_input
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -102,7 +103,8 @@ def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tm
         raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
 
     monkeypatch.setattr(MlflowClient, "log_inputs", racing)
-    log_shards_input(uri, second, str(tmp_path), {"dataset": "digits", "image_shape": [8, 8, 1], "splits": {"train": {"shards": []}}})
+    manifest = Manifest(str(tmp_path), "digits", (8, 8, 1), None, {"train": Split(0, ())}, "", None, {}, "0123456789abcdef")
+    log_shards_input(uri, second, str(tmp_path), manifest)
     for run_id in (first, second):
         (logged,) = client.get_run(run_id).inputs.dataset_inputs
         assert logged.dataset.name == "digits" and [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from data_prep.shard import load_manifest, manifest_digest
+from data_prep.manifest import load_manifest
 from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
@@ -73,7 +73,7 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.001" and run.data.params["cluster.num_workers"] == "2"
     assert _mlflow_steps(result) == [5, 10, 15, 20]
     (dataset,) = run.inputs.dataset_inputs  # the shard set, as the run's input
-    assert dataset.dataset.digest == manifest_digest(load_manifest(shards)) and shards in dataset.dataset.source
+    assert dataset.dataset.digest == load_manifest(shards).digest and shards in dataset.dataset.source
     assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
     assert _mlflow_steps(result, f"loss_per_sigma/{len(sigmas) - 1:03d}") == [5, 10, 15, 20]  # one group in the UI
     assert client.get_metric_history(result.run.run_id, "loss_per_sigma/000")[-1].value == pytest.approx(rows[-1]["loss_per_sigma/000"])
@@ -190,7 +190,7 @@ def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, sha
 def test_a_missing_shard_file_fails_on_the_driver_before_training(tmp_path, shards):
     import shutil
 
-    from data_prep.shard import ShardError
+    from data_prep.manifest import ShardError
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)

@@ -10,7 +10,7 @@ from typing import Callable
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from data_prep.shard import load_manifest
+from data_prep.manifest import load_manifest
 from pipelines.config import Config
 from pipelines.sample import read_checkpoint
 from pipelines.tune.asha import ResumableASHA

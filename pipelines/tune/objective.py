@@ -38,9 +38,16 @@ class ObjectiveSpec:
                    cfg.sampling.denoise, cfg.tune.eval_every, cfg.evaluation.inception_weights)
 
     def evaluator(self) -> Evaluator:
-        """The Evaluator (trains and caches the classifier on first use in ``cache_dir``)."""
-        return Evaluator(self.shards, self.extractor, self.inception_weights, self.reference_split, cache_dir=Path(self.cache_dir),
-                         resamples=self.resamples)
+        """This spec's Evaluator, built once per process (a training worker, or the worker process that Ray reuses for a
+        job's scoring tasks): the manifest, the reference split, the classifier and the reference features are read once.
+        The first one for a shard set trains and caches the classifier in ``cache_dir``."""
+        if self not in _EVALUATORS:
+            _EVALUATORS[self] = Evaluator(self.shards, self.extractor, self.inception_weights, self.reference_split,
+                                          cache_dir=Path(self.cache_dir), resamples=self.resamples)
+        return _EVALUATORS[self]
+
+
+_EVALUATORS: dict[ObjectiveSpec, Evaluator] = {}
 
 
 def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, steps_per_level: int,
