@@ -22,6 +22,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
 
 from data_prep.manifest import Manifest, ShardError, load_manifest
 from data_prep.storage import Storage, StorageError, open_binary
@@ -42,8 +44,6 @@ def _as_is(item):
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
@@ -68,8 +68,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
             yield from self.urls[wid::nworkers]
 
     def __iter__(self):
-        import webdataset as wds
-
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid])

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import ray
 import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
 
 from data_prep.manifest import MANIFEST, Manifest, ShardError, load_manifest
 from data_prep.sources import SPLITS, Source, open_source
@@ -76,7 +80,6 @@ class ShardSummary:
 
 def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     """Lossless PNG bytes of a uint8 (H, W, C) image with C in {1, 3}."""
-    from PIL import Image
 
     arr = image[..., 0] if image.shape[-1] == 1 else image
     buf = io.BytesIO()
@@ -88,7 +91,6 @@ def write_shard_range(source: Source, options: ShardOptions, split: str, start: 
                       output: str) -> tuple[dict, np.ndarray | None]:
     """Write records [start, stop) of ``split`` as tar shard(s) under ``output``; return their descriptions and
     statistics, and (training split only) the images as uint8 (N, H, W, C) for the exact max pairwise distance."""
-    import webdataset as wds
 
     storage = Storage(output)
     max_bytes = int(options.max_shard_mb * 1e6) if options.max_shard_mb else None
@@ -175,8 +177,6 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     """Shard ``options.source`` into ``output`` with Ray tasks (``workers`` at once; default: the cluster's CPUs).
     ``connect`` joins or starts Ray when there is work to do (pipelines.cluster.connect_ray); without it the caller has
     connected already. Up-to-date shards need no Ray."""
-    import ray
-    from tqdm import tqdm
 
     if options.shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {options.shard_size}")
@@ -247,7 +247,6 @@ def _max_distance(blocks: list) -> float | None:
     """The exact max pairwise distance of the training images (``blocks``: the shard tasks' image arrays in the object
     store), in [0, 1] units: the bound's factors per block, a start from a few exact distances, then one task per pair
     of blocks (and per block) that computes only the pairs the bound leaves (ncsn.sigmas.scan_pairs)."""
-    import ray
 
     if not blocks:
         return None
@@ -281,7 +280,6 @@ def _block_factors(block: np.ndarray, mean: torch.Tensor, basis: torch.Tensor) -
 
 def _farthest_image(blocks: list, x: np.ndarray, remote) -> np.ndarray:
     """The training image farthest from ``x``: one task per block."""
-    import ray
 
     found = ray.get([remote(_farthest_in_block).remote(block, x) for block in blocks])
     b = max(range(len(blocks)), key=lambda k: found[k][1])

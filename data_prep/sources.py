@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 SPLITS = ("train", "validation", "test")
 POOLS = ("train", "test")  # a data set's own splits; the validation split is held out of its training pool
@@ -123,7 +124,7 @@ class DigitsSource(Source):
     split_rule = f"{n_test} of 1797 images held out uniformly at random (seed {seed}, not stratified)"
 
     def __init__(self) -> None:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # heavy: scikit-learn, for the digits only
 
         digits = load_digits()
         self._images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -142,7 +143,7 @@ class DigitsSource(Source):
         return Record(f"digits-{j:05d}", self._images[j], int(self._labels[j]))
 
     def fingerprint(self) -> dict:
-        import sklearn
+        import sklearn  # heavy: scikit-learn, for the digits only
 
         return {"sklearn": sklearn.__version__, "split": self.split_rule, "validation": self.validation_rule}
 
@@ -372,8 +373,6 @@ class ImageFolderSource(Source):
         return Record(key, self.load(rel), self.classes.index(rel.parts[0]) if self.classes else None)
 
     def load(self, rel: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         path = self.root / rel
         try:
             with Image.open(path) as img:
@@ -408,7 +407,7 @@ SOURCE_NAMES = ("digits", "cifar10", "mnist", "image-folder")
 
 def download_with_torchvision(name: str, cache_dir: str | os.PathLike) -> Path:
     """Fetch CIFAR-10 or MNIST through torchvision into ``cache_dir`` (needs internet); returns the input path."""
-    import torchvision
+    import torchvision  # optional: only for --download, which needs internet
 
     cache = Path(cache_dir)
     if name == "cifar10":

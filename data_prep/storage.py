@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+import fsspec
+
 from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 
@@ -64,8 +66,6 @@ def open_binary(url: str) -> BinaryIO:
     """``url`` (a local path or an fsspec URL) opened for streaming reads; a StorageError names it if it cannot be."""
     try:
         if is_url(url):
-            import fsspec
-
             return fsspec.open(url, "rb").open()
         return open(url.removeprefix("file://"), "rb")
     except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the URL
@@ -80,8 +80,6 @@ class Storage:
         self.root = str(root)
         self.remote = is_url(self.root)
         if self.remote:
-            import fsspec
-
             self.fs, self.base = fsspec.core.url_to_fs(self.root)
         else:
             self.base = str(Path(self.root.removeprefix("file://")).resolve())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def positive(name: str, value: float) -> float:
     """Return ``value`` if it is a finite number > 0, else raise ValueError naming ``name``."""
@@ -22,7 +24,6 @@ def positive_int(name: str, value: int) -> int:
 def noise_schedule(sigmas, name: str = "sigmas"):
     """Return ``sigmas`` if it is a non-empty 1-D float tensor of finite σ > 0, strictly decreasing (σ_1 > … > σ_L);
     else raise ValueError naming ``name``."""
-    import torch
 
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1 or not sigmas.is_floating_point():
         shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__

@@ -16,7 +16,7 @@ def mixture_figure(out: Path, n: int = 1280, learned: bool = False, seed: int = 
     import matplotlib  # heavy: imported only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     score_fn = None
     if learned:

@@ -1,4 +1,5 @@
-"""The `ncsn-pipeline` command line."""
+"""The `ncsn-pipeline` command line. Each command imports what it runs inside its own function, so `--help`, `--version`
+and a bad option answer at once, without loading torch, Ray or MLflow."""
 from __future__ import annotations
 
 import argparse

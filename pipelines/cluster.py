@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
+import ray
+
 log = logging.getLogger(__name__)
 
 
 def connect_ray() -> None:
     """Join the Ray cluster RAY_ADDRESS names (or the head `ray start` runs on this machine), else start a local
     instance; nothing when this process is connected. Worker logs reach this console (rank 0's progress lines)."""
-    import ray
 
     if ray.is_initialized():
         return

@@ -21,9 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 from tqdm import tqdm
 
 from data_prep.loader import make_loader
@@ -269,8 +274,6 @@ def _cached_classifier(path: str) -> dict | None:
 
 
 def _make_extractor_class():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
     class ClassifierFeatures(FeatureExtractorBase):
         """torch-fidelity feature extractor over our classifier: "features" (128-d) for FID/KID, "logits" for IS."""
 
@@ -314,8 +317,6 @@ def _make_extractor_class():
 
 
 def register_classifier_extractor() -> None:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
     if CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(CLASSIFIER, _make_extractor_class())
 
@@ -344,7 +345,6 @@ def _private_weights(state: dict[str, torch.Tensor], directory: str) -> str:
 
 def _download_inception_weights() -> dict[str, torch.Tensor]:
     """torch-fidelity's Inception weights from its URL, read as tensors only (the hub cache is user-writable)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     try:
         return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False, weights_only=True)
@@ -408,14 +408,11 @@ class Evaluator:
         return self._splits[split]
 
     def _layers(self) -> dict[str, str]:
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
         cls = FEATURE_EXTRACTORS_REGISTRY[self.fidelity_name]
         return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in ("fid", "isc", "kid")}
 
     def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """{layer: (N, d) float64 features} of uint8 NHWC images from the extractor (built once)."""
-        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
         if self._extractor is None:
             self._extractor = create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
@@ -557,7 +554,6 @@ def evaluate_on_worker(shards: str, samples: np.ndarray, extractor: str = "class
     """Evaluator.report in a Ray task with the given resources (a GPU when ``use_gpu``): the samples go there through
     Ray's object store, the reference is read from ``shards`` (a path or URL) there, and only the report comes back.
     Inception weights given as a file are verified here, on the driver."""
-    import ray
 
     state = check_inception_weights(inception_weights) if inception_weights else None
     task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_report)

@@ -3,10 +3,12 @@ loopback when all workers share a node, otherwise the Ray node address of rank 0
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from dataclasses import dataclass
 
 import ray
+import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
@@ -25,9 +27,6 @@ def _listen(host: str) -> int:
 
 def _join(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: int) -> None:
     """Every rank: the TCPStore (served by rank 0 on its bound socket) and the process group over it."""
-    import os
-
-    import torch.distributed as dist
 
     global _listener
     timeout = datetime.timedelta(seconds=timeout_s)

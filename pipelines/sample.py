@@ -14,19 +14,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
+from ray.util import ActorPool
+from tqdm import tqdm
 
-from pipelines.cluster import connect_ray
 from data_prep.storage import absolute_location, is_url, open_binary
-from ncsn._checks import first_line
-from ncsn._checks import noise_schedule
+from ncsn._checks import first_line, noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import from_stored, to_stored
 from ncsn.images import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import derived_seed, inpaint, sample_images
+from pipelines.cluster import connect_ray
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "sampling.json"
@@ -170,7 +172,7 @@ def checkpoint_location(reference: str | Path) -> str:
 def _mlflow_checkpoint_bytes(uri: str) -> bytes:
     """The checkpoint inside an MLflow model that training logged (its pyfunc's ``checkpoint`` artifact), downloaded into a
     private temporary directory."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # only for runs:/ and models:/ checkpoints
 
     with tempfile.TemporaryDirectory(prefix="ncsn-model-") as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -265,8 +267,6 @@ class SampleSummary:
 def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOptions, workers: int = 2, use_gpu: bool = False,
                  progress: bool = True) -> SampleSummary:
     """Sample ``options.num_samples`` images from a checkpoint on ``workers`` Ray actors into ``output``."""
-    import ray
-    from ray.util import ActorPool
 
     checkpoint, output = checkpoint_location(checkpoint), Path(output).resolve()
     ckpt, payload = read_checkpoint(checkpoint)
@@ -303,8 +303,6 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
 
 
 def _progress(total: int, enabled: bool, desc: str = "sampling chunks", unit: str = "chunk"):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
 
 
@@ -370,7 +368,6 @@ def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str,
                    progress: bool = True) -> tuple[Path, SamplerSettings]:
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid.
     Returns the grid's path and the settings used (the checkpoint's MLflow run among them)."""
-    import ray
 
     checkpoint = checkpoint_location(checkpoint)
     ckpt, payload = read_checkpoint(checkpoint)

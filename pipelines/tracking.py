@@ -15,9 +15,24 @@ import time
 import uuid
 import warnings
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Iterator
 
+import mlflow
+import numpy as np
+import yaml
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
+from PIL import Image
+
+import ncsn
 from data_prep.manifest import Manifest
 from ncsn._checks import first_line
 from ncsn.checkpoint import Checkpoint, save_checkpoint
@@ -48,7 +63,6 @@ def artifact_location(uri: str) -> str | None:
 def _client(uri: str):
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
@@ -57,7 +71,6 @@ def _client(uri: str):
 def _fluent_tracking(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model, register_model) aimed at ``uri`` for a while; the process's tracking URI (and
     $MLFLOW_TRACKING_URI, which mlflow.set_tracking_uri also sets) is put back after."""
-    import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -91,8 +104,6 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     its settings are the config's (else a ConfigError listing the differences), or, with ``accept_changes``, whatever
     changed (recorded as ``resumed.*`` tags). Logs the config as params and as ``config.yaml``;
     returns (tracking URI, run id)."""
-    import yaml
-    from mlflow.entities import Param
 
     uri = tracking_uri(cfg)
     run_dir = Path(cfg.run_dir)
@@ -136,12 +147,6 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
 def log_shards_input(uri: str, run_id: str, shards: str, manifest: Manifest) -> None:
     """The shard set as the run's dataset input (context "training"): its location, the manifest's digest, the images'
     schema — what MLflow's UI shows under the run's datasets."""
-    import numpy as np
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.exceptions import MlflowException
-    from mlflow.types import Schema, TensorSpec
 
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (two equal local sources)
         warnings.simplefilter("ignore", UserWarning)
@@ -214,7 +219,6 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
     """Add metrics, files ({artifact dir: local path}), params and tags to an existing run, e.g. the training run of a
     checkpoint. Returns False (with a warning naming the problem) when the store cannot take them; the caller's files
     stay. A param the run already holds with another value is kept and named in a warning; the metrics still go."""
-    from mlflow.entities import Metric
 
     try:
         client = _client(uri)
@@ -262,7 +266,6 @@ def read_metric_rows(metrics_file: Path) -> list[dict]:
 
 def sync_metrics(uri: str, run_id: str, metrics_file: Path, up_to_step: int | None = None) -> int:
     """Send the rows of ``metrics_file`` whose step MLflow does not have yet; returns how many were sent."""
-    from mlflow.entities import Metric
 
     client = _client(uri)
     have = logged_metric_steps(client, run_id)
@@ -281,8 +284,6 @@ def start_system_metrics(uri: str, run_id: str, node_id: str | None = None):
     """MLflow's system metrics monitor for this node (CPU, memory, disk, network; GPU with the `gpu` extra), every 10 s
     under system/ (system/<node_id>/ when given); stop it with its finish(). None when it cannot start."""
     try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, node_id=node_id, tracking_uri=uri)
         monitor.start()
         return monitor
@@ -327,8 +328,6 @@ class RunLogger:
         timestamp = int(time.time() * 1000)  # part of the file's name in MLflow, so it can be found again
 
         def send() -> None:
-            from PIL import Image
-
             with Image.open(path) as image:
                 image.load()
                 self._client.log_image(self.run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
@@ -350,9 +349,6 @@ class RunLogger:
         tags = {"ncsn.log_id": uuid.uuid4().hex}  # finds this model again when an outage hid whether it was logged
 
         def send() -> None:
-            import mlflow
-            import ncsn
-
             for unfinished in self._models(name, tags, "PENDING"):  # an attempt the outage cut short shows as failed
                 self._client.finalize_logged_model(unfinished.model_id, "FAILED")
             with (_fluent_tracking(self.uri), tempfile.TemporaryDirectory() as tmp,
@@ -387,8 +383,6 @@ class RunLogger:
             self._sent = logged_metric_steps(self._client, self.run_id)
 
     def _send_row(self, row: dict, timestamp: int) -> None:
-        from mlflow.entities import Metric
-
         if row["step"] in self._sent:
             return
         self._client.log_batch(self.run_id, metrics=_as_metrics(row, Metric, timestamp))
@@ -405,8 +399,6 @@ class RunLogger:
         return [m for m in models if m.name == name and m.status == status and tags.items() <= m.tags.items()]
 
     def _register(self, name: str, tags: dict[str, str], register_as: str) -> None:
-        import mlflow
-
         logged = self._models(name, tags, "READY")
         if not logged:
             raise RuntimeError(f"model {name!r} of run {self.run_id} was not logged, so it is not registered as {register_as!r}")
@@ -459,16 +451,11 @@ def _unreachable(err: BaseException) -> bool:
 
 def _requirements() -> list[str]:
     """What the logged model imports, pinned from the running environment (so log_model need not infer them)."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("torch", "numpy", "mlflow")]
 
 
 def _sampler_signature(model: ModelConfig):
     """Rows of (num_samples, optional seed) in; uint8 images (N, H, W, C) out."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(Schema([ColSpec("long", "num_samples"), ColSpec("long", "seed", required=False)]),
                           Schema([TensorSpec(np.dtype("uint8"), (-1, model.image_size, model.image_size, model.channels))]))

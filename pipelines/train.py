@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import fsspec
+import pyarrow
+import pyarrow.fs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -70,8 +73,6 @@ class TrainRun:
 def check_storage_url(storage: str) -> None:
     """An object-store ``cluster.storage_path`` that Ray Train (pyarrow) can parse and reach, checked on the driver: a
     ConfigError or StorageError line instead of a controller that dies inside the Ray job."""
-    import pyarrow
-    import pyarrow.fs
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(storage)
@@ -145,8 +146,6 @@ def set_aside_previous_run(cfg: Config, storage: str) -> None:
             (run_dir / name).rename(kept / name)
     experiment = f"{storage.rstrip('/')}/{cfg.name}"
     if is_url(experiment):
-        import fsspec
-
         fs, path = fsspec.core.url_to_fs(experiment)
         if fs.exists(path):
             fs.mv(path, f"{path}.previous-{stamp}", recursive=True)

@@ -268,7 +268,7 @@ def _quiet_ray_train(verbose: bool) -> None:
     """Ray Train logs every report (22 per-σ losses) and every checkpoint's path at INFO: quieter unless -v."""
     if not verbose:
         from ray.train.v2._internal.execution import context as train_context  # private modules, imported only to quiet them
-        from ray.train.v2._internal.execution import storage as train_storage
+        from ray.train.v2._internal.execution import storage as train_storage  # (the same)
 
         for module in (train_context, train_storage):
             module.logger.setLevel(logging.WARNING)

@@ -212,7 +212,7 @@ def _plot(rows: list[dict], keys: tuple[str, ...], metric: str, out: Path) -> Pa
     import matplotlib  # heavy: only when drawing
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     shown = [k for k in keys if k in ("sigma_max", "sigma_min", "num_levels", "eps", "start_level", "steps_per_level")][:3]
     selected = sorted((r for r in rows if r["selection_mean"] is not None), key=lambda r: r["selection_mean"])
