@@ -13,7 +13,7 @@ from ncsn.data import from_stored
 from pipelines import tracking
 from pipelines.config import Config
 from pipelines.evaluate import Report, evaluate_on_worker, read_split
-from pipelines.sample import SamplingOptions, load_samples, run_inpainting, run_sampling
+from pipelines.sample import SamplingOptions, load_samples, open_checkpoint, run_inpainting, run_sampling
 from pipelines.train import run_training, set_aside_previous_run
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,17 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     try:
         log.info("stage 1/4: training %s", cfg.name)
         trained = run_training(cfg, shards, parent_run_id=parent, resume="auto" if resume == "fresh" else resume)
-        checkpoint = trained.model_file
+        checkpoint, source = trained.model_file, open_checkpoint(trained.model_file)  # read once, for sampling and inpainting
 
         log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
         options = SamplingOptions(cfg.sampling.num_samples, seed=cfg.train.seed, chunk_size=cfg.sampling.chunk_size,
                                   denoise=cfg.sampling.denoise, trajectory_samples=min(8, cfg.sampling.chunk_size))
-        samples = run_sampling(checkpoint, run_dir / "samples", options, workers=cfg.sampling.workers, use_gpu=cfg.cluster.use_gpu,
+        samples = run_sampling(source, run_dir / "samples", options, workers=cfg.sampling.workers, use_gpu=cfg.cluster.use_gpu,
                                progress=progress)
 
         log.info("stage 3/4: inpainting")
         test_images, _ = read_split(shards, "test")
-        inpainting, _ = run_inpainting(checkpoint, from_stored(test_images[:8]), "centre",
+        inpainting, _ = run_inpainting(source, from_stored(test_images[:8]), "centre",
                                        run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
                                        progress=progress)
 

@@ -206,6 +206,24 @@ def read_checkpoint(checkpoint: str | Path) -> tuple[Checkpoint, bytes]:
 
 
 @dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint read and checked once, on the driver: where it is, its contents, and its bytes (what actors and tasks
+    get through Ray's object store)."""
+
+    location: str
+    checkpoint: Checkpoint
+    payload: bytes
+
+
+def open_checkpoint(reference: str | Path | CheckpointFile) -> CheckpointFile:
+    """The checkpoint a user names (see checkpoint_location), read and checked once; one already open as it is."""
+    if isinstance(reference, CheckpointFile):
+        return reference
+    location = checkpoint_location(reference)
+    return CheckpointFile(location, *read_checkpoint(location))
+
+
+@dataclass(frozen=True)
 class Chunk:
     """What an actor returns for one chunk; the driver writes it."""
 
@@ -264,13 +282,11 @@ class SampleSummary:
                 f"{self.samples_per_s:.1f} samples/s, {self.langevin_steps_per_s:.0f} image-Langevin-steps/s")
 
 
-def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOptions, workers: int = 2, use_gpu: bool = False,
-                 progress: bool = True) -> SampleSummary:
+def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, options: SamplingOptions, workers: int = 2,
+                 use_gpu: bool = False, progress: bool = True) -> SampleSummary:
     """Sample ``options.num_samples`` images from a checkpoint on ``workers`` Ray actors into ``output``."""
-
-    checkpoint, output = checkpoint_location(checkpoint), Path(output).resolve()
-    ckpt, payload = read_checkpoint(checkpoint)
-    settings = resolve_options(ckpt, options, checkpoint)
+    source, output = open_checkpoint(checkpoint), Path(output).resolve()
+    settings = resolve_options(source.checkpoint, options, source.location)
     _claim_output(output, settings)
     chunks = plan_chunks(options.num_samples, options.chunk_size)
     pending = [c for c in chunks if not chunk_complete(output, c[0], c[2])]
@@ -278,7 +294,7 @@ def run_sampling(checkpoint: str | Path, output: str | Path, options: SamplingOp
     if pending:
         connect_ray()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
-        weights = ray.put(payload)
+        weights = ray.put(source.payload)
         pool = ActorPool([actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))])
         bar = _progress(len(pending), progress)
         try:
@@ -363,23 +379,21 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
     return mask.expand(c, h, w)
 
 
-def run_inpainting(checkpoint: str | Path, images: torch.Tensor, mask_kind: str, output: str | Path, completions: int = 4,
-                   seed: int = 0, steps_per_level: int | None = None, eps: float | None = None, use_gpu: bool = False,
-                   progress: bool = True) -> tuple[Path, SamplerSettings]:
+def run_inpainting(checkpoint: str | Path | CheckpointFile, images: torch.Tensor, mask_kind: str, output: str | Path,
+                   completions: int = 4, seed: int = 0, steps_per_level: int | None = None, eps: float | None = None,
+                   use_gpu: bool = False, progress: bool = True) -> tuple[Path, SamplerSettings]:
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid.
     Returns the grid's path and the settings used (the checkpoint's MLflow run among them)."""
-
-    checkpoint = checkpoint_location(checkpoint)
-    ckpt, payload = read_checkpoint(checkpoint)
-    settings = resolve_options(ckpt, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level, eps=eps),
-                               checkpoint)
-    c, size = ckpt.model_config.channels, ckpt.model_config.image_size
+    source = open_checkpoint(checkpoint)
+    settings = resolve_options(source.checkpoint, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level,
+                                                                  eps=eps), source.location)
+    c, size = source.checkpoint.model_config.channels, source.checkpoint.model_config.image_size
     if tuple(images.shape[1:]) != (c, size, size):
-        raise SamplingError(f"{checkpoint} models {c}×{size}×{size} images; the images to inpaint are "
+        raise SamplingError(f"{source.location} models {c}×{size}×{size} images; the images to inpaint are "
                             f"{'×'.join(map(str, images.shape[1:]))} (another data set's shards?)")
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     connect_ray()
-    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(payload), use_gpu)
+    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(source.payload), use_gpu)
     pending = {actor.inpaint.remote(images, mask, settings, seed + k): k for k in range(completions)}
     filled: list[torch.Tensor | None] = [None] * completions
     with _progress(completions, progress, "inpainting", "completion") as bar:

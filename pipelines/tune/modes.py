@@ -12,7 +12,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from data_prep.manifest import load_manifest
 from pipelines.config import Config
-from pipelines.sample import read_checkpoint
+from pipelines.sample import open_checkpoint
 from pipelines.tune.asha import ResumableASHA
 from pipelines.tune.objective import ObjectiveSpec
 from pipelines.tune.space import PARAMS, apply_point, recommended_point, sampler_space, search_space
@@ -83,8 +83,8 @@ class SamplerSearch:
     judgement_runs: list[str] = []  # the verdict trains nothing: it samples the one checkpoint
 
     def __init__(self, cfg: Config, checkpoint: str):
-        self.cfg, self.checkpoint = cfg, checkpoint
-        ckpt = read_checkpoint(checkpoint)[0]
+        self.cfg, self.checkpoint, self.source = cfg, checkpoint, open_checkpoint(checkpoint)  # read once, shipped to the trials
+        ckpt = self.source.checkpoint
         self.sigmas, trained = ckpt.sigmas.tolist(), ckpt.schedule
         self.rec = {"start_level": 0, "eps": trained.eps if trained.eps is not None else cfg.sampling.eps,
                     "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
@@ -93,8 +93,8 @@ class SamplerSearch:
         return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1), **sampler_space(self.cfg, self.rec)}
 
     def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
-        return tune.with_resources(tune.with_parameters(sampler_trial, base=self.cfg, checkpoint=self.checkpoint, uri=uri,
-                                                        parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
+        return tune.with_resources(tune.with_parameters(sampler_trial, base=self.cfg, checkpoint=self.checkpoint, payload=self.source.payload,
+                                                        uri=uri, parent_run_id=parent, rec=self.rec, objective=objective), {"CPU": 1})
 
     def scheduler(self, history: Path):
         """FIFO: one report per trial, so nothing to stop early and no rungs to keep (``history`` is not written)."""

@@ -99,7 +99,8 @@ def train_recommended_fully(cfg: Config, rec: dict, shards: str, uri: str, paren
     run_training(trial_cfg, shards, parent_run_id=parent_run_id, extra_params={"tune.label": "recommended", "tune.trial_id": RECOMMENDED_FULL})
 
 
-def sampler_trial(point: dict, *, base: Config, checkpoint: str, uri: str, parent_run_id: str, rec: dict, objective: ObjectiveSpec) -> None:
+def sampler_trial(point: dict, *, base: Config, checkpoint: str, payload: bytes, uri: str, parent_run_id: str, rec: dict,
+                  objective: ObjectiveSpec) -> None:
     """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule (the levels
     from start_level on), evaluate, log a child MLflow run and report once."""
     trial = tune.get_context().get_trial_id()
@@ -107,7 +108,7 @@ def sampler_trial(point: dict, *, base: Config, checkpoint: str, uri: str, paren
     label = label_of(point, rec)
     _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
-    model, ckpt = load_model(read_checkpoint(checkpoint)[1])
+    model, ckpt = load_model(payload)
     metrics, samples = sample_and_score(objective.evaluator(), model, ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps,
                                         cfg.sampling.steps_per_level, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
