@@ -58,8 +58,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipelines.evaluate import EvaluationError
     from pipelines.sample import SamplingError
     from pipelines.train import TrainingError
+    from pipelines.tune.job import TuningError
 
-    return ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError
+    return ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError, TuningError
 
 
 def _with_registration(cfg, args: argparse.Namespace):

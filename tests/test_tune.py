@@ -220,6 +220,34 @@ def test_the_judgement_retrains_each_schedule_on_fresh_seeds_and_scores_them_on_
     assert [Path(p).parent.parent.name for p in again["fin"]] == ["judge-fin-s1000", "judge-fin-s1001"]
 
 
+def test_a_search_space_without_a_valid_trial_is_refused_before_ray_starts(tmp_path, digits_shards):
+    # σ_max at most 0.001 × the recommended 4.8, below every σ_min the space allows: every searched trial would fail and
+    # `recommended`, the only one to train, would be called the best. One line, exit 1, nothing started or written.
+    out = subprocess.run(_tune_command(tmp_path / "run", digits_shards, ("--set", "tune.sigma_max_scale=[0.001,0.001]")),
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("ncsn-pipeline tune: error: tune.sigma_max_scale [0.001, 0.001] × the "
+                                                          "recommended σ_1")
+    assert "no searched trial could train" in out.stderr and not (tmp_path / "run" / "tune").exists()
+
+
+def test_a_job_whose_searched_trials_all_failed_is_an_error():
+    # Tune returns a result per trial; when every searched one errored, the job says so instead of naming `recommended`
+    # the best of one.
+    from types import SimpleNamespace
+
+    from pipelines.tune.job import TuningError, _summarise
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml")
+    rec = {"sigma_max": 4.8, "sigma_min": 0.01, "num_levels": 22, "eps": 3e-5, "steps_per_level": 10}
+    mode = SimpleNamespace(rec=rec, keys=tuple(rec), max_t=cfg.train.steps, label="schedule")
+    results = [SimpleNamespace(metrics={"kid_std_classifier": 0.4, "step": cfg.train.steps}, path="/t/rec", config=rec, error=None),
+               *(SimpleNamespace(metrics={}, path=f"/t/{k}", config={**rec, "sigma_max": 0.005}, error=ValueError("σ_min >= σ_max"))
+                 for k in "ab")]
+    with pytest.raises(TuningError, match=r"all 2 searched trials failed \(trial a: σ_min >= σ_max\)"):
+        _summarise(cfg, results, mode, "uri", "parent", None, "shards")
+
+
 def test_asha_keeps_its_rungs_across_a_restart_of_the_driver(tmp_path):
     # Tune's restore rebuilds the scheduler as it was at the start (the copy below): the results judged before the restart
     # must still set the cutoffs, and a trial they stopped stays stopped, as if the driver had never died.

@@ -27,6 +27,10 @@ from pipelines.tune.verdict import Candidate, Judgement, candidates, judge, scor
 log = logging.getLogger(__name__)
 
 
+class TuningError(RuntimeError):
+    """A tuning job that produced nothing to choose from (no trial reported, or every searched trial failed)."""
+
+
 @dataclass
 class TuneSummary:
     """What a tuning job leaves: the table, the best trial and where its YAML is."""
@@ -52,12 +56,12 @@ class TuneSummary:
 def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneSummary:
     """Tune the schedule by training (default) or, with ``checkpoint``, the sampler of a trained model."""
     checkpoint = checkpoint_location(checkpoint) if checkpoint else None  # a file, a run directory or an MLflow model URI
-    connect_ray()
     # the job's own run (parent of the trials) in <run_dir>/tune, in the same MLflow store
     cfg = cfg.evolve({"tracking.tracking_uri": tracking.tracking_uri(cfg), "name": f"{cfg.name}-tune",
                       "run_dir": str(Path(cfg.run_dir).resolve() / "tune")})
     shards = absolute_location(shards)
-    mode = SamplerSearch(cfg, checkpoint) if checkpoint else ScheduleSearch(cfg, shards)
+    mode = SamplerSearch(cfg, checkpoint) if checkpoint else ScheduleSearch(cfg, shards)  # checks the space, before Ray
+    connect_ray()
     objective = ObjectiveSpec.from_config(cfg, shards, "validation")  # the search and the selection; the verdict: test
     if objective.extractor == "classifier":  # train the judge once, before trials start in parallel
         objective.evaluator()
@@ -130,7 +134,11 @@ def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: 
     t, metric, run_dir = cfg.tune, cfg.tune.metric, Path(cfg.run_dir)
     rows = _rows(results, mode, metric)
     if not any(r["objective"] is not None for r in rows):
-        raise ConfigError(f"no trial reported {metric}; see the trial errors in {run_dir / 'ray'}")
+        raise TuningError(f"no trial reported {metric}; see the trial errors in {run_dir / 'ray'}")
+    searched = [r for r in rows if r["label"] == "search"]
+    if searched and all(r["error"] for r in searched):
+        raise TuningError(f"all {len(searched)} searched trials failed (trial {searched[0]['trial_id']}: {searched[0]['error'][:200]}); "
+                          f"their errors are in {run_dir / 'ray'}")
     by_id = {r["trial_id"]: r for r in rows}
     found = candidates(rows, t.select_top or len(rows), mode.checkpoints(rows, uri, parent))
     scores = None

@@ -15,7 +15,7 @@ from pipelines.config import Config
 from pipelines.sample import open_checkpoint
 from pipelines.tune.asha import ResumableASHA
 from pipelines.tune.objective import ObjectiveSpec
-from pipelines.tune.space import PARAMS, apply_point, recommended_point, sampler_space, search_space
+from pipelines.tune.space import PARAMS, apply_point, check_space, recommended_point, sampler_space, search_space
 from pipelines.tune.trials import (RECOMMENDED_FULL, max_concurrent, retrain, sampler_trial, train_recommended_fully, train_trial,
                                    trial_checkpoint)
 from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
@@ -30,6 +30,7 @@ class ScheduleSearch:
     def __init__(self, cfg: Config, shards: str):
         self.cfg, self.shards, self.judgement_runs = cfg, shards, []
         self.rec = recommended_point(cfg, load_manifest(shards))
+        check_space(cfg, self.rec)
         self.max_t = cfg.train.steps  # ASHA's clock is the training step: a resumed trial's Tune iterations restart at 1
         self.cpus_per_trial = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
 

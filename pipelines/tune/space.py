@@ -58,3 +58,14 @@ def apply_point(cfg: Config, point: dict) -> Config:
 def label_of(point: dict, rec: dict) -> str:
     """"recommended" for the recommended point, else "search"."""
     return "recommended" if all(point.get(k) == v for k, v in rec.items()) else "search"
+
+
+def check_space(cfg: Config, rec: dict) -> None:
+    """A ConfigError, before Tune starts, when no searched point can be valid: every σ_max the space allows is at or below
+    every σ_min it allows (each trial would fail; only `recommended` would train, and be called the best)."""
+    t = cfg.tune
+    highest_max, lowest_min = rec["sigma_max"] * t.sigma_max_scale[1], min(t.sigma_min[0], rec["sigma_min"])
+    if highest_max <= lowest_min:
+        raise ConfigError(f"tune.sigma_max_scale {t.sigma_max_scale} × the recommended σ_1 {rec['sigma_max']:.4g} allows σ_max up to "
+                          f"{highest_max:.4g}, not above the smallest σ_min of tune.sigma_min ({lowest_min:.4g}): no searched trial "
+                          "could train; widen tune.sigma_max_scale or lower tune.sigma_min", "tune.sigma_max_scale")
