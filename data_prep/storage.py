@@ -18,6 +18,15 @@ def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
+def local_path(location: str | os.PathLike, what: str) -> Path:
+    """``location`` as a local path; a StorageError naming ``what`` when it is an object-store URL (writing it locally would
+    make a folder called "s3:")."""
+    if is_url(str(location)):
+        raise StorageError(f"{what} {location}: a local path is needed here; object-store URLs are for shards "
+                           "(shard --output, data.shards), checkpoints and cluster.storage_path")
+    return Path(location)
+
+
 def absolute_location(location: str | os.PathLike) -> str:
     """A URL as it is, a local path made absolute: Ray workers and trials run in directories of their own."""
     location = str(location)

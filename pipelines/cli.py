@@ -190,14 +190,14 @@ def _sync_metrics(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pipelines.sample import SamplingError, SamplingOptions, run_sampling
+    from pipelines.sample import SamplingOptions, run_sampling
     from pipelines.tracking import log_to_run
 
     options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
                               eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise, trajectory_samples=args.trajectory)
     try:
         summary = run_sampling(args.checkpoint, args.output, options, workers=args.workers, use_gpu=args.gpu, progress=not args.no_progress)
-    except SamplingError as err:
+    except _user_errors() as err:
         print(f"ncsn-pipeline sample: error: {err}", file=sys.stderr)
         return 1
     print(summary.line())
@@ -214,12 +214,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _inpaint(args: argparse.Namespace) -> int:
+    from data_prep.storage import local_path
     from ncsn.data import from_stored
     from pipelines.evaluate import read_split
     from pipelines.sample import run_inpainting
     from pipelines.tracking import log_to_run
 
     try:
+        local_path(args.output, "--output")  # before any work
         images, _ = read_split(args.shards, args.split)
         x = from_stored(images[: args.num_images])
         out, settings = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
@@ -238,12 +240,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from data_prep.manifest import ShardError, load_manifest
+    from data_prep.storage import StorageError, local_path
     from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
     from pipelines.sample import SamplingError, load_samples, read_settings
     from pipelines.tracking import log_to_run
 
     project_samples = (Path(args.samples) / "chunks").is_dir()
     try:
+        if args.output and not local_path(args.output, "--output").parent.is_dir():
+            raise EvaluationError(f"--output {args.output}: its directory {Path(args.output).parent} does not exist")
         settings = read_settings(args.samples) if project_samples else None
         samples = (load_samples(args.samples) if project_samples
                    else load_image_folder(args.samples, load_manifest(args.reference).channels))
@@ -251,7 +256,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                               Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu,
                               progress=not args.no_progress)
         report = evaluator.report(samples, 0 if args.no_baselines else len(samples), seed=args.seed)
-    except (EvaluationError, SamplingError, ShardError) as err:
+    except (EvaluationError, SamplingError, ShardError, StorageError) as err:
         print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
         return 1
     out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}.json"

@@ -226,7 +226,8 @@ class Config(Section):
 
     name: Annotated[Str, _rule(lambda s: re.fullmatch(NAME, s) is not None, "a plain name (letters, digits, '.', '_', '-'; "
                                                                               "no path): it names directories under run_dir")] = "ncsn"
-    run_dir: Str = "runs"
+    run_dir: Annotated[Str, _rule(lambda s: "://" not in s, "a local directory, not a URL (shards, checkpoints and "
+                                                            "cluster.storage_path take object-store URLs)")] = "runs"
     data: DataConfig = DataConfig()
     model: ModelConfig = Field(default_factory=ModelConfig)
     schedule: ScheduleConfig = ScheduleConfig()

@@ -20,7 +20,7 @@ from PIL import Image
 from ray.util import ActorPool
 from tqdm import tqdm
 
-from data_prep.storage import absolute_location, is_url, open_binary
+from data_prep.storage import absolute_location, is_url, local_path, open_binary
 from ncsn._checks import first_line, noise_schedule
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
@@ -285,7 +285,8 @@ class SampleSummary:
 def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, options: SamplingOptions, workers: int = 2,
                  use_gpu: bool = False, progress: bool = True) -> SampleSummary:
     """Sample ``options.num_samples`` images from a checkpoint on ``workers`` Ray actors into ``output``."""
-    source, output = open_checkpoint(checkpoint), Path(output).resolve()
+    output = local_path(output, "--output").resolve()
+    source = open_checkpoint(checkpoint)
     settings = resolve_options(source.checkpoint, options, source.location)
     _claim_output(output, settings)
     chunks = plan_chunks(options.num_samples, options.chunk_size)
@@ -384,6 +385,7 @@ def run_inpainting(checkpoint: str | Path | CheckpointFile, images: torch.Tensor
                    use_gpu: bool = False, progress: bool = True) -> tuple[Path, SamplerSettings]:
     """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid.
     Returns the grid's path and the settings used (the checkpoint's MLflow run among them)."""
+    output = local_path(output, "--output")
     source = open_checkpoint(checkpoint)
     settings = resolve_options(source.checkpoint, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level,
                                                                   eps=eps), source.location)

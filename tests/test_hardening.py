@@ -231,6 +231,35 @@ def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
         assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), out.stderr
 
 
+def test_outputs_that_must_be_local_refuse_a_url_in_one_line_before_any_work(tmp_path):
+    # Written as a local path, s3://ncsn/samples became a folder called "s3:" in the working directory, and the command
+    # exited 0. Sample sets, inpainting grids, evaluation reports and run directories are local; a URL is one line.
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    checkpoint = _write_checkpoint(tmp_path / "ok.pt")
+    cases = [
+        (["sample", "--checkpoint", str(checkpoint), "--num-samples", "4", "--output", "s3://ncsn/samples"],
+         "ncsn-pipeline sample: error: --output s3://ncsn/samples: a local path is needed here"),
+        (["inpaint", "--checkpoint", str(checkpoint), "--shards", str(tmp_path), "--output", "gs://ncsn/paint"],
+         "ncsn-pipeline inpaint: error: --output gs://ncsn/paint: a local path is needed here"),
+        (["evaluate", "--samples", str(tmp_path), "--reference", str(tmp_path), "--output", "s3://ncsn/r.json"],
+         "ncsn-pipeline evaluate: error: --output s3://ncsn/r.json: a local path is needed here"),
+        (["evaluate", "--samples", str(tmp_path), "--reference", str(tmp_path), "--output", str(tmp_path / "no" / "r.json")],
+         f"ncsn-pipeline evaluate: error: --output {tmp_path / 'no' / 'r.json'}: its directory {tmp_path / 'no'} does not exist"),
+        (["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"), "--set", "run_dir=s3://ncsn/runs",
+          "--dry-run"],
+         "ncsn-pipeline train: error: run_dir must be a local directory, not a URL"),
+    ]
+    for args, first in cases:
+        out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), (args, out.stderr[-1500:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]  # no "s3:" or "gs:" folder, nothing else written
+
+
 _RENDEZVOUS = """
 import psutil
 from pipelines.rendezvous import _join, _listen
