@@ -84,7 +84,7 @@ def main() -> None:
                            DIGITS["steps"], ema)
             kid = "–"
             if evaluator is not None:
-                samples = sample_images(ema.model.eval(), (500, 1, 8, 8), schedule.sigmas(), schedule.eps, schedule.steps_per_level,
+                samples = sample_images(ema.model.eval(), (500, 1, 8, 8), schedule.schedule(),
                                         generator=torch.Generator().manual_seed(0)).samples
                 kid = f"{evaluator.evaluate(to_stored(samples)).kid.value:.4f}"
             tail = float(np.mean(losses[-100:]))

@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from ncsn.sigmas import Schedule
 from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 from pipelines.sample import load_model
 
@@ -44,7 +45,7 @@ def main() -> None:
         evaluator = spec.evaluator()
 
         def evaluate(n: int, sigmas: torch.Tensor, seed: int) -> dict[str, float]:
-            return sample_and_score(evaluator, model, sigmas, eps, steps, spec, seed, num_samples=n)[0]
+            return sample_and_score(evaluator, model, Schedule(sigmas, eps, steps), spec, seed, num_samples=n)[0]
 
         print(f"classifier features (extractor {evaluator.extractor_id}, test accuracy {evaluator.info['classifier_test_accuracy']:.3f}); "
               f"{args.seeds} sampling seeds; sampler A: all {len(ckpt.sigmas)} levels, B: the d largest dropped; "

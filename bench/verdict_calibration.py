@@ -100,8 +100,7 @@ def measure(run_dir: str, shards: str, samples: int) -> Levels:
             schedule = path.parent.parent.name.rsplit("-s", 1)[0]
             row = table.setdefault(path.parent.parent.name, {"schedule": schedule, "validation": [], "test": [], "small": []})
             for seed in range(3):
-                _, images = sample_and_score(evaluators["test"], model, ckpt.sigmas, ckpt.schedule.eps, ckpt.schedule.steps_per_level,
-                                             specs["test"], 10_000 + seed)
+                _, images = sample_and_score(evaluators["test"], model, ckpt.schedule, specs["test"], 10_000 + seed)
                 stored = to_stored(images)
                 for split in ("validation", "test"):
                     row[split].append(evaluators[split].metrics(stored, seed)["kid_std_classifier"])

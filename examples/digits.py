@@ -46,8 +46,7 @@ def main() -> None:
     model, schedule = train_digits(args.steps)
     gen = torch.Generator().manual_seed(0)
     every = schedule.num_levels * schedule.steps_per_level // 10
-    result = sample_images(model, (args.samples, 1, 8, 8), schedule.sigmas(), schedule.eps, schedule.steps_per_level,
-                           trajectory_every=every, generator=gen)
+    result = sample_images(model, (args.samples, 1, 8, 8), schedule.schedule(), trajectory_every=every, generator=gen)
     logging.info("wrote %s", save_image_grid(result.samples, args.out / "digits_samples.png", nrow=10, scale=4))
     logging.info("wrote %s", save_trajectory_strip(result.trajectory, args.out / "digits_trajectory.png", num_samples=8, scale=4))
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ncsn._checks import noise_schedule, positive, positive_int
+from ncsn.sigmas import Schedule
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,18 +146,18 @@ def inpaint(
 def sample_images(
     score_fn: NoiseScoreFn,
     shape: tuple[int, ...],
-    sigmas: torch.Tensor,
-    eps: float,
-    steps_per_level: int,
-    denoise: bool = True,
+    schedule: Schedule,
     trajectory_every: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> AnnealedLangevinResult:
-    """Images from Algorithm 1 started at uniform noise in [0, 1] (NCSN §5), clamped to [0, 1] at the end.
-    The noise is drawn on ``generator``'s device (a CPU generator reproduces CPU samples on a GPU, at a cost)."""
+    """Images from Algorithm 1 with ``schedule``'s σ levels, ε, T and final denoising step, started at uniform noise in
+    [0, 1] (NCSN §5), clamped to [0, 1] at the end. The noise is drawn on ``generator``'s device (a CPU generator
+    reproduces CPU samples on a GPU, at a cost)."""
+    if schedule.eps is None or schedule.steps_per_level is None:
+        raise ValueError(f"schedule must give eps and steps_per_level to sample with, got {schedule.eps!r} and {schedule.steps_per_level!r}")
     x = _draw(torch.rand, shape, torch.empty(0, device=device), generator)
-    result = annealed_langevin_dynamics(score_fn, x, sigmas.to(device), eps, steps_per_level, denoise=denoise,
-                                        trajectory_every=trajectory_every, generator=generator)
+    result = annealed_langevin_dynamics(score_fn, x, schedule.tensor().to(device), schedule.eps, schedule.steps_per_level,
+                                        denoise=schedule.denoise, trajectory_every=trajectory_every, generator=generator)
     result.samples = result.samples.clamp(0, 1)
     return result

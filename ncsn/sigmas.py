@@ -210,6 +210,10 @@ class ScheduleRecommendation:
     dim: int
     variance_ratio: float
 
+    def schedule(self, denoise: bool = True) -> Schedule:
+        """The recommendation as the Schedule a model samples with."""
+        return Schedule(self.sigmas(), self.eps, self.steps_per_level, denoise)
+
     def sigmas(self) -> torch.Tensor:
         """The recommended σ sequence."""
         return geometric_sigmas(self.sigma_max, self.sigma_min, self.num_levels)

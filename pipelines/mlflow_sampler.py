@@ -21,7 +21,7 @@ class NCSNSampler(PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = load_checkpoint(context.artifacts["checkpoint"], map_location=self.device)
         self.model = ckpt.build_model().to(self.device).eval().requires_grad_(False)
-        self.sigmas, self.schedule = ckpt.sigmas.to(self.device), ckpt.schedule
+        self.schedule = ckpt.schedule
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         cfg, batches = self.model.config, []
@@ -30,8 +30,8 @@ class NCSNSampler(PythonModel):
             if n < 1:
                 raise ValueError(f"num_samples must be >= 1, got {n}")
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            images = sample_images(self.model, (n, cfg.channels, cfg.image_size, cfg.image_size), self.sigmas, self.schedule.eps,
-                                   self.schedule.steps_per_level, denoise=self.schedule.denoise, generator=gen, device=self.device).samples
+            images = sample_images(self.model, (n, cfg.channels, cfg.image_size, cfg.image_size), self.schedule, generator=gen,
+                                   device=self.device).samples
             batches.append(to_stored(images))
         return np.concatenate(batches)
 

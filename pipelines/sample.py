@@ -28,6 +28,7 @@ from ncsn.data import from_stored, to_stored
 from ncsn.images import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
 from ncsn.sampling import derived_seed, inpaint, sample_images
+from ncsn.sigmas import Schedule
 from pipelines.cluster import connect_ray
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,12 @@ class Sampler:
         t = time.perf_counter()
         cfg = self.model.config
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(settings.seed, chunk))
-        sigmas = torch.tensor(settings.sigmas)
+        schedule = Schedule(settings.sigmas, settings.eps, settings.steps_per_level, settings.denoise)
         trajectory_every = None
         if chunk == 0 and settings.trajectory_samples:
-            trajectory_every = max(1, len(sigmas) * settings.steps_per_level // 10)
-        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), sigmas, settings.eps,
-                               settings.steps_per_level, denoise=settings.denoise, trajectory_every=trajectory_every,
-                               generator=gen, device=self.device)
+            trajectory_every = max(1, len(settings.sigmas) * settings.steps_per_level // 10)
+        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), schedule,
+                               trajectory_every=trajectory_every, generator=gen, device=self.device)
         if not torch.isfinite(result.samples).all():
             raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings.eps:.3g} may be too large for this "
                                 "model); nothing was written")

@@ -117,8 +117,7 @@ def _sample_grid(model: torch.nn.Module, schedule: Schedule, cfg: Config, step: 
     """A 10×10 grid from the EMA model (fixed seed, so grids of different steps compare), under <run_dir>/samples."""
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     shape = (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    images = sample_images(model, shape, schedule.tensor(), schedule.eps, schedule.steps_per_level, denoise=schedule.denoise,
-                           generator=gen, device=device).samples
+    images = sample_images(model, shape, schedule, generator=gen, device=device).samples
     return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10)
 
 
@@ -254,8 +253,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
         if checkpoint_now:
             metrics["replica_divergence"] = replica_divergence(model.net, world)
         if record.evaluator is not None and (step % spec.objective.every == 0 or last):  # a fixed seed, so trials compare
-            metrics.update(sample_and_score(record.evaluator, model.ema.model, sigmas, schedule.eps, schedule.steps_per_level,
-                                            spec.objective, seed=cfg.train.seed + 1, device=device)[0])
+            metrics.update(sample_and_score(record.evaluator, model.ema.model, schedule, spec.objective, seed=cfg.train.seed + 1,
+                                            device=device)[0])
         if record.log is not None:
             record.write(metrics, spec, model.ema.model, step, last, window.seconds_per_step, device)
         _report(metrics, spec, model, step, checkpoint_now and rank == 0)

@@ -80,12 +80,12 @@ def _model() -> ScoreNetwork:
 def test_sampling_on_the_gpu_equals_the_cpu_for_the_same_seed():
     # A CPU generator draws the same noise wherever the chain runs (ncsn.sampling draws on the generator's device).
     model = _model()
-    cpu = sample_images(model, (16, 1, 8, 8), SIGMAS, 2e-5, 5, generator=torch.Generator().manual_seed(3)).samples
-    gpu = sample_images(model.to(CUDA), (16, 1, 8, 8), SIGMAS, 2e-5, 5, generator=torch.Generator().manual_seed(3),
+    cpu = sample_images(model, (16, 1, 8, 8), Schedule(SIGMAS, 2e-5, 5), generator=torch.Generator().manual_seed(3)).samples
+    gpu = sample_images(model.to(CUDA), (16, 1, 8, 8), Schedule(SIGMAS, 2e-5, 5), generator=torch.Generator().manual_seed(3),
                         device=CUDA).samples
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-3)
-    cuda_gen = [sample_images(model, (16, 1, 8, 8), SIGMAS, 2e-5, 5, generator=torch.Generator(device=CUDA).manual_seed(3),
+    cuda_gen = [sample_images(model, (16, 1, 8, 8), Schedule(SIGMAS, 2e-5, 5), generator=torch.Generator(device=CUDA).manual_seed(3),
                               device=CUDA).samples for _ in range(2)]
     assert torch.equal(cuda_gen[0], cuda_gen[1])  # a GPU generator is reproducible on the GPU
 

@@ -10,6 +10,7 @@ import torch
 
 from ncsn.data import to_stored
 from ncsn.sampling import sample_images
+from ncsn.sigmas import Schedule
 from pipelines.config import Config
 from pipelines.evaluate import Evaluator
 
@@ -50,13 +51,13 @@ class ObjectiveSpec:
 _EVALUATORS: dict[ObjectiveSpec, Evaluator] = {}
 
 
-def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, sigmas: torch.Tensor, eps: float, steps_per_level: int,
-                     spec: ObjectiveSpec, seed: int, num_samples: int | None = None,
-                     device: torch.device | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """KID/FID/IS (flat, as logged) of ``num_samples`` (default ``spec.num_samples``) annealed-Langevin
-    samples drawn with ``seed``, and the samples in [0, 1]."""
+def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, schedule: Schedule, spec: ObjectiveSpec, seed: int,
+                     num_samples: int | None = None, device: torch.device | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """KID/FID/IS (flat, as logged) of ``num_samples`` (default ``spec.num_samples``) annealed-Langevin samples drawn with
+    ``schedule`` (σ levels, ε, T; the objective's final denoising step) and ``seed``, and the samples in [0, 1]."""
     device = device or next(model.parameters()).device
     c, s = model.config.channels, model.config.image_size
-    samples = sample_images(model, (num_samples or spec.num_samples, c, s, s), sigmas, eps, steps_per_level, denoise=spec.denoise,
+    schedule = Schedule(schedule.sigmas, schedule.eps, schedule.steps_per_level, spec.denoise)
+    samples = sample_images(model, (num_samples or spec.num_samples, c, s, s), schedule,
                             generator=torch.Generator(device=device).manual_seed(seed), device=device).samples
     return evaluator.metrics(to_stored(samples), seed=seed), samples

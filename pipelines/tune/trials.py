@@ -11,6 +11,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from data_prep.storage import Storage
 from ncsn.images import save_image_grid
+from ncsn.sigmas import Schedule
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.sample import SamplingError, load_model, read_checkpoint
@@ -109,8 +110,8 @@ def sampler_trial(point: dict, *, base: Config, checkpoint: str, payload: bytes,
     _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(payload)
-    metrics, samples = sample_and_score(objective.evaluator(), model, ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps,
-                                        cfg.sampling.steps_per_level, objective, seed=cfg.tune.seed)
+    schedule = Schedule(ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps, cfg.sampling.steps_per_level)
+    metrics, samples = sample_and_score(objective.evaluator(), model, schedule, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10)
     tracking.log_to_run(uri, run_id, metrics, {"samples": grid})

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from ncsn.metrics import Estimate
+from ncsn.sigmas import Schedule
 import ray
 
 from pipelines.sample import load_model, read_checkpoint
@@ -191,8 +192,8 @@ def _score(candidate: Candidate, payload: bytes, seed: int, objective: Objective
     """``metric`` of ``num_samples`` samples of the checkpoint in ``payload`` with the candidate's sampler settings, on
     ``seed``, against the objective's reference split."""
     model, ckpt = load_model(payload)
-    metrics, _ = sample_and_score(objective.evaluator(), model, ckpt.sigmas[candidate.start_level:], candidate.eps,
-                                  candidate.steps_per_level, objective, seed, num_samples)
+    schedule = Schedule(ckpt.sigmas[candidate.start_level:], candidate.eps, candidate.steps_per_level)
+    metrics, _ = sample_and_score(objective.evaluator(), model, schedule, objective, seed, num_samples)
     return metrics[metric]
 
 
