@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -172,9 +173,13 @@ def checkpoint_location(reference: str | Path) -> str:
 
 def _mlflow_checkpoint_bytes(uri: str) -> bytes:
     """The checkpoint inside an MLflow model that training logged (its pyfunc's ``checkpoint`` artifact), downloaded into a
-    private temporary directory."""
+    private temporary directory, from the server $MLFLOW_TRACKING_URI names (without it MLflow would create ./mlflow.db
+    and look there)."""
     import mlflow.artifacts  # only for runs:/ and models:/ checkpoints
 
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise SamplingError(f"{uri}: set MLFLOW_TRACKING_URI to the tracking server or store that holds this model (e.g. "
+                            "sqlite:////abs/path/runs/digits/mlflow.db, as the training command printed)")
     with tempfile.TemporaryDirectory(prefix="ncsn-model-") as tmp:
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         found = sorted(model_dir.rglob("checkpoint.pt"))

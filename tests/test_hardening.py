@@ -260,6 +260,21 @@ def test_outputs_that_must_be_local_refuse_a_url_in_one_line_before_any_work(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]  # no "s3:" or "gs:" folder, nothing else written
 
 
+def test_an_mlflow_model_uri_without_a_tracking_uri_is_one_line_and_creates_nothing(tmp_path):
+    # MLflow, asked for runs:/… with no tracking URI, made ./mlflow.db and answered "Run … not found".
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([cli, "sample", "--checkpoint", "runs:/0123abcd/model", "--num-samples", "4", "--output", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-1500:]
+    assert lines[0].startswith("ncsn-pipeline sample: error: runs:/0123abcd/model: set MLFLOW_TRACKING_URI")
+    assert list(tmp_path.iterdir()) == []
+
+
 _RENDEZVOUS = """
 import psutil
 from pipelines.rendezvous import _join, _listen
