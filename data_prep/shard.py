@@ -33,7 +33,7 @@ from ncsn.sigmas import bound_factors, farthest, principal_basis, scan_pairs, sq
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ncsn-pipeline/shards/3"  # 3: a validation split held out of the training pool; 2: exact max pairwise distance
+FORMAT = "ncsn-pipeline/shards/3"  # raised whenever the splits or the manifest change: shards of another format are rewritten
 
 
 @dataclass(frozen=True)

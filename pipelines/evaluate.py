@@ -41,7 +41,7 @@ from ncsn.metrics import Estimate, Scaler, Spread, bootstrap_spread, frechet_dis
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
-CLASSIFIER_FORMAT = 2  # 2: batch norm, linear features, validated early stopping (a cached 1 is retrained)
+CLASSIFIER_FORMAT = 2  # raised whenever the classifier changes: a cached one of another format is retrained
 BOOTSTRAP_ROWS = 2000  # up to this many rows per set, every number uses all rows (the bootstrap and KID's kernels: O(rows²))
 SCALER_ROWS = 2000  # training images whose features fix KID's scaler (a seeded draw; all of them when fewer)
 KID_FEATURES = "standardised by the training split's per-feature mean and sd"

@@ -1,4 +1,4 @@
-"""Single-process NCSN training on real 8×8 digits produces digits (issue 3's acceptance test).
+"""Single-process NCSN training on real 8×8 digits produces digits.
 
 A classifier trained on the held-out real digits (never seen by the score network) judges 500 samples:
 mean max-probability ≥ 0.72 and at least 8 of 10 classes with ≥ 3% each. For scale, with this judge: the 1500

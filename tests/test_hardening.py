@@ -1,4 +1,4 @@
-"""Hardening (issue 18): nothing unpickles a file a user or another tenant can write, no path from a manifest leaves
+"""Hardening: nothing unpickles a file a user or another tenant can write, no path from a manifest leaves
 its shard folder, restarts recover from their own partial writes, and a failed write leaves nothing behind."""
 import errno
 import json

@@ -1,4 +1,4 @@
-"""Object storage (issue 12): shards streamed from an S3-compatible server that the test starts on 127.0.0.1 (moto's
+"""Object storage: shards streamed from an S3-compatible server that the test starts on 127.0.0.1 (moto's
 standalone server), reached through exactly the client code a user's run uses (s3fs via fsspec, configured by
 AWS_ENDPOINT_URL and the AWS credential variables); its failures are one line naming the object. The whole pipeline
 on two nodes with S3 is in test_pipeline_run.py."""

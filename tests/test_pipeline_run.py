@@ -1,6 +1,6 @@
 """The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: submitted as a Ray job to a Ray head the
-tests start on 127.0.0.1 (token authentication on) and kill (issue 8), and on two Ray nodes with its shards and Ray
-Train's storage on the test's S3 server (issue 12), where it must give the one-node run's numbers. A CLI that starts its
+tests start on 127.0.0.1 (token authentication on) and kill, and on two Ray nodes with its shards and Ray
+Train's storage on the test's S3 server, where it must give the one-node run's numbers. A CLI that starts its
 own local Ray (as `make demo` does) is tested with `ncsn-pipeline tune` and `shard`."""
 import json
 import os
@@ -67,7 +67,7 @@ def own_ray_only():
 
 @pytest.fixture(scope="module")
 def pipeline_job(tmp_path_factory, eval_cache) -> dict:
-    """`ncsn-pipeline run` submitted as a Ray job (issue 8) to a Ray head started here on 127.0.0.1 with token
+    """`ncsn-pipeline run` submitted as a Ray job to a Ray head started here on 127.0.0.1 with token
     authentication on, sharding the configured source itself: the job's log (its driver's stdout and stderr), its status
     as the Jobs API records it and its run directory. One pipeline run, shared by the tests below."""
     tmp_path = tmp_path_factory.mktemp("job")

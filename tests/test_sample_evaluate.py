@@ -1,5 +1,5 @@
 """Parallel sampling (reproducible whatever the worker count, resumable after a lost actor), inpainting,
-and FID / IS / KID with the classifier and the Inception feature extractors (issue 6)."""
+and FID / IS / KID with the classifier and the Inception feature extractors."""
 import hashlib
 import json
 import subprocess
