@@ -7,9 +7,14 @@ import math
 import torch
 
 
+def is_positive_number(value: object) -> bool:
+    """A finite int or float > 0 (not a bool): the one rule every "finite number > 0" check of the project applies."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def positive(name: str, value: float) -> float:
     """Return ``value`` if it is a finite number > 0, else raise ValueError naming ``name``."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_positive_number(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import zipfile
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ncsn._checks import first_line
-from ncsn._checks import noise_schedule
+from ncsn._checks import first_line, noise_schedule, positive, positive_int
 from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sigmas import Schedule
@@ -150,10 +148,13 @@ def _schedule(raw: object, path: object) -> Schedule:
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     eps, steps, denoise = raw.get("eps"), raw.get("steps_per_level"), raw.get("denoise", True)
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0):
-        raise CheckpointError(f"checkpoint {path}: schedule eps must be a finite number > 0, got {eps!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise CheckpointError(f"checkpoint {path}: schedule steps_per_level must be an integer >= 1, got {steps!r}")
+    try:
+        if eps is not None:
+            positive("schedule eps", eps)
+        if steps is not None:
+            positive_int("schedule steps_per_level", steps)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     if not isinstance(denoise, bool):
         raise CheckpointError(f"checkpoint {path}: schedule denoise must be true or false, got {denoise!r}")
     return Schedule(raw["sigmas"], None if eps is None else float(eps), steps, denoise)

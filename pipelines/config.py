@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
-from ncsn._checks import first_line
+from ncsn._checks import first_line, is_positive_number
 from ncsn.models import ModelConfig
 from ncsn.sigmas import geometric_sigmas
 
@@ -59,7 +59,7 @@ Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Float = Annotated[float, Strict(), BeforeValidator(_number)]
-Positive = Annotated[Float, _rule(lambda x: math.isfinite(x) and x > 0, "a finite number > 0")]
+Positive = Annotated[Float, _rule(is_positive_number, "a finite number > 0")]
 UnitInterval = Annotated[Float, _rule(lambda x: 0 <= x < 1, "in [0, 1)")]
 Count = Annotated[Int, _at_least(1)]
 Range = Annotated[list[Float], _rule(lambda r: len(r) == 2 and 0 < r[0] <= r[1], "[low, high] with 0 < low <= high")]

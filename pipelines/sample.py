@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -22,7 +21,7 @@ from ray.util import ActorPool
 from tqdm import tqdm
 
 from data_prep.storage import absolute_location, is_url, local_path, open_binary
-from ncsn._checks import first_line, noise_schedule
+from ncsn._checks import first_line, noise_schedule, positive, positive_int
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import from_stored, to_stored
@@ -96,10 +95,11 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str 
     eps = options.eps if options.eps is not None else ckpt.schedule.eps
     if steps is None or eps is None:
         raise SamplingError("the checkpoint does not record the sampler settings; pass --steps-per-level and --eps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise SamplingError(f"--steps-per-level must be an integer >= 1, got {steps!r}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise SamplingError(f"--eps must be a finite number > 0, got {eps!r}")
+    try:
+        positive_int("--steps-per-level", steps)
+        positive("--eps", eps)
+    except ValueError as err:
+        raise SamplingError(str(err)) from None
     sigmas = [float(x) for x in options.sigmas] if options.sigmas is not None else list(ckpt.schedule.sigmas)
     try:
         noise_schedule(torch.tensor(sigmas, dtype=torch.float64), "--sigmas")
