@@ -100,6 +100,7 @@ def _preview(cfg, args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
+    from pipelines.lock import run_dir_lock
     from pipelines.shards import shards_for
     from pipelines.train import run_training
 
@@ -107,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_training(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), resume=args.resume)
+        with run_dir_lock(cfg.run_dir):
+            result = run_training(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline train: error: {err}", file=sys.stderr)
         return 1
@@ -119,6 +121,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
+    from pipelines.lock import run_dir_lock
     from pipelines.run import run_pipeline
     from pipelines.shards import shards_for
 
@@ -126,8 +129,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        result = run_pipeline(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), progress=not args.no_progress,
-                              resume=args.resume)
+        with run_dir_lock(cfg.run_dir):
+            result = run_pipeline(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), progress=not args.no_progress,
+                                  resume=args.resume)
     except _user_errors() as err:
         print(f"ncsn-pipeline run: error: {err}", file=sys.stderr)
         return 1
@@ -142,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
+    from pipelines.lock import run_dir_lock
     from pipelines.shards import shards_for
     from pipelines.tune.job import run_tuning
 
@@ -149,7 +154,8 @@ def _tune(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
-        summary = run_tuning(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), checkpoint=args.checkpoint)
+        with run_dir_lock(cfg.run_dir):
+            summary = run_tuning(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), checkpoint=args.checkpoint)
     except _user_errors() as err:
         print(f"ncsn-pipeline tune: error: {err}", file=sys.stderr)
         return 1

@@ -296,3 +296,33 @@ def test_the_process_group_rendezvous_listens_on_loopback_only():
     opened = eval(out.strip().splitlines()[-1])  # noqa: S307 - the list of (ip, port) the child printed
     assert opened, "the process group opened no listening socket"  # the store's (and gloo's) listeners
     assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened  # torch's default store listens on every interface ("::")
+
+
+def test_a_run_directory_is_one_commands_at_a_time_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    # Two identical `train` commands on one run_dir both ran, each step twice in metrics.jsonl and MLflow. A holder (a real
+    # process in the lock) makes a second command a one-line refusal naming it; killed from outside, it leaves nothing
+    # that blocks the next command (which here goes on to its next check, the missing shards).
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipelines.lock import run_dir_lock\n"
+                               "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(300)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        command = [str(Path(sys.executable).parent / "ncsn-pipeline"), "train", "--config", str(root / "configs" / "digits.yaml"),
+                   "--set", f"run_dir={run_dir}", "--shards", str(tmp_path / "no-shards")]
+        busy = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        lines = busy.stderr.strip().splitlines()
+        assert busy.returncode == 1 and len(lines) == 1, busy.stderr[-1500:]
+        assert lines[0].startswith(f"ncsn-pipeline train: error: run_dir {run_dir} is in use by another command (pid {holder.pid} on ")
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        free = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert free.returncode == 1 and "no manifest.json in" in free.stderr and "in use" not in free.stderr, free.stderr[-1500:]
+    finally:
+        holder.kill()
+        holder.wait()
