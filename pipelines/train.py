@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from data_prep.loader import check_shards_present
 from data_prep.manifest import Manifest, load_manifest
-from data_prep.storage import absolute_location, is_url, storage_error
+from data_prep.storage import StorageError, absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import RunRef
 from ncsn.sigmas import Schedule, recommend_schedule
@@ -71,17 +71,18 @@ class TrainRun:
 
 
 def check_storage_url(storage: str) -> None:
-    """An object-store ``cluster.storage_path`` that Ray Train (pyarrow) can parse and reach, checked on the driver: a
-    ConfigError or StorageError line instead of a controller that dies inside the Ray job."""
-
+    """An object-store ``cluster.storage_path`` that Ray Train (pyarrow) can parse and reach, in a bucket that exists,
+    checked on the driver: a ConfigError or StorageError line instead of a controller that dies inside the Ray job."""
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(storage)
     except (pyarrow.ArrowInvalid, ValueError) as err:
         raise ConfigError(f"cluster.storage_path {storage!r} is not a URI Ray Train can use: {err}") from None
     try:
-        fs.get_file_info(path)
+        bucket = fs.get_file_info(path.split("/", 1)[0])
     except OSError as err:
         raise storage_error(storage, err) from None
+    if bucket.type == pyarrow.fs.FileType.NotFound:
+        raise StorageError(f"cluster.storage_path {storage}: bucket {path.split('/', 1)[0]!r} does not exist; create it first")
 
 
 def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> None:
@@ -123,6 +124,9 @@ def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> Traini
     manifest = load_manifest(shards)
     check_shards_present(manifest, "train")  # on the driver: a worker would fail on it, retried for nothing
     _check_shapes(cfg, manifest)
+    if cfg.train.batch_size > manifest.split("train").count:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is larger than the {manifest.split('train').count} training images "
+                          f"of {shards}", "train.batch_size")
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
     schedule = resolve_schedule(cfg, manifest)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from data_prep.loader import make_loader
 from data_prep.manifest import Manifest
+from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, RunRef, load_checkpoint, save_checkpoint
 from ncsn.data import random_hflip, to_unit_interval
@@ -165,9 +166,12 @@ def build_or_restore(cfg: Config, sigmas: torch.Tensor, device: torch.device, ra
             ckpt = _load_restored(restored, cfg, sigmas, device)
         except CheckpointError as err:
             return f"cannot resume run {cfg.name!r}: {err}"
-        net.load_state_dict(ckpt.model)
-        model.ema.load_state_dict(ckpt.ema)
-        optimizer.load_state_dict(ckpt.optimizer)
+        try:
+            net.load_state_dict(ckpt.model)
+            model.ema.load_state_dict(ckpt.ema)
+            optimizer.load_state_dict(ckpt.optimizer)
+        except (ValueError, RuntimeError, KeyError) as err:  # the same file on every rank: all stop, nothing to retry
+            return f"cannot resume run {cfg.name!r}: its checkpoint's state does not fit this model or optimiser ({first_line(err, 200)})"
         model.start = ckpt.step
         if rank == 0:
             _drop_metrics_after(Path(cfg.run_dir) / tracking.METRICS_FILE, model.start)

@@ -54,6 +54,9 @@ def _one_line(args: list[str]) -> str:
 def test_object_store_failures_are_one_line_naming_the_object(digits_shards, s3_server, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^cluster.storage_path 's3://ncsn-test/a\[1\]' is not a URI Ray Train can use"):
         check_storage_url("s3://ncsn-test/a[1]")
+    with pytest.raises(StorageError, match=r"^cluster.storage_path s3://no-such-bucket/ray: bucket 'no-such-bucket' does not exist"):
+        check_storage_url("s3://no-such-bucket/ray")  # Ray Train's controller died inside the job with an 84-line traceback
+    check_storage_url("s3://ncsn-test/not-yet-written")  # a prefix that does not exist yet is fine: Ray Train creates it
     url = upload_tree(digits_shards, "s3://ncsn-test/broken/digits")
     fs, base = fsspec.core.url_to_fs(url)
     shards = load_manifest(url).split("train").shards

@@ -224,3 +224,14 @@ def test_train_cli_reports_bad_config_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("ncsn-pipeline train: error: unknown key train.lrr")
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_on_the_driver(digits_shards, tmp_path):
+    # Ray Train retried it three times (136 lines of tracebacks): every worker's loader found too few images for a batch.
+    from pipelines.config import ConfigError, load_config
+    from pipelines.train import prepare
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "train.batch_size=1204"])
+    with pytest.raises(ConfigError, match=r"^train.batch_size \(1204\) is larger than the 1203 training images of "):
+        prepare(cfg, digits_shards)
+    prepare(cfg.evolve({"train.batch_size": 1203}), digits_shards)  # all of them is a batch
