@@ -180,13 +180,14 @@ def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: 
     header = "".join(f"# {line}\n" for line in found_line.splitlines())
     best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n{header}"
                          f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    metrics = {**_verdict_metrics(rows, best, rec_row, judgements, metric), "trials": len(rows),
+    finalist_row = by_id[finalists[0].trial_id] if finalists else None
+    metrics = {**_verdict_metrics(rows, finalist_row, rec_row, judgements, metric), "trials": len(rows),
                "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
     artifacts = {"tune": run_dir / "tune_results.csv", "tune/plots": plot, "tune/best": best_yaml, "tune/verdict": run_dir / "verdict.txt"}
     if grid and grid.exists():
         artifacts["tune/best_samples"] = grid
-    tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line.splitlines()[0][:4900],
-                                                                "tune.finalist": chosen or ""})
+    tracking.log_to_run(uri, parent, metrics, artifacts, tags={"tune.verdict": found_line.splitlines()[0][:4900], "tune.selected": chosen or "",
+                                                                "tune.finalist": finalist_row["trial_id"] if finalist_row else ""})
     judged = {run: "FINISHED" for run in mode.judgement_runs}
     tracking.close_child_runs(uri, parent, {RECOMMENDED_FULL: "FINISHED", **judged, **{r["trial_id"]: "FAILED" if r["error"] else "KILLED"
                                                                                         if r["stopped_early"] else "FINISHED" for r in rows}})
@@ -194,13 +195,13 @@ def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: 
     return TuneSummary(rows, best, best_yaml, parent, uri, metrics["trials_stopped_early"], next_command, found_line)
 
 
-def _verdict_metrics(rows: list[dict], best: dict, rec_row: dict | None, judgements: list[Judgement], metric: str) -> dict[str, float]:
+def _verdict_metrics(rows: list[dict], finalist: dict | None, rec_row: dict | None, judgements: list[Judgement], metric: str) -> dict[str, float]:
     """The parent run's numbers: the search's best and recommended objective, the selection's means (validation split)
     and the first finalist's judgement (test split): both schedules' means, the gap, its parts, the variance components."""
     out = {f"best_{metric}": min(r["objective"] for r in rows if r["objective"] is not None)}
     if rec_row and rec_row["objective"] is not None:
         out[f"recommended_{metric}"] = rec_row["objective"]
-    for name, row in (("finalist", best), ("recommended", rec_row)):
+    for name, row in (("finalist", finalist), ("recommended", rec_row)):
         if row and row["selection_mean"] is not None:
             out[f"validation_{name}_{metric}"] = row["selection_mean"]
     if judgements:
