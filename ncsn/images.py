@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ncsn.atomic import atomic_write
 from ncsn.data import to_uint8
 
 
@@ -24,7 +25,8 @@ def save_image_grid(images: torch.Tensor, out: Path, nrow: int = 10, scale: int 
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     grid = make_grid(x, nrow=nrow, padding=max(1, scale), pad_value=0.5)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(grid).permute(1, 2, 0).squeeze(-1).numpy()).save(out)
+    picture = Image.fromarray(to_uint8(grid).permute(1, 2, 0).squeeze(-1).numpy())
+    atomic_write(out, lambda tmp: picture.save(tmp, format="PNG"))
     return out
 
 

@@ -247,6 +247,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from data_prep.manifest import ShardError, load_manifest
     from data_prep.storage import StorageError, local_path
+    from ncsn.atomic import atomic_write
     from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
     from pipelines.sample import SamplingError, load_samples, read_settings
     from pipelines.tracking import log_to_run
@@ -266,7 +267,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
         return 1
     out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}.json"
-    out.write_text(json.dumps(report.record(), indent=1))
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report.record(), indent=1)))  # replaces a link, never writes through it
     print(f"{len(samples)} samples vs the {args.split} split of {args.reference}: {args.feature_extractor} features "
           f"(extractor {evaluator.extractor_id}; fid and is ±sd from {args.resamples} bootstrap resamples) (samples vs reference):")
     print(report.table())

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 
 from pipelines import tracking
@@ -76,9 +77,9 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     except BaseException:
         tracking.finish_run(uri, parent, "FAILED")
         raise
-    (run_dir / "summary.json").write_text(json.dumps({**metrics, "evaluation": report.record()}, indent=1))
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps({**metrics, "evaluation": report.record()}, indent=1)))
     result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id)
-    (run_dir / "summary.txt").write_text(result.table() + "\n")
+    atomic_write(run_dir / "summary.txt", lambda tmp: tmp.write_text(result.table() + "\n"))
     artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
     if (samples.output / "trajectory.png").exists():
         artifacts["trajectory"] = samples.output / "trajectory.png"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -331,7 +332,7 @@ def _progress(total: int, enabled: bool, desc: str = "sampling chunks", unit: st
 def _claim_output(output: Path, settings: SamplerSettings) -> None:
     """Create the output directory, or check that the samples already in it were made with the same settings."""
     path, settings = output / SETTINGS_FILE, settings.record()
-    for stale in [*output.glob(".*.tmp"), *output.glob("images/.*.tmp"), *output.glob("chunks/.*.tmp")]:
+    for stale in _own_temporaries(output):
         stale.unlink(missing_ok=True)  # a write that a killed process (or a full disk) left half done
     if path.exists():
         before = json.loads(path.read_text())
@@ -342,6 +343,13 @@ def _claim_output(output: Path, settings: SamplerSettings) -> None:
         return
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+
+
+def _own_temporaries(output: Path) -> list[Path]:
+    """The temporaries atomic_write leaves of this sample set's own files (settings, grid, trajectory, PNGs, chunks):
+    any other file, a user's own ``.notes.tmp`` among them, is not this command's to delete."""
+    own = re.compile(r"\.(sampling\.json|grid\.png|trajectory\.png|\d{6}\.png|chunk_\d{5}\.npz)\.[^/]+\.tmp")
+    return [p for p in [*output.glob(".*.tmp"), *output.glob("images/.*.tmp"), *output.glob("chunks/.*.tmp")] if own.fullmatch(p.name)]
 
 
 def load_samples(output: str | Path, limit: int | None = None) -> np.ndarray:

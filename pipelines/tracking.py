@@ -35,6 +35,7 @@ from PIL import Image
 import ncsn
 from data_prep.manifest import Manifest
 from ncsn._checks import first_line
+from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ModelConfig
 from pipelines.config import Config, ConfigError
@@ -118,7 +119,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
                 cfg.tracking.experiment, artifact_location=artifact_location(uri))
             tags = {RUN_TAG: cfg.name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
-            (run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+            atomic_write(run_dir / RUN_FILE, lambda tmp: tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id})))
         else:
             logged = client.get_run(run_id).data.params
             differences = changed_settings(params, logged)

@@ -300,10 +300,14 @@ def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path, eval_cach
     (folder / "nested").mkdir(parents=True)
     for i, record in enumerate(source.read("train", 0, 40)):
         Image.fromarray(record.image[..., 0]).convert("RGB").save(folder / ("nested" if i % 2 else "") / f"{i:03d}.png")
+    elsewhere = tmp_path / "elsewhere.txt"  # the report's path is a link to a file the command does not own
+    elsewhere.write_text("keep")
+    (tmp_path / "r.json").symlink_to(elsewhere)
     out = subprocess.run([CLI, "evaluate", "--samples", str(folder), "--reference", digits_shards, "--no-baselines",
                           "--cache-dir", str(eval_cache), "--resamples", "20", "--output", str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert elsewhere.read_text() == "keep" and not (tmp_path / "r.json").is_symlink()  # replaced, not written through
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["num_samples"] == 40 and report["model"]["num_reference"] == 297
     assert "kid_std " in out.stdout and "model (40 vs 297 test)" in out.stdout

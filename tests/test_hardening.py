@@ -202,10 +202,11 @@ def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp
     out = tmp_path / "samples"
     (out / "images").mkdir(parents=True)
     (out / "chunks").mkdir()
-    for stale in (out / "images" / ".000001.png.abc.tmp", out / "chunks" / ".chunk_00000.npz.def.tmp", out / ".sampling.json.x.tmp"):
+    for stale in (out / "images" / ".000001.png.abc.tmp", out / "chunks" / ".chunk_00000.npz.def.tmp", out / ".sampling.json.x.tmp",
+                  out / ".grid.png.y.tmp", out / ".notes.tmp", out / "images" / ".mine.tmp"):
         stale.write_bytes(b"half")
     _claim_output(out, SamplerSettings(2, 0, 1, 5, 1e-4, (1.0, 0.1), True, 0, "checkpoint.pt", 10, None, None))
-    assert sorted(p.name for p in out.rglob("*.tmp")) == []
+    assert sorted(p.name for p in out.rglob("*.tmp")) == [".mine.tmp", ".notes.tmp"]  # the user's own files stay
     np.savez(out / "chunks" / "chunk_00000.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     (out / "chunks" / "chunk_00001.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(SamplingError, match=r"chunk_00001.npz: not a readable sample chunk"):

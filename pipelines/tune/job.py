@@ -15,6 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.cluster import connect_ray
 from data_prep.storage import absolute_location
+from ncsn.atomic import atomic_write
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.sample import checkpoint_location
@@ -168,18 +169,22 @@ def _summarise(cfg: Config, results, mode: ScheduleSearch | SamplerSearch, uri: 
     found_line = (verdict(order, judgements, metric, t.confirm_samples, bool(t.select_top), objective.reference_split,
                           judged_on.reference_split) if order else
                   f"best by the search's own evaluation ({metric} {best['objective']:.4g}); no trial left a checkpoint to select on")
-    with open(run_dir / "tune_results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (run_dir / "verdict.txt").write_text(found_line + "\n")
+    def table(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(run_dir / "tune_results.csv", table)
+    atomic_write(run_dir / "verdict.txt", lambda tmp: tmp.write_text(found_line + "\n"))
     plot = _plot(rows, mode.keys, metric, run_dir / "tune_objective.png")
     best_yaml = run_dir / "best_config.yaml"
     best_cfg, next_command, grid = mode.outcome(best, best_yaml)
     best_cfg = best_cfg.evolve({"name": cfg.name.removesuffix("-tune") + "-best", "run_dir": str(run_dir.parent / "best")})
     header = "".join(f"# {line}\n" for line in found_line.splitlines())
-    best_yaml.write_text(f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n{header}"
-                         f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    text = (f"# best of {len(rows)} trials of {cfg.name} (trial {best['trial_id']}, {best['label']})\n{header}"
+            f"# next: {next_command}\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    atomic_write(best_yaml, lambda tmp: tmp.write_text(text))
     finalist_row = by_id[finalists[0].trial_id] if finalists else None
     metrics = {**_verdict_metrics(rows, finalist_row, rec_row, judgements, metric), "trials": len(rows),
                "trials_stopped_early": sum(r["stopped_early"] for r in rows)}
