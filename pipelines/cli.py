@@ -200,7 +200,8 @@ def _sample(args: argparse.Namespace) -> int:
     from pipelines.tracking import log_to_run
 
     options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
-                              eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise, trajectory_samples=args.trajectory)
+                              eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise,
+                              trajectory_samples=min(8, args.chunk_size) if args.trajectory is None else args.trajectory)
     try:
         summary = run_sampling(args.checkpoint, args.output, options, workers=args.workers, use_gpu=args.gpu, progress=not args.no_progress)
     except _user_errors() as err:
@@ -371,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--eps", type=float, help="Langevin step ε (default: the training run's)")
     sample.add_argument("--sigmas", type=float, nargs="+", help="sample with this σ schedule instead of the checkpoint's")
     sample.add_argument("--no-denoise", action="store_true", help="skip the final denoising step x + σ_L² s(x, σ_L)")
-    sample.add_argument("--trajectory", type=int, default=8, metavar="K", help="write trajectory.png for K samples (0: none)")
+    sample.add_argument("--trajectory", type=int, metavar="K",
+                        help="write trajectory.png for K samples (0: none; default 8, or the chunk size when smaller)")
     sample.add_argument("--gpu", action="store_true", help="one GPU per actor")
     sample.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")

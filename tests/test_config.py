@@ -75,6 +75,9 @@ def test_dotted_overrides_are_typed():
         (["tune.reduction_factor=0"], r"tune.reduction_factor must be >= 2, got 0"),
         (["evaluation.resamples=5"], r"evaluation.resamples must be >= 10, got 5"),
         (["tune.confirm_seeds=1"], r"tune.confirm_seeds must be >= 2 \(the interval needs two\), got 1"),
+        (["tune.confirm_train_seeds=1"], r"tune.confirm_train_seeds must be 0 or >= 2 \(the interval needs two\), got 1"),
+        (["run_dir=s3://bucket/runs"], r"run_dir must be a local directory, not a URL"),
+        (["model.ngf=1"], r"model.ngf must be an integer >= 2 \(InstanceNorm\+\+ compares a layer's channels\), got 1"),  # NaN at step 1
     ],
 )
 def test_bad_values_name_the_key_and_where_it_came_from(overrides, message):

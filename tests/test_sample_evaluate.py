@@ -173,7 +173,7 @@ def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, smal
     ckpt = torch.load(small_checkpoint, weights_only=True)
     ckpt["run"] = {"tracking_uri": uri, "run_id": run_id}  # the checkpoint's typed MLflow run field
     torch.save(ckpt, tmp_path / "tracked.pt")
-    out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "10",
+    out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "5",
                           "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300,
                          env=joining_env())
     assert out.returncode == 0, out.stderr[-2000:]

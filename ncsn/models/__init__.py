@@ -35,6 +35,8 @@ class ModelConfig:
         if self.channels not in (1, 3):
             raise ValueError(f"model.channels must be 1 or 3, got {self.channels!r}")
         positive_int("model.ngf", self.ngf)
+        if self.ngf < 2:  # InstanceNorm++ normalises the channel means across channels: one channel has no spread (NaN)
+            raise ValueError(f"model.ngf must be an integer >= 2 (InstanceNorm++ compares a layer's channels), got {self.ngf!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
