@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--measure", metavar="RUN_DIR", help="measure the levels from this tuning run's judgement networks")
     parser.add_argument("--shards", help="the run's shards (with --measure)")
     parser.add_argument("--samples", type=int, default=1000, help="samples per seed (with --measure)")
-    for name, default in (("train-shared", 0.028), ("train-own", 0.0), ("reference", 0.007), ("seed", 0.0086), ("search", 0.02)):
+    for name, default in (("train-shared", 0.028), ("train-own", 0.0), ("reference", 0.0068), ("seed", 0.0098), ("search", 0.032)):
         parser.add_argument(f"--{name}-sd", type=float, default=default)
     args = parser.parse_args()
     levels = (measure(args.measure, args.shards, args.samples) if args.measure else
