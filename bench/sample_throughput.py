@@ -40,7 +40,7 @@ def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads
     for chunk in plan_chunks(options.num_samples, options.chunk_size):
         done = sampler.sample_chunk(settings, *chunk)
         write_chunk(output, done.index, done.start, done.images)
-    return options.num_samples * len(settings.sigmas) * settings.steps_per_level / (time.perf_counter() - t)
+    return options.num_samples * len(settings.schedule.sigmas) * settings.schedule.steps_per_level / (time.perf_counter() - t)
 
 
 def main() -> None:

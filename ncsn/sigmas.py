@@ -133,6 +133,10 @@ class Schedule:
         """The σ levels as a float32 tensor (as the model's buffer holds them)."""
         return torch.tensor(self.sigmas, dtype=torch.float32)
 
+    def from_level(self, start_level: int, eps: float, steps_per_level: int) -> Schedule:
+        """The same model's sampler over the levels from ``start_level`` on, with step ε and T steps per level."""
+        return Schedule(self.sigmas[start_level:], eps, steps_per_level, self.denoise)
+
 
 def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))

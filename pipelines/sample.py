@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +56,14 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """A sample set's settings, resolved once on the driver: the options with the checkpoint's defaults filled in, and
-    the checkpoint they came from (its location, step and MLflow run). <output>/sampling.json holds them."""
+    """A sample set's settings, resolved once on the driver: the sampler (a ``Schedule``: σ levels, ε, T, denoising)
+    with the checkpoint's defaults filled in, the set's size and seed, and the checkpoint it came from (its location,
+    step and MLflow run). <output>/sampling.json holds them, flat."""
 
     num_samples: int
     seed: int
     chunk_size: int
-    steps_per_level: int
-    eps: float
-    sigmas: tuple[float, ...]
-    denoise: bool
+    schedule: Schedule
     trajectory_samples: int
     checkpoint: str
     checkpoint_step: int
@@ -74,7 +72,15 @@ class SamplerSettings:
 
     def record(self) -> dict:
         """As written to sampling.json."""
-        return {**asdict(self), "sigmas": list(self.sigmas)}
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schedule"}
+        return {**record, "steps_per_level": self.schedule.steps_per_level, "eps": self.schedule.eps,
+                "sigmas": list(self.schedule.sigmas), "denoise": self.schedule.denoise}
+
+    @classmethod
+    def from_record(cls, record: dict) -> SamplerSettings:
+        """The inverse of ``record``."""
+        sampler = {k: record.pop(k) for k in ("sigmas", "eps", "steps_per_level", "denoise")}
+        return cls(**record, schedule=Schedule(**sampler))
 
 
 def read_settings(output: str | Path) -> SamplerSettings | None:
@@ -84,7 +90,7 @@ def read_settings(output: str | Path) -> SamplerSettings | None:
         return None
     try:
         record = json.loads(path.read_text())
-        return SamplerSettings(**{**record, "sigmas": tuple(record["sigmas"])})
+        return SamplerSettings.from_record(record)
     except (ValueError, TypeError, KeyError) as err:
         raise SamplingError(f"{path}: not the settings file `ncsn-pipeline sample` writes ({type(err).__name__}: {err})") from None
 
@@ -112,7 +118,7 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str 
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
     if not 0 <= options.trajectory_samples <= options.chunk_size:
         raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
-    return SamplerSettings(options.num_samples, options.seed, options.chunk_size, int(steps), float(eps), tuple(sigmas), options.denoise,
+    return SamplerSettings(options.num_samples, options.seed, options.chunk_size, Schedule(sigmas, float(eps), int(steps), options.denoise),
                            options.trajectory_samples, checkpoint, ckpt.step, ckpt.run.tracking_uri if ckpt.run else None,
                            ckpt.run.run_id if ckpt.run else None)
 
@@ -253,14 +259,14 @@ class Sampler:
         t = time.perf_counter()
         cfg = self.model.config
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(settings.seed, chunk))
-        schedule = Schedule(settings.sigmas, settings.eps, settings.steps_per_level, settings.denoise)
+        schedule = settings.schedule
         trajectory_every = None
         if chunk == 0 and settings.trajectory_samples:
-            trajectory_every = max(1, len(settings.sigmas) * settings.steps_per_level // 10)
+            trajectory_every = max(1, len(schedule.sigmas) * schedule.steps_per_level // 10)
         result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), schedule,
                                trajectory_every=trajectory_every, generator=gen, device=self.device)
         if not torch.isfinite(result.samples).all():
-            raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {settings.eps:.3g} may be too large for this "
+            raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {schedule.eps:.3g} may be too large for this "
                                 "model); nothing was written")
         trajectory = [t[: settings.trajectory_samples].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
         return Chunk(chunk, start, to_stored(result.samples), trajectory, time.perf_counter() - t)
@@ -268,8 +274,9 @@ class Sampler:
     def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings, seed: int) -> torch.Tensor:
         """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return inpaint(self.model, images.to(self.device), mask.to(self.device), torch.tensor(settings.sigmas).to(self.device),
-                       settings.eps, settings.steps_per_level, generator=gen).clamp(0, 1).cpu()
+        schedule = settings.schedule
+        return inpaint(self.model, images.to(self.device), mask.to(self.device), schedule.tensor().to(self.device),
+                       schedule.eps, schedule.steps_per_level, generator=gen).clamp(0, 1).cpu()
 
 
 @dataclass
@@ -318,7 +325,7 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
             bar.close()
     seconds = time.perf_counter() - t0
     sampled = sum(c[2] for c in pending)
-    steps = len(settings.sigmas) * settings.steps_per_level
+    steps = len(settings.schedule.sigmas) * settings.schedule.steps_per_level
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
                             sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
     save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))), output / "grid.png", nrow=10)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ncsn.atomic import atomic_write
+from ncsn.sigmas import Schedule
 from pipelines.evaluate import EvaluationError, Evaluator
 
 
@@ -189,7 +190,7 @@ def test_sampling_input_is_checked_and_nothing_given_is_replaced(tmp_path):
     for key, (value, message) in bad.items():
         with pytest.raises(SamplingError, match=message):
             resolve_options(ckpt, SamplingOptions(10, **{key: value}))
-    assert resolve_options(ckpt, SamplingOptions(10, eps=3e-5)).eps == 3e-5  # given: kept; the checkpoint's is 1e-4
+    assert resolve_options(ckpt, SamplingOptions(10, eps=3e-5)).schedule.eps == 3e-5  # given: kept; the checkpoint's is 1e-4
     with pytest.raises(SamplingError, match=r"ok.pt models 1×8×8 images; the images to inpaint are 3×32×32"):
         run_inpainting(tmp_path / "ok.pt", torch.rand(2, 3, 32, 32), "centre", tmp_path / "paint")
 
@@ -197,7 +198,7 @@ def test_sampling_input_is_checked_and_nothing_given_is_replaced(tmp_path):
 def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp_path):
     import numpy as np
 
-    from pipelines.sample import SamplerSettings, SamplingError, _claim_output, load_samples
+    from pipelines.sample import SamplerSettings, SamplingError, _claim_output, load_samples, read_settings
 
     out = tmp_path / "samples"
     (out / "images").mkdir(parents=True)
@@ -205,8 +206,12 @@ def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp
     for stale in (out / "images" / ".000001.png.abc.tmp", out / "chunks" / ".chunk_00000.npz.def.tmp", out / ".sampling.json.x.tmp",
                   out / ".grid.png.y.tmp", out / ".notes.tmp", out / "images" / ".mine.tmp"):
         stale.write_bytes(b"half")
-    _claim_output(out, SamplerSettings(2, 0, 1, 5, 1e-4, (1.0, 0.1), True, 0, "checkpoint.pt", 10, None, None))
+    settings = SamplerSettings(2, 0, 1, Schedule((1.0, 0.25), 1e-4, 5, denoise=False), 0, "checkpoint.pt", 10, None, None)
+    _claim_output(out, settings)
     assert sorted(p.name for p in out.rglob("*.tmp")) == [".mine.tmp", ".notes.tmp"]  # the user's own files stay
+    on_disk = json.loads((out / "sampling.json").read_text())  # flat: sample sets written before the Schedule field resume
+    assert (on_disk["sigmas"], on_disk["eps"], on_disk["steps_per_level"], on_disk["denoise"]) == ([1.0, 0.25], 1e-4, 5, False)
+    assert read_settings(out) == settings
     np.savez(out / "chunks" / "chunk_00000.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     (out / "chunks" / "chunk_00001.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(SamplingError, match=r"chunk_00001.npz: not a readable sample chunk"):

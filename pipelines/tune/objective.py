@@ -3,7 +3,7 @@ One typed spec and one function serve a training trial's periodic evaluations, t
 confirmation, so all three measure the same thing."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, schedule: Sch
     ``schedule`` (σ levels, ε, T; the objective's final denoising step) and ``seed``, and the samples in [0, 1]."""
     device = device or next(model.parameters()).device
     c, s = model.config.channels, model.config.image_size
-    schedule = Schedule(schedule.sigmas, schedule.eps, schedule.steps_per_level, spec.denoise)
+    schedule = replace(schedule, denoise=spec.denoise)
     samples = sample_images(model, (num_samples or spec.num_samples, c, s, s), schedule,
                             generator=torch.Generator(device=device).manual_seed(seed), device=device).samples
     return evaluator.metrics(to_stored(samples), seed=seed), samples

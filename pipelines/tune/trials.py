@@ -11,7 +11,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from data_prep.storage import Storage
 from ncsn.images import save_image_grid
-from ncsn.sigmas import Schedule
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.sample import SamplingError, load_model, read_checkpoint
@@ -110,7 +109,7 @@ def sampler_trial(point: dict, *, base: Config, checkpoint: str, payload: bytes,
     _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
                                         "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(payload)
-    schedule = Schedule(ckpt.sigmas[int(point["start_level"]):], cfg.sampling.eps, cfg.sampling.steps_per_level)
+    schedule = ckpt.schedule.from_level(int(point["start_level"]), cfg.sampling.eps, cfg.sampling.steps_per_level)
     metrics, samples = sample_and_score(objective.evaluator(), model, schedule, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10)

@@ -18,7 +18,6 @@ import numpy as np
 from scipy import optimize, stats
 
 from ncsn.metrics import Estimate
-from ncsn.sigmas import Schedule
 import ray
 
 from pipelines.sample import load_model, read_checkpoint
@@ -192,7 +191,7 @@ def _score(candidate: Candidate, payload: bytes, seed: int, objective: Objective
     """``metric`` of ``num_samples`` samples of the checkpoint in ``payload`` with the candidate's sampler settings, on
     ``seed``, against the objective's reference split."""
     model, ckpt = load_model(payload)
-    schedule = Schedule(ckpt.sigmas[candidate.start_level:], candidate.eps, candidate.steps_per_level)
+    schedule = ckpt.schedule.from_level(candidate.start_level, candidate.eps, candidate.steps_per_level)
     metrics, _ = sample_and_score(objective.evaluator(), model, schedule, objective, seed, num_samples)
     return metrics[metric]
 
