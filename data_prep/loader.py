@@ -9,12 +9,15 @@ Two modes:
   worker), an endless stream cut into epochs of ``batches_per_epoch`` (default: one pass's worth).
 
 Shards are streamed from their location (a local path or an fsspec URL: s3://, gs://, memory://), never downloaded
-whole. Corrupt samples (undecodable PNG) and unreadable tar members or truncated shards are skipped with a warning;
-``skipped`` counts them. A shard missing at start, or one that cannot be opened (refused, unreachable), is an error
-naming its URL.
+whole, and each is hashed as it streams: a shard whose sha256 is not the manifest's (replaced, truncated, damaged) is a
+ShardError naming it once it has been read to its end, so at most that one shard's samples were drawn before training
+stops. (An epoch of the exact pass can end inside a shard; that shard's tail, not drawn, is not hashed.) Undecodable
+samples of a shard whose hash is right are skipped with a warning; ``skipped`` counts them. A shard missing at start,
+or one that cannot be opened (refused, unreachable), is an error naming its URL.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -38,6 +41,30 @@ class _Skip:
     reason: str
 
 
+@dataclass
+class _Fatal:
+    """Marker a worker yields for data that must stop the loader (a shard whose sha256 is not the manifest's)."""
+
+    reason: str
+
+
+class _Hashing:
+    """A binary stream that hashes what is read through it; ``finish`` reads the rest and returns the sha256."""
+
+    def __init__(self, stream):
+        self.stream, self.hash = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.hash.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
 def _as_is(item):
     """DataLoader collate for batch_size=None that keeps numpy arrays and markers unchanged."""
     return item
@@ -52,9 +79,9 @@ def _decode_png(data: bytes) -> np.ndarray:
 class _ShardStream(torch.utils.data.IterableDataset):
     """Worker side: reads its shards and yields (image HWC uint8, label) or _Skip markers."""
 
-    def __init__(self, urls: list[str], resampled: bool, shuffle_buffer: int, seed: int, rank: int, shape: tuple):
+    def __init__(self, digests: dict[str, str], resampled: bool, shuffle_buffer: int, seed: int, rank: int, shape: tuple):
         super().__init__()
-        self.urls, self.resampled, self.shuffle_buffer = urls, resampled, shuffle_buffer
+        self.digests, self.urls, self.resampled, self.shuffle_buffer = digests, list(digests), resampled, shuffle_buffer
         self.seed, self.rank, self.shape = seed, rank, tuple(shape)
         self.epoch = 0
 
@@ -72,6 +99,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         wid = info.id if info else 0
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid])
         errors: list[str] = []
+        mismatched: list[str] = []
 
         def on_error(exn: Exception) -> bool:
             if isinstance(exn, StorageError):
@@ -80,15 +108,23 @@ class _ShardStream(torch.utils.data.IterableDataset):
             return True  # keep going
 
         def opened(urls: Iterator[str]) -> Iterator[dict]:
-            """Each shard streamed from its location (a missing, refused or unreachable one stops with its URL)."""
+            """Each shard streamed from its location (a missing, refused or unreachable one stops with its URL) and,
+            once the expander asks for the next, hashed to its end against the manifest."""
             for url in urls:
                 with open_binary(url) as stream:
-                    yield {"url": url, "stream": stream}
+                    hashing = _Hashing(stream)
+                    yield {"url": url, "stream": hashing}
+                    if (digest := hashing.finish()) != self.digests[url]:
+                        mismatched.append(f"{url}: its sha256 is {digest[:16]}…, the manifest's {self.digests[url][:16]}… "
+                                          "(the shard was changed or damaged after sharding); run `ncsn-pipeline shard --verify`")
 
         files = wds.tariterators.tar_file_expander(opened(self._worker_urls(rng)), handler=on_error)  # endless when resampled
         samples = wds.tariterators.group_by_keys(files, handler=on_error)
         buffer: list[tuple] = []
         for sample in samples:
+            if mismatched:
+                yield _Fatal(mismatched[0])
+                return
             while errors:
                 yield _Skip(errors.pop())
             try:
@@ -102,6 +138,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
             buffer.append((image, label))
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.integers(len(buffer)))
+        if mismatched:
+            yield _Fatal(mismatched[0])
+            return
         while errors:
             yield _Skip(errors.pop())
         rng.shuffle(buffer)
@@ -147,7 +186,7 @@ class ShardLoader:
         if self.batches_per_epoch < 1:
             raise ShardError(f"batch_size {batch_size} is larger than what each of the {world_size} rank(s) holds of split {split}")
         self.num_workers = min(num_workers, len(mine)) if not resampled else num_workers
-        self.stream = _ShardStream([storage.path(s.path) for s in mine], resampled, shuffle_buffer, seed, rank, manifest.image_shape)
+        self.stream = _ShardStream({storage.path(s.path): s.sha256 for s in mine}, resampled, shuffle_buffer, seed, rank, manifest.image_shape)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -159,6 +198,8 @@ class ShardLoader:
                                              persistent_workers=False, prefetch_factor=64 if self.num_workers else None)
         images, labels, made = [], [], 0
         for item in loader:
+            if isinstance(item, _Fatal):
+                raise ShardError(item.reason)
             if isinstance(item, _Skip):
                 self.skipped += 1
                 log.warning("skipped unreadable data: %s", item.reason)

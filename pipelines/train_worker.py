@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.loader import make_loader
-from data_prep.manifest import Manifest
+from data_prep.manifest import Manifest, ShardError
 from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 from ncsn.checkpoint import Checkpoint, CheckpointError, RunRef, load_checkpoint, save_checkpoint
@@ -277,26 +277,46 @@ def _quiet_ray_train(verbose: bool) -> None:
             module.logger.setLevel(logging.WARNING)
 
 
+def agreed_batches(loader, device: torch.device):
+    """The loader's batches, endlessly, while every rank has one: a ShardError on any rank (a shard whose sha256 is not
+    the manifest's) is raised on every rank at the same batch, with that rank's message, so none waits in an all-reduce."""
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    batches = iter(())
+    while True:
+        try:
+            (images, _), message = next(batches), ""
+        except StopIteration:
+            batches = iter(loader)  # the next epoch (every rank's has the same length)
+            continue
+        except ShardError as err:
+            images, message = None, str(err)
+        if several:
+            failed = torch.tensor([1 if message else 0], device=device)
+            dist.all_reduce(failed)
+            if failed.item():
+                messages = [""] * dist.get_world_size()
+                dist.all_gather_object(messages, message)
+                message = next(m for m in messages if m)
+        if message:
+            raise ShardError(message)
+        yield images
+
+
 def _steps(ddp_model: torch.nn.Module, loader, model: Model, cfg: Config, sigmas: torch.Tensor, device: torch.device,
            failure: list[str]):
     """train_steps over the loader's batches (resampled: endless), ending on every rank at the same step at a
-    non-finite loss, whose message goes into ``failure`` (a retry would only repeat it)."""
+    non-finite loss or a shard that fails its sha256, whose message goes into ``failure`` (a retry would only repeat it)."""
     amp = cfg.train.amp and device.type == "cuda"
-
-    def batches():
-        while True:
-            for images, _ in loader:
-                yield images
 
     def transform(x: torch.Tensor) -> torch.Tensor:
         x = to_unit_interval(x, dequantize=cfg.data.dequantize)
         return random_hflip(x) if cfg.data.random_flip else x
 
     try:
-        yield from train_steps(ddp_model, batches(), sigmas, model.optimizer, num_steps=cfg.train.steps, start_step=model.start,
+        yield from train_steps(ddp_model, agreed_batches(loader, device), sigmas, model.optimizer, num_steps=cfg.train.steps, start_step=model.start,
                                ema=model.ema, grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp,
                                scaler=torch.amp.GradScaler("cuda") if amp else None, objective=cfg.train.objective)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, ShardError) as err:
         failure.append(str(err))
 
 

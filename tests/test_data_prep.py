@@ -180,28 +180,69 @@ def test_resampled_loader_gives_equal_epochs_even_with_fewer_shards_than_ranks(d
         make_loader(str(digit_shards), 8, rank=0, world_size=8)
 
 
-def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(tmp_path, digit_shards):
+def _rewrite_member(shard: Path, data: bytes) -> None:
+    """Replace the first PNG in a tar shard by ``data``."""
+    import io
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in members:
+            if m.name == victim:
+                payload, m.size = data, len(data)
+            tar.addfile(m, io.BytesIO(payload))
+
+
+def _white_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_changed_after_sharding_stops_the_loader_naming_it(tmp_path, digit_shards, damage, workers):
+    # A sample replaced by a valid image (what `shard --verify` catches), or a shard cut short: the stream's sha256 is
+    # not the manifest's, and the loader stops with one line naming the shard, in exact and in resampled mode.
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(digit_shards, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    shards = [out / s["path"] for s in manifest["splits"]["train"]["shards"]]
-    # Shard 0: replace one sample's PNG by garbage; shard 1: cut the tar file in half.
-    with tarfile.open(shards[0]) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
-    with tarfile.open(shards[0], "w") as tar:
-        for m, data in members:
-            if m.name == victim:
-                data = b"this is not a png"
-                m.size = len(data)
-            tar.addfile(m, __import__("io").BytesIO(data))
-    shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
-    loader = make_loader(str(out), 50, resampled=False, batches_per_epoch=20)
-    batches = list(loader)
-    assert len(batches) == 20
-    assert loader.skipped >= 2  # the bad PNG and the truncated tail of shard 1
+    shard = out / manifest["splits"]["train"]["shards"][1]["path"]
+    if damage == "replaced":
+        _rewrite_member(shard, _white_png())
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    message = rf"^{shard}: its sha256 is [0-9a-f]{{16}}…, the manifest's [0-9a-f]{{16}}… \(the shard was changed or damaged"
+    with pytest.raises(ShardError, match=message):
+        list(make_loader(str(out), 50, num_workers=workers))
+    with pytest.raises(ShardError, match=message):
+        loader = make_loader(str(out), 50, resampled=True, num_workers=workers, seed=1)
+        for _ in range(10):  # endless draws with replacement: the damaged shard comes up
+            list(loader)
+    assert len(list(make_loader(str(digit_shards), 50, num_workers=workers))) == 24  # the intact set: a whole epoch
+
+
+def test_undecodable_samples_of_an_intact_shard_are_skipped_and_counted(tmp_path, digit_shards):
+    # A PNG that does not decode in a shard whose sha256 is the manifest's (the set was written so): skipped, counted.
+    import hashlib
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(digit_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    _rewrite_member(out / entry["path"], b"this is not a png")
+    entry["sha256"] = hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    loader = make_loader(str(out), 50, resampled=False)
+    assert len(list(loader)) == len(loader) and loader.skipped == 1
 
 
 def test_missing_shard_is_a_clear_error(tmp_path, digit_shards):

@@ -1,5 +1,7 @@
 """Ray Train DDP training on the digits shards: 2 workers on a local Ray (the 2-node run is in test_pipeline_run.py), tracked in MLflow."""
 import json
+import re
+import tarfile
 import os
 from pathlib import Path
 
@@ -213,6 +215,36 @@ def test_a_non_finite_loss_ends_training_at_once_without_retries(tmp_path, shard
     (run,) = client.search_runs([client.get_experiment_by_name("ncsn").experiment_id])
     assert run.info.status == "FAILED" and "restored_from_step" not in run.data.tags and run.data.tags["failure"].startswith("loss is")
     # (A checkpoint that does not fit the config: test_two_worker_ddp_trains_checkpoints_and_resumes, on its trained run.)
+
+
+def test_a_shard_replaced_in_storage_ends_training_in_one_line_without_retries(tmp_path, shards):
+    # One training shard's sample replaced by a valid white PNG after sharding (what `shard --verify` reports): the
+    # workers' loaders hash what they stream, and training stops on every rank with one line naming the shard.
+    import io
+    import shutil
+
+    from PIL import Image
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = copy / json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    white = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(white, format="PNG")
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = white.getvalue() if m.name.endswith(".png") else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'run'}", "train.steps=200", "train.batch_size=32",
+                                                "train.checkpoint_every=5", "cluster.num_workers=2", "cluster.max_failures=2",
+                                                "data.loader_workers=0", "tracking.system_metrics=false"])
+    with pytest.raises(TrainingError, match=rf"^{re.escape(str(shard))}: its sha256 is [0-9a-f]{{16}}…, the manifest's"):
+        run_training(cfg, str(copy))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ncsn").experiment_id])
+    assert run.info.status == "FAILED" and "restored_from_step" not in run.data.tags and "sha256" in run.data.tags["failure"]
 
 
 def test_train_cli_reports_bad_config_in_one_line(tmp_path):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from data_prep.manifest import ShardError
 from ncsn.data import random_hflip, to_uint8, to_unit_interval
 from ncsn.ema import EMA
 from ncsn.models import ModelConfig, ScoreNetwork
@@ -163,3 +164,54 @@ def test_loss_watch_says_once_when_the_loss_rises_far_above_its_lowest():
                                                        (2150, 9.11), (2200, 25.3), (2250, 32.0)]]
     assert said[:6] == [None] * 6 and said[7] is None
     assert "loss 25.3 at step 2200" in said[6] and "9.1 at step 1200" in said[6] and "optim.grad_clip" in said[6]
+
+
+class _DamagedLoader:
+    """Two epochs of one batch each; on rank 1 the second epoch stops as a damaged shard stops ShardLoader."""
+
+    def __init__(self, rank: int):
+        self.rank, self.epoch = rank, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        if self.rank == 1 and self.epoch == 2:
+            raise ShardError("train/shard-000001.tar: its sha256 is …")
+        yield torch.full((2, 1, 8, 8), float(self.rank)), torch.zeros(2)
+
+
+def _agree_rank(rank: int, init: str, results) -> None:
+    """One of two gloo ranks drawing agreed_batches from a _DamagedLoader; reports (rank, batches, message)."""
+    import torch.distributed as dist
+
+    from pipelines.train_worker import agreed_batches
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    drawn = []
+    try:
+        for images in agreed_batches(_DamagedLoader(rank), torch.device("cpu")):
+            drawn.append(images)
+        results.put((rank, len(drawn), None))
+    except ShardError as err:
+        results.put((rank, len(drawn), str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_damaged_shard_on_one_rank_stops_every_rank_at_the_same_batch(tmp_path, monkeypatch):
+    # Rank 1's loader fails its sha256 check at the second epoch: rank 0, whose shards are intact, stops at the same
+    # batch with rank 1's message instead of waiting for rank 1 in the next gradient all-reduce.
+    import multiprocessing
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_agree_rank, args=(rank, f"file://{tmp_path / 'rendezvous'}", results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        outcomes = sorted(results.get(timeout=120) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            process.kill()
+    assert outcomes == [(0, 1, "train/shard-000001.tar: its sha256 is …"), (1, 1, "train/shard-000001.tar: its sha256 is …")]
