@@ -372,6 +372,19 @@ class ImageFolderSource(Source):
         key = "img-" + hashlib.sha1(rel.as_posix().encode()).hexdigest()[:16]
         return Record(key, self.load(rel), self.classes.index(rel.parts[0]) if self.classes else None)
 
+    def check_size(self, size: int) -> None:
+        """A SourceError naming the first image that is not ``size`` × ``size``, read from the file headers only (before
+        any pixel is decoded; a decompression bomb is refused here too)."""
+        for rel in sorted(f for files in self._files.values() for f in files):
+            path = self.root / rel
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+                raise SourceError(f"{path}: not a readable image: {err}") from None
+            if (width, height) != (size, size):
+                raise SourceError(f"{path}: {width}×{height} pixels, the reference's images are {size}×{size}; resize them first")
+
     def load(self, rel: Path) -> np.ndarray:
         path = self.root / rel
         try:
@@ -387,7 +400,7 @@ class ImageFolderSource(Source):
                 if self.resize:
                     img = img.resize((self.resize, self.resize), Image.BICUBIC)
                 arr = np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise SourceError(f"{path}: not a readable image: {err}") from None
         return arr[..., None] if arr.ndim == 2 else arr
 

@@ -146,21 +146,19 @@ def read_split(shards: Manifest | str, split: str) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(images), np.concatenate(labels)
 
 
-def load_image_folder(path: str | Path, channels: int) -> np.ndarray:
-    """Every PNG/JPEG under ``path`` (sorted by relative path) as uint8 (N, H, W, channels), converted as the shard job
-    converts an image folder (8-bit modes only; to grey or RGB); images of another model, scored against our reference."""
+def load_image_folder(path: str | Path, channels: int, size: int) -> np.ndarray:
+    """Every PNG/JPEG under ``path`` (sorted by relative path) as uint8 (N, size, size, channels), converted as the shard
+    job converts an image folder (8-bit modes only; to grey or RGB); images of another model, scored against our
+    reference. Sizes are checked from the file headers before anything is decoded."""
     if Path(path).is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(path).rglob("*")):
         raise EvaluationError(f"{path} holds neither sample chunks (chunks/chunk_*.npz from `ncsn-pipeline sample`) "
                               "nor .png/.jpg/.jpeg images")
     try:
         source = ImageFolderSource(path, channels=channels, test_fraction=0, validation_fraction=0)
+        source.check_size(size)
         images = [r.image for r in source.read("train", 0, source.count("train"))]
     except SourceError as err:
         raise EvaluationError(str(err)) from None
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise EvaluationError(f"{path}: images of {len(shapes)} different sizes ({', '.join(map(str, sorted(shapes)[:3]))}); "
-                              "resize them to the reference size first")
     return np.stack(images)
 
 
@@ -399,6 +397,11 @@ class Evaluator:
                      else inception_weights or _download_inception_weights())
             self._private = tempfile.TemporaryDirectory(prefix="ncsn-inception-")  # removed with this object
             self.weights, self.fidelity_name = _private_weights(state, self._private.name), "inception-v3-compat"
+            try:  # torch-fidelity loads the weights as it builds the extractor: build it now, before any work
+                self._extractor = self._build_extractor()
+            except RuntimeError as err:
+                raise EvaluationError(f"--inception-weights {inception_weights if isinstance(inception_weights, str) else ''}: "
+                                      f"these tensors are not torch-fidelity's Inception v3 ({first_line(err, 160)})") from None
         self.extractor_id = _tensors_digest(state)  # the weights' content: a rebuild from the same seed has the same id
 
     def split_images(self, split: str) -> np.ndarray:
@@ -411,12 +414,15 @@ class Evaluator:
         cls = FEATURE_EXTRACTORS_REGISTRY[self.fidelity_name]
         return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in ("fid", "isc", "kid")}
 
+    def _build_extractor(self) -> FeatureExtractorBase:
+        return create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
+                                        feature_extractor_weights_path=self.weights, verbose=False)
+
     def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """{layer: (N, d) float64 features} of uint8 NHWC images from the extractor (built once)."""
 
         if self._extractor is None:
-            self._extractor = create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
-                                                       feature_extractor_weights_path=self.weights, verbose=False)
+            self._extractor = self._build_extractor()
         found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, self.progress)
         return {k: v.double().numpy() for k, v in found.items()}
 

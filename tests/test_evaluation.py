@@ -1,11 +1,12 @@
 """Evaluation a tuning verdict can rest on: estimators equal to torch-fidelity's, a KID interval whose coverage holds
 against a closed-form population value, FID and IS reported as a spread (never an interval with a negative bound), a
-deterministic feature classifier, stratified digits splits (validation held out of training), scoring any image
+deterministic feature classifier, uniform seeded digits splits (validation held out of training), scoring any image
 folder, and the verdict's statistics: selection on one split, judgement over training runs on another."""
 import json
 import math
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -311,11 +312,21 @@ def test_evaluate_scores_any_folder_of_images(digits_shards, tmp_path, eval_cach
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["num_samples"] == 40 and report["model"]["num_reference"] == 297
     assert "kid_std " in out.stdout and "model (40 vs 297 test)" in out.stdout
+    # Sizes come from the file headers, before any image is decoded: a larger image, and a decompression bomb (a PNG
+    # declaring 20000×20000 pixels in a few bytes), are each one line naming the file.
     Image.new("RGB", (16, 16)).save(folder / "big.png")
-    bad = subprocess.run([CLI, "evaluate", "--samples", str(folder), "--reference", digits_shards, "--no-baselines",
-                          "--cache-dir", str(eval_cache)], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines()[-1].startswith(f"ncsn-pipeline evaluate: error: {folder}: images of 2 different sizes")
+    bomb = bytearray((folder / "000.png").read_bytes())  # IHDR: width and height at bytes 16–24, its CRC at 29–33
+    bomb[16:24] = (20000).to_bytes(4, "big") * 2
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+    for name, message in (("big.png", "big.png: 16×16 pixels, the reference's images are 8×8; resize them first"),
+                          ("bomb.png", "bomb.png: not a readable image: Image size (400000000 pixels) exceeds limit")):
+        if name == "bomb.png":
+            (folder / "big.png").unlink()
+            (folder / "bomb.png").write_bytes(bytes(bomb))
+        bad = subprocess.run([CLI, "evaluate", "--samples", str(folder), "--reference", digits_shards, "--no-baselines",
+                              "--cache-dir", str(eval_cache)], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+        assert bad.stderr.startswith(f"ncsn-pipeline evaluate: error: {folder}/{message}"), bad.stderr
 
 
 def test_unlabelled_shards_name_the_offline_options(tmp_path, ray_local):

@@ -155,6 +155,9 @@ def test_unsafe_or_wrong_inception_weights_are_refused_before_torch_fidelity_loa
         Evaluator(digits_shards, "inception", inception_weights=str(tmp_path / "pickled_module.pt"), cache_dir=tmp_path)
     with pytest.raises(EvaluationError, match="missing.pt: no such file"):
         Evaluator(digits_shards, "inception", inception_weights=str(tmp_path / "missing.pt"), cache_dir=tmp_path)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other_network.pt")  # plain tensors, of another network
+    with pytest.raises(EvaluationError, match=r"other_network.pt: these tensors are not torch-fidelity's Inception v3 \(Error"):
+        Evaluator(digits_shards, "inception", inception_weights=str(tmp_path / "other_network.pt"), cache_dir=tmp_path)
 
 
 def test_evaluate_cli_errors_name_the_problem(tmp_path, digits_shards):
