@@ -258,8 +258,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.output and not local_path(args.output, "--output").parent.is_dir():
             raise EvaluationError(f"--output {args.output}: its directory {Path(args.output).parent} does not exist")
         settings = read_settings(args.samples) if project_samples else None
+        reference = None if project_samples else load_manifest(args.reference)
         samples = (load_samples(args.samples) if project_samples
-                   else load_image_folder(args.samples, load_manifest(args.reference).channels))
+                   else load_image_folder(args.samples, reference.channels, reference.image_shape[0]))
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
                               Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu,
                               progress=not args.no_progress)
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # the object-store clients announce every credential and endpoint lookup at INFO
         for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each bounded HTTP retry; the error names the server
     return args.func(args)
 
 

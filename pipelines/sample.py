@@ -31,6 +31,7 @@ from ncsn.models import ScoreNetwork
 from ncsn.sampling import derived_seed, inpaint, sample_images
 from ncsn.sigmas import Schedule
 from pipelines.cluster import connect_ray
+from pipelines.tracking import bound_http_requests
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "sampling.json"
@@ -184,11 +185,18 @@ def _mlflow_checkpoint_bytes(uri: str) -> bytes:
     and look there)."""
     import mlflow.artifacts  # only for runs:/ and models:/ checkpoints
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    server = os.environ.get("MLFLOW_TRACKING_URI")
+    if not server:
         raise SamplingError(f"{uri}: set MLFLOW_TRACKING_URI to the tracking server or store that holds this model (e.g. "
                             "sqlite:////abs/path/runs/digits/mlflow.db, as the training command printed)")
+    bound_http_requests()
     with tempfile.TemporaryDirectory(prefix="ncsn-model-") as tmp:
-        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        try:
+            model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except Exception as err:  # noqa: BLE001 — MlflowException, requests' errors: one line naming the server
+            bounds = (f" after {os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']} retries of at most "
+                      f"{os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s" if server.startswith(("http://", "https://")) else "")
+            raise SamplingError(f"{uri}: {server} (MLFLOW_TRACKING_URI) did not give the model{bounds}: {first_line(err, 200)}") from None
         found = sorted(model_dir.rglob("checkpoint.pt"))
         if not found:
             raise SamplingError(f"{uri} holds no checkpoint.pt: is it a model logged by ncsn-pipeline training?")

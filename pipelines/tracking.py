@@ -61,10 +61,15 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _client(uri: str):
+def bound_http_requests() -> None:
+    """MLflow's HTTP retries and timeout bounded for this process (2 retries, 20 s each), where the user has not set
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT: a dead or hung server fails in about a minute."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
+
+def _client(uri: str):
+    bound_http_requests()
     return MlflowClient(tracking_uri=uri)
 
 

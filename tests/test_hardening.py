@@ -280,6 +280,21 @@ def test_an_mlflow_model_uri_without_a_tracking_uri_is_one_line_and_creates_noth
     assert lines[0].startswith("ncsn-pipeline sample: error: runs:/0123abcd/model: set MLFLOW_TRACKING_URI")
     assert list(tmp_path.iterdir()) == []
 
+    # A server that accepts connections and never answers: MLflow's own defaults (7 retries of up to 120 s) waited
+    # about 17 minutes; the project bounds the retries (2, where the user sets none) and ends in one line naming it.
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:
+        server = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        out = subprocess.run([cli, "sample", "--checkpoint", "runs:/0123abcd/model", "--num-samples", "4", "--output", str(tmp_path / "s")],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**env, "MLFLOW_TRACKING_URI": server, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-1500:]
+    assert lines[0].startswith(f"ncsn-pipeline sample: error: runs:/0123abcd/model: {server} (MLFLOW_TRACKING_URI) did not give "
+                               "the model after 2 retries of at most 1 s: "), lines[0]
+    assert list(tmp_path.iterdir()) == []
+
 
 _RENDEZVOUS = """
 import psutil
