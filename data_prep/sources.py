@@ -322,7 +322,10 @@ def _check_8bit(img, path: Path) -> None:
     if img.mode not in _EXACT_MODES:
         raise SourceError(f"{path}: image mode {img.mode} (not 8 bits per channel RGB or grey); converting it would clip or "
                           "re-map its values — convert the folder to 8-bit PNG/JPEG first")
-    if img.mode in ("RGBA", "LA", "PA") and img.getchannel("A").getextrema()[0] < 255:
+    if not (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):  # no alpha channel, no palette/colour key (tRNS)
+        return
+    alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("RGBA").getchannel("A")
+    if alpha.getextrema()[0] < 255:
         raise SourceError(f"{path}: has transparent pixels; dropping the alpha channel would change the image — flatten it "
                           "onto a background first")
 

@@ -139,12 +139,18 @@ def test_images_whose_values_a_conversion_would_change_are_refused(tmp_path):
     opaque = rgba.copy()
     opaque[..., 3] = 255
     Image.fromarray(opaque).save(tmp_path / "a" / "opaque.png")
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")  # colour 0 transparent (tRNS)
+    palette.save(tmp_path / "a" / "keyed.png", transparency=0)
+    palette.save(tmp_path / "a" / "unused_key.png", transparency=255)  # a transparent colour no pixel has
     source = ImageFolderSource(tmp_path, test_fraction=0)
     with pytest.raises(SourceError, match=r"deep.png: image mode I;16 .*would clip"):
         source.load(Path("a/deep.png"))
     with pytest.raises(SourceError, match=r"glass.png: has transparent pixels"):
         source.load(Path("a/glass.png"))
     assert source.load(Path("a/opaque.png")).shape == (8, 8, 3)  # fully opaque alpha is dropped losslessly
+    with pytest.raises(SourceError, match=r"keyed.png: has transparent pixels"):  # a palette's transparent colour was let through
+        source.load(Path("a/keyed.png"))
+    assert source.load(Path("a/unused_key.png")).shape == (8, 8, 3)
 
 
 def test_a_torn_metrics_line_is_left_out_and_the_file_repaired(tmp_path):
