@@ -197,7 +197,7 @@ def _sync_metrics(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from pipelines.sample import SamplingOptions, run_sampling
-    from pipelines.tracking import log_to_run
+    from pipelines.tracking import log_child_run
 
     options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
                               eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise,
@@ -210,14 +210,25 @@ def _sample(args: argparse.Namespace) -> int:
     print(summary.line())
     print(f"grid: {summary.output / 'grid.png'}")
     settings = summary.settings
-    if settings.mlflow_run_id and not args.no_mlflow:
+    if settings.mlflow_run_id and not args.no_mlflow and not summary.chunks_done:
+        print("nothing new was sampled, so nothing new is logged to MLflow")
+    elif settings.mlflow_run_id and not args.no_mlflow:
         artifacts = {"samples": summary.output / "grid.png"}
         if (summary.output / "trajectory.png").exists():
             artifacts["trajectory"] = summary.output / "trajectory.png"
-        metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_langevin_steps_per_s": summary.langevin_steps_per_s} if summary.chunks_done else {}
-        if log_to_run(settings.tracking_uri, settings.mlflow_run_id, metrics, artifacts, step=settings.checkpoint_step):
-            print(f"logged to MLflow run {settings.mlflow_run_id}")
+        metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_langevin_steps_per_s": summary.langevin_steps_per_s}
+        params = {"num_samples": str(settings.num_samples), "seed": str(settings.seed), "eps": f"{settings.schedule.eps:.6g}",
+                  "steps_per_level": str(settings.schedule.steps_per_level), "num_levels": str(len(settings.schedule.sigmas)),
+                  "output": str(summary.output)}
+        _said_logged(log_child_run(settings.tracking_uri, settings.mlflow_run_id, f"sample-{summary.output.name}", metrics,
+                                   artifacts, step=settings.checkpoint_step, params=params), settings.mlflow_run_id, settings.tracking_uri)
     return 0
+
+
+def _said_logged(child: str | None, parent: str, uri: str) -> None:
+    """The lines a user needs after an ad-hoc command logged to a child of the checkpoint's training run."""
+    if child:
+        print(f"logged to MLflow run {child}, a child of the checkpoint's training run {parent} (MLFLOW_TRACKING_URI={uri})")
 
 
 def _inpaint(args: argparse.Namespace) -> int:
@@ -225,7 +236,7 @@ def _inpaint(args: argparse.Namespace) -> int:
     from ncsn.data import from_stored
     from pipelines.evaluate import read_split
     from pipelines.sample import run_inpainting
-    from pipelines.tracking import log_to_run
+    from pipelines.tracking import log_child_run
 
     try:
         local_path(args.output, "--output")  # before any work
@@ -238,8 +249,10 @@ def _inpaint(args: argparse.Namespace) -> int:
         print(f"ncsn-pipeline inpaint: error: {err}", file=sys.stderr)
         return 1
     print(f"inpainting grid (occluded | {args.completions} completions | original): {out}")
-    if settings.mlflow_run_id and not args.no_mlflow and log_to_run(settings.tracking_uri, settings.mlflow_run_id, artifacts={"inpainting": out}):
-        print(f"logged to MLflow run {settings.mlflow_run_id}")
+    if settings.mlflow_run_id and not args.no_mlflow:
+        _said_logged(log_child_run(settings.tracking_uri, settings.mlflow_run_id, f"inpaint-{args.mask}", artifacts={"inpainting": out},
+                                   step=settings.checkpoint_step, params={"mask": args.mask, "seed": str(args.seed)}),
+                     settings.mlflow_run_id, settings.tracking_uri)
     return 0
 
 
@@ -251,7 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ncsn.atomic import atomic_write
     from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
     from pipelines.sample import SamplingError, load_samples, read_settings
-    from pipelines.tracking import log_to_run
+    from pipelines.tracking import log_child_run
 
     project_samples = (Path(args.samples) / "chunks").is_dir()
     try:
@@ -276,9 +289,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"written to {out}")
     uri = args.tracking_uri or (settings.tracking_uri if settings else None)
     run_id = args.run_id or (settings.mlflow_run_id if settings else None)
-    if uri and run_id and log_to_run(uri, run_id, report.flat(), {"evaluation": out}, step=settings.checkpoint_step if settings else 0,
-                                     params={f"evaluation.{args.feature_extractor}_id": evaluator.extractor_id}):
-        print(f"logged to MLflow run {run_id}")
+    if uri and run_id:
+        _said_logged(log_child_run(uri, run_id, f"evaluate-{args.feature_extractor}", report.flat(), {"evaluation": out},
+                                   step=settings.checkpoint_step if settings else 0,
+                                   params={f"evaluation.{args.feature_extractor}_id": evaluator.extractor_id, "samples": str(args.samples),
+                                           "reference": f"{args.reference} ({args.split})"}), run_id, uri)
     return 0
 
 
@@ -376,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", type=int, metavar="K",
                         help="write trajectory.png for K samples (0: none; default 8, or the chunk size when smaller)")
     sample.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    sample.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
+    sample.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (default: a child run of the checkpoint's training run)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
@@ -393,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--steps-per-level", type=int, help="T, Langevin steps per σ level (default: the checkpoint's)")
     paint.add_argument("--eps", type=float, help="Langevin step size ε (default: the checkpoint's)")
     paint.add_argument("--gpu", action="store_true", help="run the inpainting actor on a GPU")
-    paint.add_argument("--no-mlflow", action="store_true", help="do not log the grid to the checkpoint's MLflow run")
+    paint.add_argument("--no-mlflow", action="store_true", help="do not log the grid to MLflow (default: a child run of the checkpoint's training run)")
     paint.add_argument("--no-progress", action="store_true", help="no progress bar")
     paint.set_defaults(func=_inpaint)
 
@@ -411,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the baselines (held-out real images, a fitted Gaussian)")
     ev.add_argument("--output", metavar="FILE", help="where the JSON report goes (default <samples>/metrics_<extractor>.json)")
-    ev.add_argument("--tracking-uri", help="log to this MLflow store (default: the one the checkpoint was trained with)")
-    ev.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's training run)")
+    ev.add_argument("--tracking-uri", help="the MLflow store of --run-id (default: the one the checkpoint was trained with)")
+    ev.add_argument("--run-id", help="log to a child run of this MLflow run (default: of the checkpoint's training run)")
     ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (classifier training, feature extraction)")
     ev.set_defaults(func=_evaluate)

@@ -299,7 +299,8 @@ class SampleSummary:
     settings: SamplerSettings
 
     def line(self) -> str:
-        return (f"{self.num_samples} samples in {self.output} ({self.chunks_done} chunks sampled, {self.chunks_skipped} already complete); "
+        return (f"{self.num_samples} samples of seed {self.settings.seed} in {self.output} ({self.chunks_done} chunks sampled, "
+                f"{self.chunks_skipped} already complete; the same seed gives the same images: --seed for others); "
                 f"{self.samples_per_s:.1f} samples/s, {self.langevin_steps_per_s:.0f} image-Langevin-steps/s")
 
 

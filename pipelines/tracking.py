@@ -246,6 +246,26 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
     return True
 
 
+def log_child_run(uri: str, parent_run_id: str, name: str, metrics: dict[str, float] | None = None,
+                  artifacts: dict[str, Path] | None = None, step: int = 0, params: dict[str, str] | None = None) -> str | None:
+    """A finished child run of ``parent_run_id`` (in its experiment, nested under it) holding what an ad-hoc command
+    made, so the parent's own metrics are never overwritten; its id, or None (with a warning) when the store cannot
+    take it."""
+    try:
+        client = _client(uri)
+        experiment = client.get_run(parent_run_id).info.experiment_id
+        child = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent_run_id}).info.run_id
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not open a child of MLflow run %s at %s: %s: %s", parent_run_id, uri, type(err).__name__, first_line(err, 200))
+        return None
+    logged = log_to_run(uri, child, metrics, artifacts, step, params)
+    try:
+        client.set_terminated(child, "FINISHED" if logged else "FAILED")
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not finish MLflow run %s: %s", child, first_line(err, 200))
+    return child if logged else None
+
+
 def logged_metric_steps(client, run_id: str, key: str = "loss") -> set[int]:
     """The steps at which ``key`` is already recorded in the run."""
     return {m.step for m in client.get_metric_history(run_id, key)}

@@ -224,8 +224,16 @@ def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp
         load_samples(out)
 
 
-def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
+def _run_side_by_side(commands: list[list[str]], **kwargs) -> list:
+    """Each command's CompletedProcess, three at a time (the CLI's start-up is mostly imports: they overlap)."""
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, timeout=180, **kwargs), commands))
+
+
+def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
     import sys
 
     cli = str(Path(sys.executable).parent / "ncsn-pipeline")
@@ -237,8 +245,7 @@ def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
         (["train", "--config", "configs/digits.yaml", "--set", "tune.steps_per_level=[5,"],
          "ncsn-pipeline train: error: --set tune.steps_per_level=[5,: the value is not valid YAML"),
     ]
-    for args, first in cases:
-        out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    for (args, first), out in zip(cases, _run_side_by_side([[cli, *args] for args, _ in cases], cwd=Path(__file__).resolve().parents[1])):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), out.stderr
 
@@ -246,7 +253,6 @@ def test_cli_reads_damaged_run_files_and_bad_options_as_one_line(tmp_path):
 def test_outputs_that_must_be_local_refuse_a_url_in_one_line_before_any_work(tmp_path):
     # Written as a local path, s3://ncsn/samples became a folder called "s3:" in the working directory, and the command
     # exited 0. Sample sets, inpainting grids, evaluation reports and run directories are local; a URL is one line.
-    import subprocess
     import sys
 
     cli = str(Path(sys.executable).parent / "ncsn-pipeline")
@@ -264,9 +270,9 @@ def test_outputs_that_must_be_local_refuse_a_url_in_one_line_before_any_work(tmp
           "--dry-run"],
          "ncsn-pipeline train: error: run_dir must be a local directory, not a URL"),
     ]
-    for args, first in cases:
-        out = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    outs = _run_side_by_side([[cli, *args] for args, _ in cases], cwd=tmp_path,
                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    for (args, first), out in zip(cases, outs):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith(first), (args, out.stderr[-1500:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]  # no "s3:" or "gs:" folder, nothing else written

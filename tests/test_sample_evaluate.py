@@ -167,28 +167,51 @@ def test_evaluate_cli_errors_name_the_problem(tmp_path, digits_shards):
                                                    "(chunks/chunk_*.npz from `ncsn-pipeline sample`) nor .png/.jpg/.jpeg images")
 
 
-def test_sample_and_inpaint_cli_log_to_the_checkpoints_mlflow_run(tmp_path, small_checkpoint, digits_shards):
+def test_sample_inpaint_and_evaluate_log_to_child_runs_and_never_into_the_training_run(tmp_path, small_checkpoint, digits_shards,
+                                                                                      eval_cache):
+    # An ad-hoc `sample --num-samples 300` then `evaluate` rewrote the training run's kid_classifier at its last step;
+    # each ad-hoc command now logs a child run of the checkpoint's training run, and a re-run that did nothing, nothing.
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("s")).info.run_id
+    experiment = client.create_experiment("s")
+    run_id = client.create_run(experiment).info.run_id
+    client.log_metric(run_id, "kid_std_classifier", 0.05, step=10)  # what training's own evaluation logged
     ckpt = torch.load(small_checkpoint, weights_only=True)
     ckpt["run"] = {"tracking_uri": uri, "run_id": run_id}  # the checkpoint's typed MLflow run field
     torch.save(ckpt, tmp_path / "tracked.pt")
-    out = subprocess.run([CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "5",
-                          "--workers", "1", "--output", str(tmp_path / "s"), "--no-progress"], capture_output=True, text=True, timeout=300,
-                         env=joining_env())
+
+    def children() -> dict[str, object]:
+        found = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'")
+        return {r.info.run_name: r for r in found}
+
+    sample = [CLI, "sample", "--checkpoint", str(tmp_path / "tracked.pt"), "--num-samples", "20", "--chunk-size", "5", "--workers", "1",
+              "--output", str(tmp_path / "s"), "--no-progress"]
+    out = subprocess.run(sample, capture_output=True, text=True, timeout=300, env=joining_env())
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"logged to MLflow run {run_id}" in out.stdout
-    assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory"}
-    assert "sampling_samples_per_s" in client.get_run(run_id).data.metrics
+    child = children()["sample-s"]
+    assert f"logged to MLflow run {child.info.run_id}, a child of the checkpoint's training run {run_id}" in out.stdout
+    assert f"20 samples of seed 0 in {tmp_path / 's'} (4 chunks sampled, 0 already complete; the same seed" in out.stdout
+    assert child.info.status == "FINISHED" and "sampling_samples_per_s" in child.data.metrics and child.data.params["num_samples"] == "20"
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"samples", "trajectory"}
     assert json.loads((tmp_path / "s" / "sampling.json").read_text())["mlflow_run_id"] == run_id
+    again = subprocess.run(sample, capture_output=True, text=True, timeout=300, env=joining_env())
+    assert again.returncode == 0 and "nothing new was sampled, so nothing new is logged to MLflow" in again.stdout, again.stderr[-2000:]
+    assert list(children()) == ["sample-s"]
     paint = subprocess.run([CLI, "inpaint", "--checkpoint", str(tmp_path / "tracked.pt"), "--shards", digits_shards, "--num-images", "2",
                             "--completions", "1", "--output", str(tmp_path / "p")], capture_output=True, text=True, timeout=300,
                            env=joining_env())
-    assert paint.returncode == 0 and f"logged to MLflow run {run_id}" in paint.stdout, paint.stderr[-2000:]
-    assert {a.path for a in client.list_artifacts(run_id)} == {"samples", "trajectory", "inpainting"}
+    assert paint.returncode == 0, paint.stderr[-2000:]
+    assert {a.path for a in client.list_artifacts(children()["inpaint-centre"].info.run_id)} == {"inpainting"}
+    evaluate = subprocess.run([CLI, "evaluate", "--samples", str(tmp_path / "s"), "--reference", digits_shards, "--no-baselines",
+                               "--cache-dir", str(eval_cache), "--resamples", "20"], capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    scored = children()["evaluate-classifier"]
+    assert "kid_std_classifier" in scored.data.metrics and {a.path for a in client.list_artifacts(scored.info.run_id)} == {"evaluation"}
+    assert [m.step for m in client.get_metric_history(scored.info.run_id, "kid_std_classifier")] == [ckpt["step"]]
+    training = client.get_run(run_id)
+    assert client.list_artifacts(run_id) == [] and training.data.metrics == {"kid_std_classifier": 0.05}  # untouched
 
 
 def test_inpaint_cli_names_an_unreadable_checkpoint(tmp_path, digits_shards):
