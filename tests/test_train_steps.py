@@ -91,6 +91,24 @@ def test_non_finite_loss_stops_before_the_weights_change(gen):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _two_gloo_ranks(target, tmp_path, monkeypatch) -> list:
+    """What ``target(rank, init, results)`` put on the queue in each of two spawned gloo ranks."""
+    import multiprocessing
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=target, args=(rank, f"file://{tmp_path / 'rendezvous'}", results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        return [results.get(timeout=120) for _ in ranks]
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            process.kill()
+
+
 def _train_rank(rank: int, init: str, results) -> None:
     """One of two gloo ranks: rank 1's second batch is NaN; reports the NonFiniteLossError message or None."""
     import torch.distributed as dist
@@ -111,20 +129,7 @@ def _train_rank(rank: int, init: str, results) -> None:
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path, monkeypatch):
     # Under torch.distributed the ranks decide together: the rank whose loss is finite stops too (it would otherwise wait
     # in the next all-reduce), naming the levels the other rank saw.
-    import multiprocessing
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ranks = [context.Process(target=_train_rank, args=(rank, f"file://{tmp_path / 'rendezvous'}", results)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    try:
-        messages = dict(results.get(timeout=120) for _ in ranks)
-    finally:
-        for process in ranks:
-            process.join(timeout=30)
-            process.kill()
+    messages = dict(_two_gloo_ranks(_train_rank, tmp_path, monkeypatch))
     assert messages[0] == messages[1] and messages[0] is not None, messages
     assert messages[0].startswith("loss is nan at step 2; non-finite at levels ")
 
@@ -200,18 +205,5 @@ def _agree_rank(rank: int, init: str, results) -> None:
 def test_a_damaged_shard_on_one_rank_stops_every_rank_at_the_same_batch(tmp_path, monkeypatch):
     # Rank 1's loader fails its sha256 check at the second epoch: rank 0, whose shards are intact, stops at the same
     # batch with rank 1's message instead of waiting for rank 1 in the next gradient all-reduce.
-    import multiprocessing
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ranks = [context.Process(target=_agree_rank, args=(rank, f"file://{tmp_path / 'rendezvous'}", results)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    try:
-        outcomes = sorted(results.get(timeout=120) for _ in ranks)
-    finally:
-        for process in ranks:
-            process.join(timeout=30)
-            process.kill()
+    outcomes = sorted(_two_gloo_ranks(_agree_rank, tmp_path, monkeypatch))
     assert outcomes == [(0, 1, "train/shard-000001.tar: its sha256 is …"), (1, 1, "train/shard-000001.tar: its sha256 is …")]
