@@ -73,7 +73,7 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     training makes before Ray starts, then nothing is started."""
     import yaml
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import resume_preview, tracking_uri
     from pipelines.shards import local_shards
     from pipelines.train import prepare
 
@@ -93,6 +93,9 @@ def _preview(cfg, args: argparse.Namespace) -> int:
         return 0
     print(plan.describe(cfg) if plan else f"shard {cfg.data.source} into {local} "
           f"first; the schedule is resolved from its manifest, then train {cfg.name!r} for {cfg.train.steps} steps")
+    if plan and getattr(args, "resume", "fresh") != "fresh":  # train and run: the same-name check the real command makes
+        resumes = resume_preview(cfg.evolve({"run_dir": str(Path(cfg.run_dir).resolve())}), plan.run_params(), args.resume == "accept")
+        print(resumes or f"a new run {cfg.name!r}")
     print(f"MLflow: {tracking_uri(cfg)}")
     print("dry run: the config and inputs are valid; nothing was started")
     return 0

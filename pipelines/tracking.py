@@ -104,6 +104,36 @@ def changed_settings(params: dict[str, str], logged: dict[str, str]) -> list[tup
             if k in logged and logged[k] != v and k != "run_dir" and not k.startswith("tracking.")]
 
 
+def _resumable(cfg: Config, params: dict[str, str], logged: dict[str, str], accept_changes: bool) -> list[tuple[str, str, str]]:
+    """The settings that differ from the logged run's; a ConfigError listing them unless ``accept_changes``."""
+    differences = changed_settings(params, logged)
+    if differences and not accept_changes:
+        listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
+        raise ConfigError(f"run {cfg.name!r} in {cfg.run_dir} was started with other settings ({listed}): pass --resume to "
+                          "continue it with these, --fresh to start it anew (the old one is kept aside), or choose another name")
+    return differences
+
+
+def resume_preview(cfg: Config, extra_params: dict[str, str], accept_changes: bool) -> str | None:
+    """What opening the run would do to a run this directory already holds, said without changing anything (for
+    --dry-run): None for a new run, a line for a resume, the same ConfigError as open_run for changed settings."""
+    run_file = Path(cfg.run_dir) / RUN_FILE
+    if not run_file.exists():
+        return None
+    uri = tracking_uri(cfg)
+    try:
+        client = _client(uri)
+        run_id = _existing_run(client, run_file, uri)
+        logged = client.get_run(run_id).data.params if run_id else None
+    except Exception as err:  # noqa: BLE001 — as open_run: the store cannot be used
+        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {first_line(err)}") from None
+    if logged is None:
+        return None
+    differences = _resumable(cfg, {**flatten(cfg.to_dict()), **extra_params}, logged, accept_changes)
+    changed = f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else ""
+    return f"resumes run {cfg.name!r} (MLflow run {run_id}) from its latest checkpoint{changed}"
+
+
 def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None,
              accept_changes: bool = False) -> tuple[str, str]:
     """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume): only if
@@ -127,11 +157,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
             atomic_write(run_dir / RUN_FILE, lambda tmp: tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id})))
         else:
             logged = client.get_run(run_id).data.params
-            differences = changed_settings(params, logged)
-            if differences and not accept_changes:
-                listed = "; ".join(f"{k}: {old} → {new}" for k, old, new in differences[:5]) + (" …" if len(differences) > 5 else "")
-                raise ConfigError(f"run {cfg.name!r} in {run_dir} was started with other settings ({listed}): pass --resume to "
-                                  "continue it with these, --fresh to start it anew (the old one is kept aside), or choose another name")
+            differences = _resumable(cfg, params, logged, accept_changes)
             log.info("resuming run %r (MLflow run %s) from its latest checkpoint%s", cfg.name, run_id,
                      f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else "")
             client.update_run(run_id, status="RUNNING")

@@ -105,6 +105,11 @@ class TrainingPlan:
     schedule: Schedule
     storage: str  # Ray Train's storage_path
 
+    def run_params(self) -> dict[str, str]:
+        """What the driver resolved, logged beside the config's params (and compared with them on a resume)."""
+        return {"schedule.resolved_sigma_max": f"{self.schedule.sigmas[0]:.6g}", "schedule.resolved_num_levels": str(len(self.schedule.sigmas)),
+                "sampling.resolved_eps": f"{self.schedule.eps:.6g}", "data.shards": str(self.shards)}
+
     def describe(self, cfg: Config) -> str:
         """A few lines for --dry-run and --print-config."""
         sigmas = self.schedule.sigmas
@@ -175,10 +180,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         set_aside_previous_run(cfg, storage)
     connect_ray()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
-    uri, run_id = tracking.open_run(cfg, {"schedule.resolved_sigma_max": f"{schedule.sigmas[0]:.6g}",
-                                          "schedule.resolved_num_levels": str(len(schedule.sigmas)),
-                                          "sampling.resolved_eps": f"{schedule.eps:.6g}", "data.shards": str(shards), **(extra_params or {})},
-                                   parent_run_id, accept_changes=resume == "accept")
+    uri, run_id = tracking.open_run(cfg, {**plan.run_params(), **(extra_params or {})}, parent_run_id, accept_changes=resume == "accept")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)
     spec = WorkerSpec(cfg, schedule, manifest, run, objective,

@@ -56,6 +56,30 @@ def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_pat
     assert fresh.returncode == 0 and f"# resolved: after sharding digits into {tmp_path}" in fresh.stdout
 
 
+def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_shards, capsys):
+    # `run --dry-run --set train.steps=300` said "valid; nothing was started", then the real command refused the changed
+    # settings after starting Ray. The dry run now says what opening the run would do, and refuses the same way.
+    from pipelines import tracking
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from pipelines.train import prepare
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    overrides = [f"run_dir={tmp_path}", "tracking.system_metrics=false"]
+    cfg = load_config(config, overrides)
+    tracking.open_run(cfg.evolve({"run_dir": str(tmp_path.resolve())}), prepare(cfg, digits_shards).run_params())  # a run begun before
+    base = ["run", "--config", config, "--shards", digits_shards, "--dry-run", *[a for o in overrides for a in ("--set", o)]]
+
+    assert main(base) == 0 and "resumes run 'digits' (MLflow run " in capsys.readouterr().out
+    assert main([*base, "--set", "train.steps=300"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run 'digits' in" in err[0] and "was started with other settings (train.steps: 2500 → 300)" in err[0]
+    assert main([*base, "--set", "train.steps=300", "--resume"]) == 0
+    assert "from its latest checkpoint with changed settings: train.steps" in capsys.readouterr().out
+    assert main([*base, "--set", "train.steps=300", "--fresh"]) == 0 and "resumes" not in capsys.readouterr().out
+    assert not (tmp_path / "ray").exists()  # nothing was started
+
+
 def test_resume_and_fresh_are_explicit_and_exclusive():
     import pytest
 
