@@ -131,7 +131,11 @@ def resume_preview(cfg: Config, extra_params: dict[str, str], accept_changes: bo
         return None
     differences = _resumable(cfg, {**flatten(cfg.to_dict()), **extra_params}, logged, accept_changes)
     changed = f" with changed settings: {', '.join(k for k, _, _ in differences)}" if differences else ""
-    return f"resumes run {cfg.name!r} (MLflow run {run_id}) from its latest checkpoint{changed}"
+    last = max(logged_metric_steps(client, run_id), default=0)
+    if last >= cfg.train.steps:
+        return f"run {cfg.name!r} (MLflow run {run_id}) has trained all {cfg.train.steps} steps: training would do nothing{changed}"
+    at = f" (its last logged step is {last} of {cfg.train.steps})" if last else ""
+    return f"resumes run {cfg.name!r} (MLflow run {run_id}) from its latest checkpoint{at}{changed}"
 
 
 def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None,

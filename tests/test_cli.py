@@ -58,7 +58,8 @@ def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_pat
 
 def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_shards, capsys):
     # `run --dry-run --set train.steps=300` said "valid; nothing was started", then the real command refused the changed
-    # settings after starting Ray. The dry run now says what opening the run would do, and refuses the same way.
+    # settings after starting Ray, and on a finished run it said "train for 2500 steps". The dry run now says what
+    # opening the run would do, and refuses the same way.
     from pipelines import tracking
     from pipelines.cli import main
     from pipelines.config import load_config
@@ -67,7 +68,7 @@ def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_
     config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
     overrides = [f"run_dir={tmp_path}", "tracking.system_metrics=false"]
     cfg = load_config(config, overrides)
-    tracking.open_run(cfg.evolve({"run_dir": str(tmp_path.resolve())}), prepare(cfg, digits_shards).run_params())  # a run begun before
+    _, run_id = tracking.open_run(cfg.evolve({"run_dir": str(tmp_path.resolve())}), prepare(cfg, digits_shards).run_params())  # begun before
     base = ["run", "--config", config, "--shards", digits_shards, "--dry-run", *[a for o in overrides for a in ("--set", o)]]
 
     assert main(base) == 0 and "resumes run 'digits' (MLflow run " in capsys.readouterr().out
@@ -77,6 +78,8 @@ def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_
     assert main([*base, "--set", "train.steps=300", "--resume"]) == 0
     assert "from its latest checkpoint with changed settings: train.steps" in capsys.readouterr().out
     assert main([*base, "--set", "train.steps=300", "--fresh"]) == 0 and "resumes" not in capsys.readouterr().out
+    tracking.log_to_run(tracking.tracking_uri(cfg.evolve({"run_dir": str(tmp_path.resolve())})), run_id, {"loss": 9.0}, step=2500)
+    assert main(base) == 0 and "has trained all 2500 steps: training would do nothing" in capsys.readouterr().out
     assert not (tmp_path / "ray").exists()  # nothing was started
 
 
