@@ -109,7 +109,11 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _decreasing(self) -> ScheduleConfig:
-        if not self.recommend and self.sigma_min >= self.sigma_max:
+        if self.recommend:
+            return self
+        if self.num_levels == 1 and self.sigma_min != self.sigma_max:  # one noise level: σ_1 = σ_L
+            raise _Invalid("schedule.sigma_max when schedule.num_levels is 1", self.sigma_min, "sigma_min")
+        if self.num_levels > 1 and self.sigma_min >= self.sigma_max:
             raise _Invalid("> 0 and < schedule.sigma_max", self.sigma_min, "sigma_min")
         return self
 

@@ -58,6 +58,8 @@ def test_dotted_overrides_are_typed():
         (["train.steps=1.5"], r"train.steps must be int, got 1.5"),
         (["model.arch=unet"], r"model.arch must be one of"),
         (["schedule.recommend=false", "schedule.sigma_min=2"], r"schedule.sigma_min must be > 0 and < schedule.sigma_max, got 2.0"),
+        (["schedule.recommend=false", "schedule.num_levels=1"],
+         r"schedule.sigma_min must be schedule.sigma_max when schedule.num_levels is 1, got 0.01"),
         (["schedule.sigma_min=0"], r"schedule.sigma_min must be a finite number > 0, got 0.0"),
         (["schedule.recommend=false", "schedule.sigma_max=.inf"], r"schedule.sigma_max must be a finite number > 0, got inf"),
         (["data.source=cifar10"], r"data.input must be a path for source 'cifar10', got None"),
@@ -168,3 +170,22 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("optim:\n  lr: 2e-4\nsampling:\n  eps: 1e-5\n")  # YAML 1.1: strings
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.optim.lr, cfg.sampling.eps) == (2e-4, 1e-5)
+
+
+def test_a_single_noise_level_is_configurable_and_trains_and_samples():
+    # num_levels: 1 could not be configured (sigma_min had to be below sigma_max, and geometric_sigmas needs them equal).
+    import torch
+
+    from ncsn.models import ScoreNetwork
+    from ncsn.sampling import sample_images
+    from ncsn.sigmas import Schedule
+    from ncsn.train import train_steps
+
+    cfg = load_config(CONFIGS / "digits.yaml", ["schedule.recommend=false", "schedule.num_levels=1", "schedule.sigma_max=0.5",
+                                                "schedule.sigma_min=0.5", "model.ngf=8"])
+    assert cfg.sigmas().tolist() == [0.5]
+    net = ScoreNetwork(cfg.model, cfg.sigmas())
+    steps = list(train_steps(net, [torch.rand(4, 1, 8, 8)], cfg.sigmas(), torch.optim.Adam(net.parameters()), num_steps=1))
+    assert len(steps) == 1 and torch.isfinite(torch.tensor(steps[0].loss))
+    out = sample_images(net, (2, 1, 8, 8), Schedule((0.5,), 1e-5, 2), generator=torch.Generator().manual_seed(0)).samples
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
