@@ -213,9 +213,11 @@ def _sample(args: argparse.Namespace) -> int:
     print(summary.line())
     print(f"grid: {summary.output / 'grid.png'}")
     settings = summary.settings
-    if settings.mlflow_run_id and not args.no_mlflow and not summary.chunks_done:
+    if not settings.mlflow_run_id or args.no_mlflow:
+        return 0
+    if not summary.chunks_done:
         print("nothing new was sampled, so nothing new is logged to MLflow")
-    elif settings.mlflow_run_id and not args.no_mlflow:
+    else:
         artifacts = {"samples": summary.output / "grid.png"}
         if (summary.output / "trajectory.png").exists():
             artifacts["trajectory"] = summary.output / "trajectory.png"

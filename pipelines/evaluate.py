@@ -400,8 +400,9 @@ class Evaluator:
             try:  # torch-fidelity loads the weights as it builds the extractor: build it now, before any work
                 self._extractor = self._build_extractor()
             except RuntimeError as err:
-                raise EvaluationError(f"--inception-weights {inception_weights if isinstance(inception_weights, str) else ''}: "
-                                      f"these tensors are not torch-fidelity's Inception v3 ({first_line(err, 160)})") from None
+                origin = inception_weights if isinstance(inception_weights, str) else "(as given)"
+                raise EvaluationError(f"--inception-weights {origin}: these tensors are not torch-fidelity's Inception v3 "
+                                      f"({first_line(err, 160)})") from None
         self.extractor_id = _tensors_digest(state)  # the weights' content: a rebuild from the same seed has the same id
 
     def split_images(self, split: str) -> np.ndarray:

@@ -104,6 +104,11 @@ def changed_settings(params: dict[str, str], logged: dict[str, str]) -> list[tup
             if k in logged and logged[k] != v and k != "run_dir" and not k.startswith("tracking.")]
 
 
+def _unusable(uri: str, err: Exception) -> ConfigError:
+    return ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {first_line(err)}; "
+                       "start the server, or unset tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local sqlite store")
+
+
 def _resumable(cfg: Config, params: dict[str, str], logged: dict[str, str], accept_changes: bool) -> list[tuple[str, str, str]]:
     """The settings that differ from the logged run's; a ConfigError listing them unless ``accept_changes``."""
     differences = changed_settings(params, logged)
@@ -126,7 +131,7 @@ def resume_preview(cfg: Config, extra_params: dict[str, str], accept_changes: bo
         run_id = _existing_run(client, run_file, uri)
         logged = client.get_run(run_id).data.params if run_id else None
     except Exception as err:  # noqa: BLE001 — as open_run: the store cannot be used
-        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {first_line(err)}") from None
+        raise _unusable(uri, err) from None
     if logged is None:
         return None
     differences = _resumable(cfg, {**flatten(cfg.to_dict()), **extra_params}, logged, accept_changes)
@@ -175,8 +180,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 — any client error here means the store cannot be used
-        raise ConfigError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {first_line(err)}; "
-                          "start the server, or unset tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local sqlite store") from None
+        raise _unusable(uri, err) from None
     return uri, run_id
 
 
