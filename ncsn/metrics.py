@@ -1,6 +1,7 @@
-"""Sample-quality estimators on extracted features: KID (the unbiased MMD² with a 95% interval from its jackknife
-variance, whose coverage is measured), and FID and Inception Score with their spread at the counts used (both are biased
-at finite counts, so they get a standard deviation, not an interval). NumPy only; which network made the features, and
+"""Sample-quality estimators on extracted features, in two conventions. The project's: KID (the unbiased MMD² with a 95%
+interval from its jackknife variance, whose coverage is measured), FID and Inception Score with their spread at the counts
+used (both are biased at finite counts, so they get a standard deviation, not an interval). The published one: FID, IS as
+the mean ± sd over 10 splits, KID as the mean ± sd over 1000-row subsets. NumPy only; which network made the features, and
 how they are scaled, is the caller's."""
 from __future__ import annotations
 
@@ -37,16 +38,27 @@ class Spread:
         return f"{self.value:.4g} ±{self.sd:.2g}"
 
 
+def fid_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance (n − 1) of a feature set (n, d): what FID compares, and what a statistics file holds."""
+    x = features.astype(np.float64)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance_from_statistics(mu_x: np.ndarray, sigma_x: np.ndarray, mu_y: np.ndarray, sigma_y: np.ndarray) -> float:
+    """FID from two sets' statistics: |μx − μy|² + tr Σx + tr Σy − 2 tr (Σx^½ Σy Σx^½)^½ (Heusel et al. 2017)."""
+    w, v = np.linalg.eigh(sigma_x)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma_y @ root), 0, None)).sum()
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(sigma_x) + np.trace(sigma_y) - 2 * cross)
+
+
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     """FID between feature sets x (n, d) and y (m, d): |μx − μy|² + tr Σx + tr Σy − 2 tr (Σx Σy)^½ (Heusel et al. 2017)."""
+    if len(x) * len(y) > x.shape[1] ** 2:
+        return frechet_distance_from_statistics(*fid_statistics(x), *fid_statistics(y))
+    # few rows: the nonzero eigenvalues of Σx Σy are the squared singular values of Xc Ycᵀ / √((n−1)(m−1)), in n × m
     xc, yc = x - x.mean(0), y - y.mean(0)
-    if len(x) * len(y) <= x.shape[1] ** 2:
-        # the nonzero eigenvalues of Σx Σy are the squared singular values of Xc Ycᵀ / √((n−1)(m−1)): exact for any d
-        cross = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((len(x) - 1) * (len(y) - 1))
-    else:  # many rows: the same trace as Σ eigenvalues of Σx^½ Σy Σx^½ (symmetric), in d × d
-        w, v = np.linalg.eigh(xc.T @ xc / (len(x) - 1))
-        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ (yc.T @ yc / (len(y) - 1)) @ root), 0, None)).sum()
+    cross = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((len(x) - 1) * (len(y) - 1))
     trace_x, trace_y = (xc**2).sum() / (len(x) - 1), (yc**2).sum() / (len(y) - 1)
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + trace_x + trace_y - 2 * cross)
 
@@ -155,6 +167,31 @@ def inception_score(logits: np.ndarray) -> float:
     p = np.exp(log_p)
     log_marginal = np.log(p.mean(0))
     return float(np.exp((p * (log_p - log_marginal)).sum(1).mean()))
+
+
+def inception_score_splits(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> Spread:
+    """Inception Score as published: on each of ``splits`` consecutive parts of the rows in a seeded random order, and
+    the mean and sd (ddof 0) over parts (Salimans et al. 2016, §4; the order and parts torch-fidelity uses)."""
+    n = len(logits)
+    if n < splits:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} rows, got {n}")
+    shuffled = logits[np.random.RandomState(seed).permutation(n)]
+    scores = [inception_score(shuffled[i * n // splits:(i + 1) * n // splits]) for i in range(splits)]
+    return Spread(float(np.mean(scores)), float(np.std(scores)))
+
+
+def kid_subsets(x: np.ndarray, y: np.ndarray, subsets: int = 100, size: int = 1000, seed: int = 2020) -> Spread:
+    """KID as published: the unbiased MMD² (cubic kernel) of ``subsets`` random ``size``-row subsets of x and of y, its
+    mean and sd (ddof 0) over subsets (Bińkowski et al. 2018, §4; the draws torch-fidelity makes)."""
+    if min(len(x), len(y)) < size:
+        raise ValueError(f"KID over {size}-row subsets needs at least {size} rows per set, got {len(x)} and {len(y)}")
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    rng = np.random.RandomState(seed)
+    terms = []
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)]
+        terms.append(mmd2_jackknife(polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b))[0])
+    return Spread(float(np.mean(terms)), float(np.std(terms)))
 
 
 def bootstrap_spread(statistic: Callable[[np.ndarray, np.ndarray], float], n: int, m: int, resamples: int, seed: int) -> Spread:

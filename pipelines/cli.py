@@ -267,38 +267,84 @@ def _evaluate(args: argparse.Namespace) -> int:
     from data_prep.manifest import ShardError, load_manifest
     from data_prep.storage import StorageError, local_path
     from ncsn.atomic import atomic_write
-    from pipelines.evaluate import EvaluationError, Evaluator, load_image_folder
+    from pipelines.evaluate import Convention, EvaluationError, Evaluator, load_image_folder, load_reference_stats
     from pipelines.sample import SamplingError, load_samples, read_settings
     from pipelines.tracking import log_child_run
 
-    project_samples = (Path(args.samples) / "chunks").is_dir()
+    if args.compare:
+        return _compare_reports(args.compare)
+    project_samples = args.samples is not None and (Path(args.samples) / "chunks").is_dir()
     try:
-        if args.output and not local_path(args.output, "--output").parent.is_dir():
-            raise EvaluationError(f"--output {args.output}: its directory {Path(args.output).parent} does not exist")
+        if args.reference is None:
+            raise EvaluationError("--reference is required (the shard set whose split is the reference)")
+        if args.samples is None and args.save_stats is None:
+            raise EvaluationError("--samples is required (unless --save-stats only writes the reference's statistics, "
+                                  "or --compare reads two reports)")
+        for option, value in (("--output", args.output), ("--save-stats", args.save_stats)):
+            if value and not local_path(value, option).parent.is_dir():
+                raise EvaluationError(f"{option} {value}: its directory {Path(value).parent} does not exist")
+        convention = Convention(args.convention, args.is_splits, args.kid_subsets, args.kid_subset_size)
+        stats = load_reference_stats(args.reference_stats) if args.reference_stats else None
         settings = read_settings(args.samples) if project_samples else None
-        reference = None if project_samples else load_manifest(args.reference)
-        samples = (load_samples(args.samples) if project_samples
+        reference = None if project_samples or args.samples is None else load_manifest(args.reference)
+        samples = (None if args.samples is None else load_samples(args.samples) if project_samples
                    else load_image_folder(args.samples, reference.channels, reference.image_shape[0]))
+        if samples is not None:
+            convention.check_counts(len(samples), None)
         evaluator = Evaluator(args.reference, args.feature_extractor, args.inception_weights, args.split,
                               Path(args.cache_dir) if args.cache_dir else None, args.resamples, use_gpu=args.gpu,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, convention=convention, reference_stats=stats)
+        if args.save_stats:
+            evaluator.save_stats(Path(args.save_stats))
+            print(f"FID statistics of {evaluator.describe_reference()} ({args.feature_extractor} features, weights "
+                  f"{evaluator.extractor_id}) written to {args.save_stats}")
+        if samples is None:
+            return 0
         report = evaluator.report(samples, 0 if args.no_baselines else len(samples), seed=args.seed)
     except (EvaluationError, SamplingError, ShardError, StorageError) as err:
         print(f"ncsn-pipeline evaluate: error: {err}", file=sys.stderr)
         return 1
-    out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}.json"
+    out = Path(args.output) if args.output else Path(args.samples) / f"metrics_{args.feature_extractor}{'_published' if args.convention == 'published' else ''}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report.record(), indent=1)))  # replaces a link, never writes through it
-    print(f"{len(samples)} samples vs the {args.split} split of {args.reference}: {args.feature_extractor} features "
-          f"(extractor {evaluator.extractor_id}; fid and is ±sd from {args.resamples} bootstrap resamples) (samples vs reference):")
+    spread = f"fid and is_1split ±sd from {args.resamples} bootstrap resamples" if args.convention == "project" else "as papers report them"
+    print(f"{len(samples)} samples vs {evaluator.describe_reference()}: {args.feature_extractor} features ({spread}):")
     print(report.table())
     print(f"written to {out}")
     uri = args.tracking_uri or (settings.tracking_uri if settings else None)
     run_id = args.run_id or (settings.mlflow_run_id if settings else None)
     if uri and run_id:
-        _said_logged(log_child_run(uri, run_id, f"evaluate-{args.feature_extractor}", report.flat(), {"evaluation": out},
+        _said_logged(log_child_run(uri, run_id, f"evaluate-{args.feature_extractor}{'-published' if args.convention == 'published' else ''}", report.flat(), {"evaluation": out},
                                    step=settings.checkpoint_step if settings else 0,
                                    params={f"evaluation.{args.feature_extractor}_id": evaluator.extractor_id, "samples": str(args.samples),
-                                           "reference": f"{args.reference} ({args.split})"}), run_id, uri)
+                                           "reference": evaluator.describe_reference()}, tags=report.tags()), run_id, uri)
+    return 0
+
+
+def _compare_reports(paths: list[str]) -> int:
+    """Two or more JSON reports side by side (the model's numbers), with the card fields on which they differ flagged."""
+    import json
+
+    from pipelines.evaluate import Evaluation, card_lines, compare_cards
+
+    models = {}
+    for path in paths:
+        try:
+            record = json.loads(Path(path).read_text())
+            models[path] = Evaluation.from_record(record["model"])
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            print(f"ncsn-pipeline evaluate: error: --compare {path}: not a report written by `ncsn-pipeline evaluate` "
+                  f"({type(err).__name__}: {first_line(err, 160)})", file=sys.stderr)
+            return 1
+    for path, model in models.items():
+        print(f"{path}:")
+        print("\n".join(card_lines(model.card())))
+        print("\n".join(f"  {k:<28} {v:.6g}" for k, v in model.flat().items()))
+    differ = compare_cards({path: model.card() for path, model in models.items()})
+    if differ:
+        print("NOT COMPARABLE: the cards differ in")
+        print("\n".join(f"  {line}" for line in differ))
+    else:
+        print("comparable: the cards agree (the same convention, extractor weights, reference, counts, splits and subsets)")
     return 0
 
 
@@ -324,7 +370,12 @@ EXAMPLES = {
     "inpaint": "  ncsn-pipeline inpaint --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits "
                "--output runs/digits/inpaint --mask half",
     "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits\n"
-                "  ncsn-pipeline evaluate --samples other_model_pngs/ --reference runs/digits/shards/digits --output other.json",
+                "  ncsn-pipeline evaluate --samples other_model_pngs/ --reference runs/digits/shards/digits --output other.json\n"
+                "  ncsn-pipeline evaluate --samples runs/cifar10/samples --reference shards/cifar10 --split train+validation "
+                "--convention published --feature-extractor inception --inception-weights weights-inception-2015-12-05-6726825d.pth\n"
+                "  ncsn-pipeline evaluate --samples runs/cifar10/samples --reference shards/cifar10 --convention published "
+                "--feature-extractor inception --reference-stats cifar10-32x32.npz   # FID against published statistics\n"
+                "  ncsn-pipeline evaluate --compare a/metrics_inception_published.json b/metrics_inception_published.json",
 }
 
 
@@ -418,11 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
     paint.set_defaults(func=_inpaint)
 
     ev = sub.add_parser("evaluate", help="KID / FID / Inception Score, with intervals and baselines, of a sample set")
-    ev.add_argument("--samples", required=True,
+    ev.add_argument("--samples",
                     help="a directory written by `ncsn-pipeline sample`, or any folder of PNG/JPEG images of the reference's size")
-    ev.add_argument("--reference", required=True, help="shard directory or URL (its test split is the reference)")
-    ev.add_argument("--split", default="test", choices=("train", "validation", "test"),
-                    help="reference split (default %(default)s; tuning selects on validation, so judge on test)")
+    ev.add_argument("--reference", help="shard directory or URL (its --split is the reference)")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test", "train+validation"),
+                    help="reference split (default %(default)s; tuning selects on validation, so judge on test; papers on "
+                         "CIFAR-10 compare with the whole official training set: train+validation)")
+    ev.add_argument("--convention", choices=("project", "published"), default="project",
+                    help="project: KID with a 95%% interval, FID and one-split IS with bootstrap sds; published: FID, IS over "
+                         "splits, KID over subsets, as papers and torch-fidelity report them (default %(default)s)")
+    ev.add_argument("--reference-stats", metavar="FILE.npz", help="FID against these published statistics (mu, sigma: "
+                    "pytorch-fid, TTUR, EDM, or --save-stats files); published convention")
+    ev.add_argument("--save-stats", metavar="FILE.npz", help="write the reference's FID statistics (mu, sigma) here, to share them")
+    ev.add_argument("--is-splits", type=int, default=10, help="published: IS over this many splits (default %(default)s)")
+    ev.add_argument("--kid-subsets", type=int, default=100, help="published: KID over this many subsets (default %(default)s)")
+    ev.add_argument("--kid-subset-size", type=int, default=1000, help="published: … of this many rows (default %(default)s)")
+    ev.add_argument("--compare", nargs="+", metavar="REPORT.json", help="print these reports side by side, flagging the card "
+                    "fields (convention, extractor, reference, counts) on which they differ; nothing is computed")
     ev.add_argument("--feature-extractor", choices=["classifier", "inception"], default="classifier",
                     help="a classifier trained on the shards' labels, or Inception-v3 (default %(default)s)")
     ev.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception weights file, for machines without internet")
@@ -430,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the baselines' draws (default %(default)s)")
     ev.add_argument("--cache-dir", help="classifier weights, reference features, baselines (default $NCSN_CACHE or ~/.cache/ncsn-pipeline)")
     ev.add_argument("--no-baselines", action="store_true", help="skip the baselines (held-out real images, a fitted Gaussian)")
-    ev.add_argument("--output", metavar="FILE", help="where the JSON report goes (default <samples>/metrics_<extractor>.json)")
+    ev.add_argument("--output", metavar="FILE", help="where the JSON report goes (default <samples>/metrics_<extractor>.json; …_published.json in the published convention)")
     ev.add_argument("--tracking-uri", help="the MLflow store of --run-id (default: the one the checkpoint was trained with)")
     ev.add_argument("--run-id", help="log to a child run of this MLflow run (default: of the checkpoint's training run)")
     ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")

@@ -156,14 +156,30 @@ class SamplingConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """KID (95% interval), FID and IS (bootstrap sd) on torch-fidelity's feature extractors."""
+    """The pipeline's final evaluation on torch-fidelity's feature extractors, in one convention: project (KID with a 95%
+    interval, FID and one-split IS with bootstrap sds) or published (FID, IS over splits, KID over subsets; as papers
+    report them). Tuning's objective is always the project convention."""
 
+    convention: Annotated[Str, _one_of("project", "published")] = "project"
+    # the reference images; train+validation: the data set's whole official training set (what CIFAR-10 papers compare with)
+    reference_split: Annotated[Str, _one_of("train", "validation", "test", "train+validation")] = "test"
+    reference_stats: Str | None = None  # FID against published statistics (.npz of mu, sigma); published convention only
+    is_splits: Count = 10  # published convention: IS as the mean ± sd over this many splits
+    kid_subsets: Count = 100  # published convention: KID as the mean ± sd over this many subsets …
+    kid_subset_size: Annotated[Int, _at_least(3)] = 1000  # … of this many rows of each set
     feature_extractor: Annotated[Str, _one_of("classifier", "inception")] = "classifier"
     inception_weights: Str | None = None  # a local weights file for air-gapped clusters
     resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind FID's and IS's sd
     # classifier weights, reference features, baselines (keyed by the shard set); null: <run_dir>/eval_cache. Runs on the
     # same shards may share one directory on the evaluating node's disk.
     cache_dir: Annotated[Str, _rule(lambda s: "://" not in s, "a local directory, not a URL")] | None = None
+
+    @model_validator(mode="after")
+    def _stats_are_published(self) -> EvaluationConfig:
+        if self.reference_stats is not None and self.convention != "published":
+            raise _Invalid("null unless evaluation.convention is published (the project convention needs the reference's "
+                           "features)", self.reference_stats, "reference_stats")
+        return self
 
 
 class TrackingConfig(Section):
@@ -242,6 +258,15 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
     tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _published_counts(self) -> Config:
+        e, n = self.evaluation, self.sampling.num_samples
+        if e.convention == "published" and n < max(e.kid_subset_size, e.is_splits):
+            raise _Invalid(f"<= sampling.num_samples ({n}) with the published convention (KID draws subsets of this many "
+                           "samples; IS splits them)", e.kid_subset_size if n < e.kid_subset_size else e.is_splits,
+                           "evaluation.kid_subset_size" if n < e.kid_subset_size else "evaluation.is_splits")
+        return self
 
     def sigmas(self):
         """The fixed σ schedule (when not recommended from data)."""

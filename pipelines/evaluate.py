@@ -1,6 +1,9 @@
-"""KID, FID and Inception Score of a sample set against a shard split, on features from torch-fidelity's extractors.
+"""KID, FID and Inception Score of a sample set against a shard split (or published reference statistics), on features
+from torch-fidelity's extractors, in one of two conventions that every report names on its card.
 
-KID (reported as ``kid_std_<extractor>``) is the unbiased MMD² on features standardised by a fixed scaler (the
+``published`` computes what papers report, as torch-fidelity computes it: FID, IS as the mean ± sd over 10 splits, KID on
+raw features as the mean ± sd over 100 subsets of 1000 rows. ``project`` (the default, and tuning's) is built for
+comparisons: KID (reported as ``kid_std_<extractor>``) is the unbiased MMD² on features standardised by a fixed scaler (the
 training split's per-feature mean and sd), with a 95% interval from its unbiased variance; FID and IS, biased at finite
 counts, come with their bootstrap standard deviation at the counts used. Two feature extractors: torch-fidelity's
 Inception-v3 (downloaded, or a weights file given by path for air-gapped clusters) and a small CNN classifier trained
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,10 +38,12 @@ from tqdm import tqdm
 from data_prep.loader import make_loader
 from data_prep.manifest import Manifest, ShardError, load_manifest
 from data_prep.sources import IMAGE_SUFFIXES, ImageFolderSource, SourceError, stratified_indices
+from data_prep.storage import open_binary, storage_error
 from ncsn._checks import first_line
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
-from ncsn.metrics import Estimate, Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks
+from ncsn.metrics import (Estimate, Scaler, Spread, bootstrap_spread, fid_statistics, frechet_distance,
+                          frechet_distance_from_statistics, inception_score, inception_score_splits, kid, kid_in_blocks, kid_subsets)
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
@@ -45,6 +51,11 @@ CLASSIFIER_FORMAT = 2  # raised whenever the classifier changes: a cached one of
 BOOTSTRAP_ROWS = 2000  # up to this many rows per set, every number uses all rows (the bootstrap and KID's kernels: O(rows²))
 SCALER_ROWS = 2000  # training images whose features fix KID's scaler (a seeded draw; all of them when fewer)
 KID_FEATURES = "standardised by the training split's per-feature mean and sd"
+PROJECT, PUBLISHED = "project", "published"
+PUBLISHED_SEED = 2020  # torch-fidelity's rng_seed: the published convention's IS split order and KID subsets
+CLASSIFIER_FEATURES = 128  # the classifier's feature layer (FID, KID)
+INCEPTION_FEATURES = 2048  # Inception-v3's pool3 (FID, KID)
+STATS_METADATA = {"extractor", "extractor_id", "num_images", "reference"}  # what --save-stats adds to mu and sigma
 
 
 class EvaluationError(ValueError):
@@ -56,34 +67,95 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Convention:
+    """How the numbers are computed: ``project`` (KID on standardised features with a 95% interval, FID and one-split IS
+    with bootstrap sds) or ``published`` (FID; IS over ``is_splits`` splits; KID on raw features over ``kid_subsets``
+    subsets of ``kid_subset_size`` rows; the mean ± sd over splits and subsets, as torch-fidelity computes them)."""
+
+    name: str = PROJECT
+    is_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+    def __post_init__(self):
+        if self.name not in (PROJECT, PUBLISHED):
+            raise EvaluationError(f"convention must be {PROJECT} or {PUBLISHED}, got {self.name!r}")
+        for key, low in (("is_splits", 1), ("kid_subsets", 1), ("kid_subset_size", 3)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EvaluationError(f"{key} must be an integer >= {low}, got {value!r}")
+
+    @property
+    def published(self) -> bool:
+        return self.name == PUBLISHED
+
+    def check_counts(self, num_samples: int | None, num_reference: int | None, what: str = "samples") -> None:
+        """An EvaluationError (one line) when the published convention's splits or subsets do not fit these counts (None:
+        not checked)."""
+        if not self.published:
+            return
+        if num_samples is not None and num_samples < max(self.is_splits, self.kid_subset_size):
+            raise EvaluationError(f"{num_samples} {what}: the published convention needs at least {self.kid_subset_size} "
+                                  f"(KID's subset size; --kid-subset-size / evaluation.kid_subset_size) and {self.is_splits} "
+                                  "(IS's splits)")
+        if num_reference is not None and num_reference < self.kid_subset_size:
+            raise EvaluationError(f"the reference has {num_reference} images, fewer than KID's subset size "
+                                  f"{self.kid_subset_size} (--kid-subset-size / evaluation.kid_subset_size)")
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """KID with its 95% interval, FID and IS with their spread, of one set of images against a reference split, and what
-    made them."""
+    """One set of images scored against a reference, and the card of what its numbers depend on."""
 
     extractor: str  # classifier | inception
     extractor_id: str  # digest of the extractor's weights
-    reference_split: str  # train | validation | test
+    reference_split: str  # train | validation | test | train+validation, or stats (a statistics file)
     num_samples: int
-    num_reference: int
-    kid: Estimate  # on standardised features (KID_FEATURES)
-    fid: Spread
-    inception_score: Spread
+    num_reference: int | None  # None: a statistics file that does not say
+    kid: Estimate | Spread | None  # project: a 95% interval; published: mean ± sd over subsets; None: see kid_note
+    fid: Spread | float  # project: ± bootstrap sd; published: the value
+    inception_score: Spread  # project: one split ± bootstrap sd; published: mean ± sd over splits
+    convention: str = PROJECT
+    reference: str = ""  # the shard set (location, manifest digest) or the statistics file (path, sha256)
+    is_splits: int = 1
+    kid_features: str = KID_FEATURES  # or raw
+    kid_subsets: str = "all rows"  # all rows (one U-statistic) | K × N rows
+    kid_note: str = ""  # why kid is None
+
+    def card(self) -> dict[str, str | int | None]:
+        """What these numbers depend on: two reports compare only where their cards agree."""
+        return {"convention": self.convention, "extractor": self.extractor, "extractor_id": self.extractor_id,
+                "reference": self.reference, "reference_split": self.reference_split, "num_reference": self.num_reference,
+                "num_samples": self.num_samples, "is_splits": self.is_splits, "kid_features": self.kid_features,
+                "kid_subsets": self.kid_subsets}
 
     def flat(self, prefix: str = "") -> dict[str, float]:
-        """{kid_std_<extractor>: value, …_low/_high: its 95% interval, fid_<extractor>, …_sd, is_<extractor>, …_sd,
-        num_samples, num_reference}, keys prefixed."""
-        key = f"{prefix}kid_std_{self.extractor}"
-        out = {key: self.kid.value, f"{key}_low": self.kid.low, f"{key}_high": self.kid.high}
-        for name, spread in (("fid", self.fid), ("is", self.inception_score)):
-            key = f"{prefix}{name}_{self.extractor}"
-            out.update({key: spread.value, f"{key}_sd": spread.sd})
-        return {**out, f"{prefix}num_samples": self.num_samples, f"{prefix}num_reference": self.num_reference}
+        """Every number, keys prefixed. project: kid_std_<extractor> with _low/_high (its 95% interval), fid_<extractor>
+        and is_1split_<extractor> with _sd; published: kid_<extractor>, fid_<extractor>, is_<extractor>, KID and IS with
+        _sd over subsets and splits. Then num_samples and num_reference."""
+        out: dict[str, float] = {}
+        kid_key = f"{prefix}kid_std_{self.extractor}" if self.convention == PROJECT else f"{prefix}kid_{self.extractor}"
+        if isinstance(self.kid, Estimate):
+            out.update({kid_key: self.kid.value, f"{kid_key}_low": self.kid.low, f"{kid_key}_high": self.kid.high})
+        elif isinstance(self.kid, Spread):
+            out.update({kid_key: self.kid.value, f"{kid_key}_sd": self.kid.sd})
+        fid_key = f"{prefix}fid_{self.extractor}"
+        out.update({fid_key: self.fid.value, f"{fid_key}_sd": self.fid.sd} if isinstance(self.fid, Spread) else {fid_key: self.fid})
+        is_key = f"{prefix}is_1split_{self.extractor}" if self.convention == PROJECT else f"{prefix}is_{self.extractor}"
+        out.update({is_key: self.inception_score.value, f"{is_key}_sd": self.inception_score.sd, f"{prefix}num_samples": self.num_samples})
+        return out if self.num_reference is None else {**out, f"{prefix}num_reference": self.num_reference}
 
     @classmethod
     def from_record(cls, record: dict) -> Evaluation:
         def parse(v):
             return (Estimate(**v) if "low" in v else Spread(**v)) if isinstance(v, dict) else v
         return cls(**{k: parse(v) for k, v in record.items()})
+
+
+CARD_LABELS = {PROJECT: ("kid_std", "fid", "is_1split"), PUBLISHED: ("kid", "fid", "is")}
+CARD_NOTES = {PROJECT: "kid_std: KID on standardised features, value [95% interval]; fid, is_1split: value ±sd over bootstrap "
+                       "resamples at these counts (IS over all samples at once)",
+              PUBLISHED: "kid: KID on raw features, mean ±sd over subsets; fid: FID; is: Inception Score, mean ±sd over splits"}
 
 
 @dataclass(frozen=True)
@@ -101,23 +173,45 @@ class Report:
             out.update(evaluation.flat(f"{name}_"))
         return out
 
+    def card(self) -> dict[str, str | int | None]:
+        return self.model.card()
+
+    def tags(self) -> dict[str, str]:
+        """The card as MLflow tags (card.<field>)."""
+        return {f"card.{k}": str(v) for k, v in self.card().items()}
+
     def record(self) -> dict:
-        """JSON: each evaluation with its extractor id, reference split, counts, KID's interval and the others' spread."""
-        return {"model": asdict(self.model), "baselines": {k: asdict(v) for k, v in self.baselines.items()},
-                "extractor": self.extractor, "kid_features": KID_FEATURES}
+        """JSON: the card, each evaluation (with its own card fields), the extractor's record."""
+        return {"card": self.card(), "model": asdict(self.model), "baselines": {k: asdict(v) for k, v in self.baselines.items()},
+                "extractor": self.extractor}
 
     def table(self) -> str:
-        """Metrics (rows) by model and baselines (columns), with each column's counts: KID value [95% interval], FID and IS
-        value ±sd at these counts."""
+        """The card, then metrics (rows) by model and baselines (columns) with each column's counts."""
         columns = {"model": self.model, **self.baselines}
-        cells = {name: [str(getattr(e, attr)) for attr in ("kid", "fid", "inception_score")] for name, e in columns.items()}
-        heads = {name: f"{name} ({e.num_samples} vs {e.num_reference} {e.reference_split})" for name, e in columns.items()}
+        cells = {name: [str(e.kid) if e.kid is not None else f"n/a ({e.kid_note})", str(e.fid if isinstance(e.fid, Spread) else f"{e.fid:.4g}"),
+                        str(e.inception_score)] for name, e in columns.items()}
+        heads = {name: f"{name} ({e.num_samples} vs {e.num_reference if e.num_reference is not None else '?'} {e.reference_split})"
+                 for name, e in columns.items()}
         widths = {name: max(len(heads[name]), *(len(c) for c in cells[name])) for name in columns}
-        rows = [f"  {'':<8}" + "".join(f"  {heads[n]:<{widths[n]}}" for n in columns)]
-        for i, metric in enumerate(("kid_std", "fid", "is")):
-            rows.append(f"  {metric:<8}" + "".join(f"  {cells[n][i]:<{widths[n]}}" for n in columns))
-        rows.append("  (kid_std: KID on standardised features, value [95% interval]; fid, is: value ±sd at these counts)")
+        rows = card_lines(self.card()) + [f"  {'':<9}" + "".join(f"  {heads[n]:<{widths[n]}}" for n in columns)]
+        for i, metric in enumerate(CARD_LABELS[self.model.convention]):
+            rows.append(f"  {metric:<9}" + "".join(f"  {cells[n][i]:<{widths[n]}}" for n in columns))
+        rows.append(f"  ({CARD_NOTES[self.model.convention]})")
         return "\n".join(rows)
+
+
+def card_lines(card: dict) -> list[str]:
+    """A card as the lines a report opens with."""
+    return [f"  card: {card['convention']} convention; {card['extractor']} features (weights {card['extractor_id']}); "
+            f"{card['num_samples']} samples vs {card['reference']}",
+            f"        IS over {card['is_splits']} split(s); KID over {card['kid_subsets']}, on features {card['kid_features']}"]
+
+
+def compare_cards(cards: dict[str, dict]) -> list[str]:
+    """The card fields on which reports ({name: card}) differ, one line each: what makes their numbers incomparable."""
+    names = list(cards)
+    keys = [k for k in cards[names[0]] if len({json.dumps(c.get(k)) for c in cards.values()}) > 1]
+    return [f"{k}: " + " vs ".join(f"{cards[n].get(k)} ({n})" for n in names) for k in keys]
 
 
 class UInt8Images(Dataset):
@@ -171,8 +265,8 @@ class Classifier(nn.Module):
         def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.body = nn.Sequential(*block(channels, width), *block(width, width), *block(width, 2 * width, 2),
-                                  *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, 128))
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(128, num_classes))
+                                  *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, CLASSIFIER_FEATURES))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(CLASSIFIER_FEATURES, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
@@ -360,8 +454,73 @@ def _tensors_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Published FID reference statistics (μ, Σ of a reference's features), from a .npz file, and what identifies them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    source: str  # the file as given
+    sha256: str
+    extractor: str | None = None  # written by --save-stats: the extractor and its weights' digest, the image count
+    extractor_id: str | None = None
+    num_images: int | None = None
+
+    def describe(self) -> str:
+        return f"statistics file {self.source} (sha256 {self.sha256})"
+
+
+def load_reference_stats(path: str) -> ReferenceStats:
+    """FID statistics from a .npz (a path or URL): ``mu`` (d,) and ``sigma`` (d, d) as pytorch-fid, TTUR and EDM write
+    them, plus what --save-stats adds; read without unpickling, anything else refused with one line."""
+    what = f"--reference-stats {path}"
+    try:
+        with open_binary(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise EvaluationError(f"{what}: no such file") from None
+    except OSError as err:
+        raise EvaluationError(f"{what}: {first_line(storage_error(path, err), 200)}") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # noqa: BLE001 — not a zip of .npy arrays, or object arrays (pickles) refused
+        raise EvaluationError(f"{what}: not a NumPy .npz of plain arrays ({type(err).__name__}: {first_line(err, 160)})") from None
+    extra = set(arrays) - {"mu", "sigma"} - STATS_METADATA
+    if not {"mu", "sigma"} <= set(arrays) or extra:
+        raise EvaluationError(f"{what}: expected the arrays mu and sigma (FID statistics), found {sorted(arrays)}")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.dtype.kind != "f" or sigma.dtype.kind != "f" or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvaluationError(f"{what}: mu must be (d,) and sigma (d, d) floats, got {mu.shape} {mu.dtype} and {sigma.shape} {sigma.dtype}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationError(f"{what}: mu or sigma holds NaN or infinite values")
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * max(1.0, float(np.abs(sigma).max()))):
+        raise EvaluationError(f"{what}: sigma is not symmetric, so it is not a covariance matrix")
+    meta = {k: arrays[k].item() for k in STATS_METADATA & set(arrays)}
+    return ReferenceStats(mu, sigma, path, hashlib.sha256(data).hexdigest(), meta.get("extractor"), meta.get("extractor_id"),
+                          int(meta["num_images"]) if "num_images" in meta else None)
+
+
+def check_reference_stats(stats: ReferenceStats, extractor: str, extractor_id: str | None = None) -> None:
+    """An EvaluationError (one line) when ``stats`` were not made with this extractor: another dimension, another
+    extractor or weights digest, or (for the classifier, which is trained per shard set) no record of which."""
+    dim = CLASSIFIER_FEATURES if extractor == "classifier" else INCEPTION_FEATURES
+    what = f"--reference-stats {stats.source}"
+    if len(stats.mu) != dim:
+        raise EvaluationError(f"{what}: {len(stats.mu)}-d statistics, but the {extractor} extractor's features are {dim}-d")
+    if stats.extractor is not None and stats.extractor != extractor:
+        raise EvaluationError(f"{what}: made with the {stats.extractor} extractor, this evaluation uses {extractor}")
+    if extractor == "classifier" and stats.extractor_id is None:
+        raise EvaluationError(f"{what}: says nothing of the classifier that made it (each shard set trains its own); "
+                              "write it with `evaluate --save-stats` or use --feature-extractor inception")
+    if extractor_id is not None and stats.extractor_id is not None and stats.extractor_id != extractor_id:
+        raise EvaluationError(f"{what}: made with {extractor} weights {stats.extractor_id}, this evaluation's are {extractor_id}")
+
+
 class Evaluator:
-    """KID/FID/IS of uint8 sample arrays against one split of a shard set, with one feature extractor.
+    """KID/FID/IS of uint8 sample arrays against one split of a shard set (or reference statistics), with one feature
+    extractor, in one convention.
 
     Features come from torch-fidelity's extractor, metrics and intervals from ``ncsn.metrics``; torch-fidelity's own
     cache is never used (it unpickles with weights_only=False). Reference features and KID's scaler are cached as
@@ -370,19 +529,26 @@ class Evaluator:
 
     def __init__(self, shards: str, extractor: str = "classifier", inception_weights: str | dict[str, torch.Tensor] | None = None,
                  reference_split: str = "test", cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, convention: Convention = Convention(), reference_stats: ReferenceStats | None = None):
         if extractor not in ("classifier", "inception"):
             raise EvaluationError(f"feature extractor must be classifier or inception, got {extractor!r}")
         if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
             raise EvaluationError(f"bootstrap resamples must be an integer >= 10, got {resamples!r}")
+        if reference_stats is not None and not convention.published:
+            raise EvaluationError("--reference-stats needs the published convention (the project convention's KID "
+                                  "interval and bootstrap sds need the reference's features, not only their statistics)")
         self.shards, self.extractor, self.split = shards, extractor, reference_split
         self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
+        self.convention, self.stats = convention, reference_stats
         self.progress = progress and sys.stderr.isatty()  # torch-fidelity's feature-extraction bar, on a terminal only
         self.manifest = load_manifest(shards)
-        _check_split(self.manifest, reference_split)
+        count = split_count(self.manifest, reference_split)
+        if reference_stats is not None:
+            check_reference_stats(reference_stats, extractor)
+        else:
+            convention.check_counts(None, count)
         self.cache = (cache_dir or default_cache_dir()) / self.manifest.digest
         self._splits: dict[str, np.ndarray] = {}  # images of each split, decoded once
-        self.reference = self.split_images(reference_split)
         self.info: dict[str, float] = {}
         self._extractor, self._scaler = None, None
         if extractor == "classifier":
@@ -404,11 +570,20 @@ class Evaluator:
                 raise EvaluationError(f"--inception-weights {origin}: these tensors are not torch-fidelity's Inception v3 "
                                       f"({first_line(err, 160)})") from None
         self.extractor_id = _tensors_digest(state)  # the weights' content: a rebuild from the same seed has the same id
+        if reference_stats is not None:
+            check_reference_stats(reference_stats, extractor, self.extractor_id)
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The reference split's uint8 NHWC images."""
+        return self.split_images(self.split)
 
     def split_images(self, split: str) -> np.ndarray:
-        """The uint8 NHWC images of one split of the shard set, decoded on first use."""
+        """The uint8 NHWC images of one split of the shard set (or of train+validation, in that order), decoded on first use."""
         if split not in self._splits:
-            self._splits[split] = read_split(self.manifest, split)[0]
+            parts = split.split("+")
+            self._splits[split] = (read_split(self.manifest, split)[0] if len(parts) == 1
+                                   else np.concatenate([self.split_images(part) for part in parts]))
         return self._splits[split]
 
     def _layers(self) -> dict[str, str]:
@@ -445,9 +620,31 @@ class Evaluator:
 
     def reference_features(self) -> dict[str, np.ndarray]:
         """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
-        layers = set(self._layers().values())
+        layers, count = set(self._layers().values()), split_count(self.manifest, self.split)
         return self._cached(f"features-{self.split}", lambda: self.features(self.reference),
-                            lambda c: set(c) == layers and all(v.dim() == 2 and len(v) == len(self.reference) for v in c.values()))
+                            lambda c: set(c) == layers and all(v.dim() == 2 and len(v) == count for v in c.values()))
+
+    def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """μ and Σ of the reference's FID features: the statistics file's, else the reference split's."""
+        if self.stats is not None:
+            return self.stats.mu, self.stats.sigma
+        return fid_statistics(self.reference_features()[self._layers()["fid"]])
+
+    def save_stats(self, path: Path) -> None:
+        """The reference split's FID statistics as a .npz (mu, sigma, as pytorch-fid, TTUR and EDM read them), with the
+        extractor, its weights' digest, the image count and the reference (which `--reference-stats` checks)."""
+        mu, sigma = self.reference_statistics()
+        meta = {"extractor": self.extractor, "extractor_id": self.extractor_id, "num_images": split_count(self.manifest, self.split),
+                "reference": self.describe_reference()}
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez adds no .npz suffix
+                np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in meta.items()})
+        atomic_write(path, write)
+
+    def describe_reference(self) -> str:
+        if self.stats is not None:
+            return self.stats.describe()
+        return f"the {self.split} split of {self.manifest.location} (manifest {self.manifest.digest})"
 
     def scaler(self) -> Scaler:
         """KID's fixed feature scaler: the per-feature mean and sd of up to SCALER_ROWS training images (seed 0), once per
@@ -463,17 +660,27 @@ class Evaluator:
         return self._scaler
 
     def _check(self, images: np.ndarray, what: str) -> None:
-        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != self.reference.shape[1:]:
+        shape = tuple(self.manifest.image_shape)
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != shape:
             raise EvaluationError(f"{what} of shape {images.shape} ({images.dtype}) do not match the reference images "
-                                  f"{self.reference.shape[1:]} (uint8)")
+                                  f"{shape} (uint8)")
         if len(images) < 3:
             raise EvaluationError(f"{what}: {len(images)} image(s); KID's interval needs at least 3")
 
+    def _card(self) -> dict:
+        """The Evaluation fields every score of this evaluator shares (its card, less the counts)."""
+        c = self.convention
+        return {"extractor": self.extractor, "extractor_id": self.extractor_id, "convention": c.name,
+                "reference_split": "stats" if self.stats is not None else self.split, "reference": self.describe_reference(),
+                "is_splits": c.is_splits if c.published else 1, "kid_features": "raw (as extracted)" if c.published else KID_FEATURES,
+                "kid_subsets": f"{c.kid_subsets} subsets of {c.kid_subset_size} rows (seed {PUBLISHED_SEED})" if c.published
+                else "all rows (one U-statistic)"}
+
     def compare(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int = 0, reference_split: str | None = None) -> Evaluation:
-        """KID (standardised features, 95% interval), FID and IS (bootstrap sd) of feature sets ``ours`` against ``ref``.
-        Sets over BOOTSTRAP_ROWS rows: the values come from all rows (KID as the mean of the unbiased statistic over blocks
-        of that size), KID's interval width and the sds from a random BOOTSTRAP_ROWS-row subset of each (wider than all
-        rows would give: conservative)."""
+        """Project convention: KID (standardised features, 95% interval), FID and IS (bootstrap sd) of feature sets
+        ``ours`` against ``ref``. Sets over BOOTSTRAP_ROWS rows: the values come from all rows (KID as the mean of the
+        unbiased statistic over blocks of that size), KID's interval width and the sds from a random BOOTSTRAP_ROWS-row
+        subset of each (wider than all rows would give: conservative)."""
         layers, split = self._layers(), reference_split or self.split
         n, m = len(ours[layers["fid"]]), len(ref[layers["fid"]])
         if max(n, m) <= BOOTSTRAP_ROWS:
@@ -483,10 +690,10 @@ class Evaluator:
         small = self._compare_all({k: v[ix] for k, v in ours.items()}, {k: v[iy] for k, v in ref.items()}, seed, split)
         scale = self.scaler()
         value = kid_in_blocks(scale(ours[layers["kid"]]), scale(ref[layers["kid"]]), BOOTSTRAP_ROWS, seed)
-        return Evaluation(self.extractor, self.extractor_id, split, n, m,
-                          Estimate(value, value - (small.kid.value - small.kid.low), value + (small.kid.high - small.kid.value)),
-                          Spread(frechet_distance(ours[layers["fid"]], ref[layers["fid"]]), small.fid.sd),
-                          Spread(inception_score(ours[layers["isc"]]), small.inception_score.sd))
+        return Evaluation(**{**self._card(), "reference_split": split}, num_samples=n, num_reference=m,
+                          kid=Estimate(value, value - (small.kid.value - small.kid.low), value + (small.kid.high - small.kid.value)),
+                          fid=Spread(frechet_distance(ours[layers["fid"]], ref[layers["fid"]]), small.fid.sd),
+                          inception_score=Spread(inception_score(ours[layers["isc"]]), small.inception_score.sd))
 
     def _compare_all(self, ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], seed: int, split: str) -> Evaluation:
         layers, scale = self._layers(), self.scaler()
@@ -494,37 +701,63 @@ class Evaluator:
         n, m = len(x), len(y)
         fid = bootstrap_spread(lambda ix, iy: frechet_distance(x[ix], y[iy]), n, m, self.resamples, seed)
         score = bootstrap_spread(lambda ix, _: inception_score(logits[ix]), n, m, self.resamples, seed)
-        return Evaluation(self.extractor, self.extractor_id, split, n, m, kid(scale(ours[layers["kid"]]), scale(ref[layers["kid"]])),
-                          fid, score)
+        return Evaluation(**{**self._card(), "reference_split": split}, num_samples=n, num_reference=m,
+                          kid=kid(scale(ours[layers["kid"]]), scale(ref[layers["kid"]])), fid=fid, inception_score=score)
+
+    def published(self, ours: dict[str, np.ndarray]) -> Evaluation:
+        """Published convention: FID against the reference's statistics, IS over splits, KID over subsets of raw
+        features (none against a statistics file, or for a set smaller than a subset: kid_note says which)."""
+        layers, c = self._layers(), self.convention
+        x = ours[layers["fid"]]
+        fid = frechet_distance_from_statistics(*fid_statistics(x), *self.reference_statistics())
+        score = inception_score_splits(ours[layers["isc"]], c.is_splits, PUBLISHED_SEED)
+        if self.stats is not None:
+            kid_value, note, m = None, "a statistics file holds no features", self.stats.num_images
+        else:
+            ref = self.reference_features()[layers["kid"]]
+            m = len(ref)
+            small = min(len(x), m) < c.kid_subset_size
+            kid_value = None if small else kid_subsets(ours[layers["kid"]], ref, c.kid_subsets, c.kid_subset_size, PUBLISHED_SEED)
+            note = f"{min(len(x), m)} rows < subsets of {c.kid_subset_size}" if small else ""
+        return Evaluation(**self._card(), num_samples=len(x), num_reference=m, kid=kid_value, fid=fid, inception_score=score,
+                          kid_note=note)
 
     def evaluate(self, samples: np.ndarray, seed: int = 0) -> Evaluation:
-        """The metrics of ``samples`` (uint8 NHWC) against the reference split."""
+        """The metrics of ``samples`` (uint8 NHWC) against the reference, in this evaluator's convention (``seed``: the
+        project convention's bootstrap)."""
         self._check(samples, "samples")
+        if self.convention.published:
+            if len(samples) < self.convention.is_splits:
+                raise EvaluationError(f"{len(samples)} images, fewer than the {self.convention.is_splits} IS splits")
+            return self.published(self.features(samples))
         return self.compare(self.features(samples), self.reference_features(), seed)
 
     def metrics(self, samples: np.ndarray, seed: int = 0) -> dict[str, float]:
-        """evaluate() flattened: {kid_std_<extractor>: …, …_low, …_high, fid_<extractor>: …, …_sd, …, num_samples, num_reference}."""
+        """evaluate() flattened (Evaluation.flat)."""
         return self.evaluate(samples, seed).flat()
 
     def heldout_split(self) -> str:
         """The split of real images that the baselines compare with the reference: held out from training and from the
-        classifier (validation; test when the reference is the validation split)."""
-        return "test" if self.split == "validation" else "validation"
+        classifier (validation; test when the reference holds the validation split)."""
+        return "test" if "validation" in self.split.split("+") else "validation"
 
     def baselines(self, num_samples: int, seed: int = 0) -> dict[str, Evaluation]:
         """At up to ``num_samples``: real held-out images against the reference (heldout_real: what a model
         indistinguishable from the data scores at this count; neither the score network nor the classifier saw them;
         as many as the held-out split has) and a Gaussian fitted to the training split (gaussian: a weak model). Cached
-        per extractor, count, seed and resample count."""
+        per extractor, convention, reference, count, seed and resample count."""
         held = self.heldout_split()
-        _check_split(self.manifest, held)
-        path = self.cache / f"baselines-{self.split}-{self.extractor}-{self.extractor_id}-{num_samples}-{seed}-{self.resamples}.json"
+        split_count(self.manifest, held)
+        c = self.convention
+        protocol = (f"published{c.is_splits}-{c.kid_subsets}x{c.kid_subset_size}-{self.stats.sha256[:16] if self.stats else self.split}"
+                    if c.published else f"{self.split}-{self.resamples}")
+        path = self.cache / f"baselines-{protocol}-{self.extractor}-{self.extractor_id}-{num_samples}-{seed}.json"
         if path.exists():
             try:
                 return {k: Evaluation.from_record(v) for k, v in json.loads(path.read_text()).items()}
             except (ValueError, TypeError, AttributeError, KeyError) as err:
                 log.warning("ignoring unreadable baseline cache %s (%s); recomputing", path, type(err).__name__)
-        log.info("baselines at %d samples against the %s split (cached in %s)", num_samples, self.split, self.cache)
+        log.info("baselines at %d samples against %s (cached in %s)", num_samples, self.describe_reference(), self.cache)
         real, train = self.split_images(held), self.split_images("train")
         rng = np.random.default_rng(seed)
         real = real[np.sort(rng.permutation(len(real))[:num_samples])]
@@ -534,39 +767,55 @@ class Evaluator:
 
     def report(self, samples: np.ndarray, baseline_samples: int = 0, seed: int = 0) -> Report:
         """The samples' evaluation, with the baselines at ``baseline_samples`` (none when 0) and the extractor's record."""
+        self.convention.check_counts(len(samples), None)  # before any features are extracted
         model = self.evaluate(samples, seed)
-        dead = int((self.reference_features()[self._layers()["fid"]].std(0) == 0).sum())  # features constant on the reference
+        spread = np.diag(self.stats.sigma) if self.stats is not None else self.reference_features()[self._layers()["fid"]].std(0)
+        dead = int((spread == 0).sum())  # features constant on the reference
         return Report(model, self.baselines(baseline_samples, seed) if baseline_samples else {},
                       {**self.info, "extractor_dead_features": float(dead)})
 
 
-def _check_split(manifest: Manifest, split: str) -> None:
-    """An EvaluationError (one line) when the shard set has no such split."""
+def split_count(manifest: Manifest, split: str) -> int:
+    """The number of images in a split of the shard set, or in train+validation (the data set's official training set);
+    an EvaluationError (one line) when the shard set has no such split."""
     try:
-        manifest.split(split)
+        return sum(manifest.split(part).count for part in split.split("+"))
     except ShardError as err:
         raise EvaluationError(str(err)) from None
 
 
-def _report(shards: str, samples: np.ndarray, extractor: str, inception_weights: dict[str, torch.Tensor] | None,
-            cache_dir: str | None, resamples: int, use_gpu: bool, baseline_samples: int, seed: int) -> Report:
-    evaluator = Evaluator(shards, extractor, inception_weights, cache_dir=Path(cache_dir) if cache_dir else None,
-                          resamples=resamples, use_gpu=use_gpu)
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What one evaluation needs besides the samples, checked on the driver and shipped to the worker as it is."""
+
+    shards: str
+    extractor: str = "classifier"
+    reference_split: str = "test"
+    convention: Convention = Convention()
+    reference_stats: ReferenceStats | None = None
+    cache_dir: str | None = None
+    resamples: int = 200
+    use_gpu: bool = False
+
+
+def _report(request: EvaluationRequest, samples: np.ndarray, inception_weights: dict[str, torch.Tensor] | None,
+            baseline_samples: int, seed: int) -> Report:
+    r = request
+    evaluator = Evaluator(r.shards, r.extractor, inception_weights, r.reference_split, Path(r.cache_dir) if r.cache_dir else None,
+                          r.resamples, r.use_gpu, progress=False, convention=r.convention, reference_stats=r.reference_stats)
     return evaluator.report(samples, baseline_samples, seed)
 
 
-def evaluate_on_worker(shards: str, samples: np.ndarray, extractor: str = "classifier", inception_weights: str | None = None,
-                       cache_dir: Path | None = None, resamples: int = 200, use_gpu: bool = False, baseline_samples: int = 0,
-                       seed: int = 0, num_cpus: float = 1) -> Report:
-    """Evaluator.report in a Ray task with the given resources (a GPU when ``use_gpu``): the samples go there through
-    Ray's object store, the reference is read from ``shards`` (a path or URL) there, and only the report comes back.
-    Inception weights given as a file are verified here, on the driver."""
+def evaluate_on_worker(request: EvaluationRequest, samples: np.ndarray, inception_weights: str | None = None,
+                       baseline_samples: int = 0, seed: int = 0, num_cpus: float = 1) -> Report:
+    """Evaluator.report in a Ray task with the given resources (a GPU when ``request.use_gpu``): the samples go there
+    through Ray's object store, the reference is read from ``request.shards`` (a path or URL) there, and only the report
+    comes back. Inception weights given as a file are verified here, on the driver."""
 
     state = check_inception_weights(inception_weights) if inception_weights else None
-    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)(_report)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=1 if request.use_gpu else 0, max_retries=0)(_report)
     try:
-        return ray.get(task.remote(shards, ray.put(samples), extractor, state, str(cache_dir) if cache_dir else None,
-                                   resamples, use_gpu, baseline_samples, seed))
+        return ray.get(task.remote(request, ray.put(samples), state, baseline_samples, seed))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, (EvaluationError, ValueError, OSError)):  # bad input or an unreadable location: one line
             raise err.cause from None

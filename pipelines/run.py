@@ -13,7 +13,9 @@ from ncsn.data import from_stored
 
 from pipelines import tracking
 from pipelines.config import Config
-from pipelines.evaluate import Report, evaluate_on_worker, read_split
+from data_prep.manifest import load_manifest
+from pipelines.evaluate import (Convention, EvaluationRequest, Report, check_reference_stats, evaluate_on_worker, load_reference_stats,
+                                 read_split, split_count)
 from pipelines.sample import SamplingOptions, load_samples, open_checkpoint, run_inpainting, run_sampling
 from pipelines.train import run_training, set_aside_previous_run
 
@@ -33,15 +35,31 @@ class PipelineResult:
     train_run_id: str
 
     def table(self) -> str:
-        """The evaluation table (KID [95% interval], FID and IS ±sd; model and baselines), then the run's other numbers."""
+        """The evaluation table (its card, then the metrics of model and baselines), then the run's other numbers."""
         rest = {**self.evaluation.extractor, **{k: v for k, v in self.metrics.items() if k not in self.evaluation.flat()}}
         width = max(len(k) for k in rest)
         return self.evaluation.table() + "\n" + "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items())
 
 
+def evaluation_request(cfg: Config, shards: str) -> EvaluationRequest:
+    """The final evaluation's inputs, checked on the driver before any work: the reference split and its count, the
+    statistics file (read once, shipped to the evaluating worker)."""
+    e = cfg.evaluation
+    convention = Convention(e.convention, e.is_splits, e.kid_subsets, e.kid_subset_size)
+    stats = load_reference_stats(e.reference_stats) if e.reference_stats else None
+    if stats is not None:
+        check_reference_stats(stats, e.feature_extractor)
+    count = split_count(load_manifest(shards), e.reference_split)
+    if stats is None:
+        convention.check_counts(None, count)
+    return EvaluationRequest(shards, e.feature_extractor, e.reference_split, convention, stats, str(cfg.eval_cache_dir()),
+                             e.resamples, cfg.cluster.use_gpu)
+
+
 def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = "auto") -> PipelineResult:
     """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring (``resume``: as for
     run_training)."""
+    request = evaluation_request(cfg, shards)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = cfg.evolve({"run_dir": str(run_dir)})
     if resume == "fresh":  # the previous runs set aside here, training starts anew by itself
@@ -68,10 +86,9 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
                                        run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
                                        progress=progress)
 
-        log.info("stage 4/4: evaluating with %s features on a Ray worker", cfg.evaluation.feature_extractor)
-        report = evaluate_on_worker(shards, load_samples(samples.output), cfg.evaluation.feature_extractor,
-                                    cfg.evaluation.inception_weights, cache_dir=cfg.eval_cache_dir(),
-                                    resamples=cfg.evaluation.resamples, use_gpu=cfg.cluster.use_gpu,
+        log.info("stage 4/4: evaluating with %s features on a Ray worker (%s convention)", cfg.evaluation.feature_extractor,
+                 cfg.evaluation.convention)
+        report = evaluate_on_worker(request, load_samples(samples.output), cfg.evaluation.inception_weights,
                                     baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed, num_cpus=cfg.cluster.cpus_per_worker)
         metrics = {**report.flat(), "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
     except BaseException:
@@ -85,7 +102,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
         artifacts["trajectory"] = samples.output / "trajectory.png"
     params = {f"evaluation.{report.model.extractor}_id": report.model.extractor_id}
     tracking.log_to_run(uri, trained.run.run_id, metrics, {k: v for k, v in artifacts.items() if k != "summary"}, step=int(trained.metrics.get("step", 0)),
-                        params=params)
-    tracking.log_to_run(uri, parent, metrics, artifacts, params=params)
+                        params=params, tags=report.tags())
+    tracking.log_to_run(uri, parent, metrics, artifacts, params=params, tags=report.tags())
     tracking.finish_run(uri, parent)
     return result

@@ -281,7 +281,8 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
 
 
 def log_child_run(uri: str, parent_run_id: str, name: str, metrics: dict[str, float] | None = None,
-                  artifacts: dict[str, Path] | None = None, step: int = 0, params: dict[str, str] | None = None) -> str | None:
+                  artifacts: dict[str, Path] | None = None, step: int = 0, params: dict[str, str] | None = None,
+                  tags: dict[str, str] | None = None) -> str | None:
     """A finished child run of ``parent_run_id`` (in its experiment, nested under it) holding what an ad-hoc command
     made, so the parent's own metrics are never overwritten; its id, or None (with a warning) when the store cannot
     take it."""
@@ -292,7 +293,7 @@ def log_child_run(uri: str, parent_run_id: str, name: str, metrics: dict[str, fl
     except Exception as err:  # noqa: BLE001
         log.warning("could not open a child of MLflow run %s at %s: %s: %s", parent_run_id, uri, type(err).__name__, first_line(err, 200))
         return None
-    logged = log_to_run(uri, child, metrics, artifacts, step, params)
+    logged = log_to_run(uri, child, metrics, artifacts, step, params, tags)
     try:
         client.set_terminated(child, "FINISHED" if logged else "FAILED")
     except Exception as err:  # noqa: BLE001

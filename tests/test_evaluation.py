@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from data_prep.sources import DigitsSource, held_out_indices, stratified_indices
-from ncsn.metrics import (Scaler, Spread, bootstrap_spread, frechet_distance, inception_score, kid, kid_in_blocks,
-                          mmd2_jackknife, mmd2_unbiased_variance, polynomial_kernel)
+from ncsn.metrics import (Scaler, Spread, bootstrap_spread, fid_statistics, frechet_distance, frechet_distance_from_statistics,
+                          inception_score, inception_score_splits, kid, kid_in_blocks, kid_subsets, mmd2_jackknife,
+                          mmd2_unbiased_variance, polynomial_kernel)
 from pipelines.tune.verdict import Candidate, candidates, detectable_difference, judge, select, verdict
 
 CLI = str(Path(sys.executable).parent / "ncsn-pipeline")
@@ -44,6 +45,22 @@ def test_estimators_equal_torch_fidelitys():
     assert frechet_distance(few, many) == pytest.approx(fid_statistics_to_metric(*stats, False)["frechet_inception_distance"], rel=1e-7)
     logits = rng.standard_normal((200, 10)) * 3
     assert inception_score(logits) == pytest.approx(isc_features_to_metric(torch.from_numpy(logits), splits=1)["inception_score_mean"], rel=1e-9)
+    # the published convention: IS over 10 splits in torch-fidelity's seeded order (a 203-row set: unequal parts), KID over
+    # subsets drawn as torch-fidelity draws them (x's rows, then y's, per subset), FID from statistics; a wrong seed, order,
+    # split boundary or ddof moves these far beyond the tolerance
+    odd = rng.standard_normal((203, 10)) * 3
+    published_is = isc_features_to_metric(torch.from_numpy(odd), splits=10)
+    assert inception_score_splits(odd, 10, 2020) == Spread(pytest.approx(published_is["inception_score_mean"], rel=1e-12),
+                                                          pytest.approx(published_is["inception_score_std"], rel=1e-9))
+    assert inception_score_splits(odd, 10, 2021).value != pytest.approx(published_is["inception_score_mean"], rel=1e-6)
+    published_kid = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=7, kid_subset_size=60, verbose=False)
+    assert kid_subsets(x, y, 7, 60, 2020) == Spread(pytest.approx(published_kid["kernel_inception_distance_mean"], rel=1e-9),
+                                                   pytest.approx(published_kid["kernel_inception_distance_std"], rel=1e-9))
+    stats = [fid_features_to_statistics(torch.from_numpy(v)) for v in (x, y)]
+    assert frechet_distance_from_statistics(*fid_statistics(x), *fid_statistics(y)) == pytest.approx(
+        fid_statistics_to_metric(*stats, False)["frechet_inception_distance"], rel=1e-9)
+    with pytest.raises(ValueError, match="KID over 1000-row subsets needs at least 1000 rows per set, got 120 and 90"):
+        kid_subsets(x, y)
 
 
 def test_kid_variance_estimates_unbiased_and_jackknife():

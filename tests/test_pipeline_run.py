@@ -37,13 +37,13 @@ def _run_args(run_dir: Path | str, eval_cache: Path, config: str = "configs/digi
 
 def _check_outputs(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"fid_classifier", "fid_classifier_sd", "is_classifier", "kid_std_classifier", "kid_std_classifier_low",
+    assert {"fid_classifier", "fid_classifier_sd", "is_1split_classifier", "kid_std_classifier", "kid_std_classifier_low",
             "kid_std_classifier_high", "num_samples", "heldout_real_kid_std_classifier", "gaussian_fid_classifier",
             "classifier_test_accuracy", "extractor_dead_features", "final_loss"} <= set(summary)
     record = summary["evaluation"]["model"]  # each evaluation records its extractor's digest, reference split and counts
     assert record["num_samples"] == 60 and len(record["extractor_id"]) == 16 and record["reference_split"] == "test"
     assert set(record["kid"]) == {"value", "low", "high"} and set(record["fid"]) == {"value", "sd"}
-    assert "standardised" in summary["evaluation"]["kid_features"]
+    assert "standardised" in summary["evaluation"]["card"]["kid_features"]
     assert len(list((run_dir / "samples" / "images").glob("*.png"))) == 60
     assert (run_dir / "samples" / "grid.png").exists() and (run_dir / "inpainting" / "inpainting_centre.png").exists()
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -53,6 +53,9 @@ def _check_outputs(run_dir: Path) -> None:
     assert parent.info.status == child.info.status == "FINISHED"
     assert parent.data.metrics["fid_classifier"] == summary["fid_classifier"] == child.data.metrics["fid_classifier"]
     assert parent.data.params["evaluation.classifier_id"] == child.data.params["evaluation.classifier_id"] == record["extractor_id"]
+    card = summary["evaluation"]["card"]  # the card on both runs, as tags (a re-evaluation may change it)
+    assert parent.data.tags["card.convention"] == child.data.tags["card.convention"] == card["convention"] == "project"
+    assert parent.data.tags["card.reference"] == card["reference"] and card["num_samples"] == 60
     assert "loss_per_sigma/000" in child.data.metrics
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 

@@ -114,7 +114,7 @@ def test_the_trained_model_is_near_the_real_data_and_far_from_the_gaussian(train
     assert model.inception_score.value - gaussian.inception_score.value > 3 * (gaussian.inception_score.sd + model.inception_score.sd)
     assert model.num_samples == 500 and model.num_reference == 297 and model.reference_split == "test"
     assert set(report.flat()) >= {"kid_std_classifier", "kid_std_classifier_low", "kid_std_classifier_high", "fid_classifier",
-                                  "fid_classifier_sd", "is_classifier", "is_classifier_sd", "num_samples", "num_reference",
+                                  "fid_classifier_sd", "is_1split_classifier", "is_1split_classifier_sd", "num_samples", "num_reference",
                                   "gaussian_kid_std_classifier_low", "heldout_real_num_samples"}
     # the held-out real images are the validation split's 297, never trained on by the model or the classifier
     assert report.baselines["heldout_real"].num_samples == 297 and report.baselines["heldout_real"].kid.low <= 0
@@ -142,7 +142,7 @@ def test_inception_metrics_from_a_weights_file_given_by_path(tmp_path, ray_local
     evaluator = Evaluator(shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
     samples = np.random.default_rng(0).integers(0, 256, size=(24, 28, 28, 1), dtype=np.uint8)
     metrics = evaluator.metrics(samples)
-    assert {"fid_inception", "is_inception", "kid_std_inception", "kid_std_inception_low", "kid_std_inception_high"} <= set(metrics)
+    assert {"fid_inception", "is_1split_inception", "kid_std_inception", "kid_std_inception_low", "kid_std_inception_high"} <= set(metrics)
     assert all(np.isfinite(v) for v in metrics.values()) and metrics["num_reference"] == 12
     again = Evaluator(shards, "inception", inception_weights=str(weights), cache_dir=tmp_path / "cache", resamples=20)
     assert again.extractor_id == evaluator.extractor_id  # the feature cache is found again for the same weights
@@ -210,6 +210,7 @@ def test_sample_inpaint_and_evaluate_log_to_child_runs_and_never_into_the_traini
     scored = children()["evaluate-classifier"]
     assert "kid_std_classifier" in scored.data.metrics and {a.path for a in client.list_artifacts(scored.info.run_id)} == {"evaluation"}
     assert [m.step for m in client.get_metric_history(scored.info.run_id, "kid_std_classifier")] == [ckpt["step"]]
+    assert scored.data.tags["card.convention"] == "project" and scored.data.tags["card.num_samples"] == "20"
     training = client.get_run(run_id)
     assert client.list_artifacts(run_id) == [] and training.data.metrics == {"kid_std_classifier": 0.05}  # untouched
 
