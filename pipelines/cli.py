@@ -68,9 +68,9 @@ def _with_registration(cfg, args: argparse.Namespace):
     return cfg.evolve({"tracking.register_model": args.register_model}) if args.register_model else cfg
 
 
-def _preview(cfg, args: argparse.Namespace) -> int:
+def _preview(cfg, args: argparse.Namespace, evaluation: bool = False) -> int:
     """--print-config (the resolved config as YAML, the schedule included) or --dry-run (what would run): every check
-    training makes before Ray starts, then nothing is started."""
+    training (and with ``evaluation``, the final evaluation) makes before Ray starts, then nothing is started."""
     import yaml
 
     from pipelines.tracking import resume_preview, tracking_uri
@@ -96,6 +96,13 @@ def _preview(cfg, args: argparse.Namespace) -> int:
     if plan and getattr(args, "resume", "fresh") != "fresh":  # train and run: the same-name check the real command makes
         resumes = resume_preview(cfg.evolve({"run_dir": str(Path(cfg.run_dir).resolve())}), plan.run_params(), args.resume == "accept")
         print(resumes or f"a new run {cfg.name!r}")
+    if plan and evaluation:
+        from pipelines.run import evaluation_request
+
+        request = evaluation_request(cfg, plan.shards)
+        reference = request.reference_stats.describe() if request.reference_stats else f"the {request.reference_split} split"
+        print(f"evaluate {cfg.sampling.num_samples} samples in the {request.convention.name} convention with {request.extractor} "
+              f"features against {reference}")
     print(f"MLflow: {tracking_uri(cfg)}")
     print("dry run: the config and inputs are valid; nothing was started")
     return 0
@@ -131,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
-            return _preview(cfg, args)
+            return _preview(cfg, args, evaluation=True)
         with run_dir_lock(cfg.run_dir):
             result = run_pipeline(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), progress=not args.no_progress,
                                   resume=args.resume)

@@ -119,7 +119,7 @@ def test_statistics_files_in_the_published_formats_load_and_anything_else_is_ref
         check_reference_stats(ttur, "classifier")
 
 
-def test_the_published_convention_is_refused_before_any_work_when_its_counts_do_not_fit(digits_shards, eval_cache, tmp_path):
+def test_the_published_convention_is_refused_before_any_work_when_its_counts_do_not_fit(digits_shards, eval_cache, tmp_path, capsys):
     with pytest.raises(EvaluationError, match="the reference has 297 images, fewer than KID's subset size 1000"):
         Evaluator(digits_shards, "classifier", cache_dir=tmp_path / "never", convention=Convention("published"))
     assert not (tmp_path / "never").exists()  # refused before the classifier trained
@@ -135,6 +135,14 @@ def test_the_published_convention_is_refused_before_any_work_when_its_counts_do_
     with pytest.raises(EvaluationError, match="the reference has 297 images, fewer than KID's subset size 400"):
         run_pipeline(cfg, digits_shards)
     assert not (tmp_path / "run").exists()  # nothing trained, nothing tracked
+    from pipelines.cli import main
+    dry = ["run", "--config", str(CONFIGS / "digits.yaml"), "--dry-run", "--shards", digits_shards, "--set", f"run_dir={tmp_path / 'run'}",
+           "--set", "evaluation.convention=published", "--set", "evaluation.kid_subset_size=250"]
+    assert main(dry) == 0
+    assert "evaluate 500 samples in the published convention with classifier features against the test split" in capsys.readouterr().out
+    assert main(dry[:-1] + ["evaluation.kid_subset_size=400"]) == 1
+    assert capsys.readouterr().err.strip() == ("ncsn-pipeline run: error: the reference has 297 images, fewer than KID's subset size 400 "
+                                               "(--kid-subset-size / evaluation.kid_subset_size)")
     cifar = load_config(CONFIGS / "cifar10.yaml")
     assert (cifar.evaluation.convention, cifar.evaluation.reference_split, cifar.sampling.num_samples) == ("published", "train+validation", 50000)
 
