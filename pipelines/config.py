@@ -168,6 +168,9 @@ class EvaluationConfig(Section):
     kid_subsets: Count = 100  # published convention: KID as the mean ± sd over this many subsets …
     kid_subset_size: Annotated[Int, _at_least(3)] = 1000  # … of this many rows of each set
     feature_extractor: Annotated[Str, _one_of("classifier", "inception")] = "classifier"
+    # each checkpoint scored by a Ray task on this many samples against the validation split (KID, FID), logged as an MLflow
+    # LoggedModel; the best by KID is kept beside the latest and becomes model/checkpoint.pt. 0: the last checkpoint, unscored
+    checkpoint_samples: Annotated[Int, _rule(lambda n: n == 0 or n >= 3, "0 or >= 3 (KID's interval needs 3)")] = 0
     inception_weights: Str | None = None  # a local weights file for air-gapped clusters
     resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind FID's and IS's sd
     # classifier weights, reference features, baselines (keyed by the shard set); null: <run_dir>/eval_cache. Runs on the
@@ -235,6 +238,8 @@ class ClusterConfig(Section):
     cpus_per_worker: Positive = 1.0
     storage_path: Str | None = None  # default: <run_dir>/ray; shared or cloud storage on multi-node clusters
     shared_filesystem: Bool = False  # true: a local storage_path is mounted on every node (NFS, …)
+    # async: a checkpoint is uploaded to storage_path in the background while training goes on; sync: training waits for it
+    checkpoint_upload: Annotated[Str, _one_of("async", "sync")] = "async"
     max_failures: Annotated[Int, _at_least(0)] = 2
 
 

@@ -33,12 +33,15 @@ class PipelineResult:
     tracking_uri: str
     parent_run_id: str
     train_run_id: str
+    choice: str  # which checkpoint was sampled and evaluated, and why
 
     def table(self) -> str:
-        """The evaluation table (its card, then the metrics of model and baselines), then the run's other numbers."""
+        """Which checkpoint, the evaluation table (its card, then the metrics of model and baselines), then the run's other
+        numbers."""
         rest = {**self.evaluation.extractor, **{k: v for k, v in self.metrics.items() if k not in self.evaluation.flat()}}
         width = max(len(k) for k in rest)
-        return self.evaluation.table() + "\n" + "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items())
+        return (f"  {self.choice}\n" + self.evaluation.table() + "\n" +
+                "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items()))
 
 
 def evaluation_request(cfg: Config, shards: str) -> EvaluationRequest:
@@ -94,8 +97,11 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     except BaseException:
         tracking.finish_run(uri, parent, "FAILED")
         raise
-    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps({**metrics, "evaluation": report.record()}, indent=1)))
-    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id)
+    choice = trained.describe_choice() + (" — chosen on the validation split, judged below on the test split, which the "
+                                          "choice never saw" if trained.best else "")
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps({**metrics, "checkpoint": choice, "evaluation": report.record()},
+                                                                                 indent=1)))
+    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id, choice)
     atomic_write(run_dir / "summary.txt", lambda tmp: tmp.write_text(result.table() + "\n"))
     artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
     if (samples.output / "trajectory.png").exists():

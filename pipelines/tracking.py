@@ -280,6 +280,55 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
     return True
 
 
+def set_run_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    """A tag on the run; a store that cannot take it is a warning, not an error."""
+    try:
+        _client(uri).set_tag(run_id, key, value[:5000])
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not tag MLflow run %s at %s: %s", run_id, uri, first_line(err, 200))
+
+
+def log_sampler_model(uri: str, run_id: str, ckpt: Checkpoint, name: str, tags: dict[str, str] | None = None,
+                      step: int = 0, params: dict[str, str] | None = None) -> str:
+    """``ckpt`` as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the ``ncsn``
+    package and the checkpoint as an artifact: loading it unpickles nothing), a LoggedModel of the run at ``step``; its id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in Ray's worker logs
+    with (_fluent_tracking(uri), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, log_system_metrics=False),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time)
+        checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
+        info = mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
+                                       artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
+                                       pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config), tags=tags,
+                                       step=step, params=params)
+    return info.model_id
+
+
+def log_checkpoint_model(uri: str, run_id: str, ckpt: Checkpoint, metrics: dict[str, float], dataset: tuple[str, str]) -> str | None:
+    """A scored training checkpoint as a LoggedModel "checkpoint" of the run at its step, with ``metrics`` logged at that
+    step and linked to it and to the shard set (``dataset``: name, digest); its id, or None (a warning) when the store
+    cannot take it."""
+    try:
+        model_id = log_sampler_model(uri, run_id, ckpt, "checkpoint", {"ncsn.step": str(ckpt.step)}, ckpt.step, {"step": str(ckpt.step)})
+        client, now = _client(uri), int(time.time() * 1000)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value), now, ckpt.step, dataset_name=dataset[0], dataset_digest=dataset[1],
+                              model_id=model_id)
+        return model_id
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not log checkpoint of step %d to MLflow run %s at %s: %s: %s", ckpt.step, run_id, uri, type(err).__name__,
+                    first_line(err, 200))
+        return None
+
+
+def register_best(uri: str, model_id: str, name: str) -> str:
+    """Register the LoggedModel ``model_id`` as a new version of ``name`` with the alias ``best``; the version."""
+    with _fluent_tracking(uri):
+        version = mlflow.register_model(f"models:/{model_id}", name).version
+    _client(uri).set_registered_model_alias(name, "best", str(version))
+    return str(version)
+
+
 def log_child_run(uri: str, parent_run_id: str, name: str, metrics: dict[str, float] | None = None,
                   artifacts: dict[str, Path] | None = None, step: int = 0, params: dict[str, str] | None = None,
                   tags: dict[str, str] | None = None) -> str | None:
@@ -412,13 +461,7 @@ class RunLogger:
         def send() -> None:
             for unfinished in self._models(name, tags, "PENDING"):  # an attempt the outage cut short shows as failed
                 self._client.finalize_logged_model(unfinished.model_id, "FAILED")
-            with (_fluent_tracking(self.uri), tempfile.TemporaryDirectory() as tmp,
-                  mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings()):
-                warnings.simplefilter("ignore", UserWarning)  # no input example (it would sample at log time)
-                checkpoint = save_checkpoint(Path(tmp) / "checkpoint.pt", ckpt)
-                mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("mlflow_sampler.py")),
-                                        artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(Path(ncsn.__file__).parent)],
-                                        pip_requirements=_requirements(), signature=_sampler_signature(ckpt.model_config), tags=tags)
+            log_sampler_model(self.uri, self.run_id, ckpt, name, tags)
         self._submit(send, landed=lambda: bool(self._models(name, tags, "READY")))
         if register_as:
             self._submit(lambda: self._register(name, tags, register_as), landed=lambda: self._registered(name, tags, register_as))

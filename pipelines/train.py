@@ -15,7 +15,7 @@ import fsspec
 import pyarrow
 import pyarrow.fs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, ValidationConfig
 from ray.train.torch import TorchTrainer
 
 from data_prep.loader import check_shards_present
@@ -26,6 +26,7 @@ from ncsn.checkpoint import RunRef
 from ncsn.sigmas import Schedule, recommend_schedule
 from pipelines import tracking
 from pipelines.cluster import connect_ray
+from pipelines.checkpoint_validation import CheckpointValidation, best_checkpoint, score_attribute
 from pipelines.config import Config, ConfigError
 from pipelines.rendezvous import BoundTorchConfig
 from pipelines.train_worker import CHECKPOINT_FILE, WorkerSpec, train_loop_per_worker
@@ -61,13 +62,25 @@ def _check_shapes(cfg: Config, manifest: Manifest) -> None:
 
 @dataclass
 class TrainRun:
-    """What a training run leaves: Ray's last checkpoint and metrics, the MLflow run, the schedule it used."""
+    """What a training run leaves: Ray's last checkpoint and metrics, the checkpoint it chose, the MLflow run, the
+    schedule it used."""
 
-    checkpoint: object  # ray.train.Checkpoint (its directory holds checkpoint.pt)
-    model_file: Path  # <run_dir>/model/checkpoint.pt: a local copy of that checkpoint
+    checkpoint: object  # ray.train.Checkpoint of the last step (its directory holds checkpoint.pt)
+    model_file: Path  # <run_dir>/model/checkpoint.pt: a local copy of the chosen checkpoint (the best validated, else the last)
     metrics: dict
     run: RunRef
     schedule: Schedule
+    best: dict | None = None  # the chosen checkpoint's metrics (val_step, val_kid_std_…) when checkpoints were validated
+
+    def describe_choice(self) -> str:
+        """Which checkpoint model_file is, and why."""
+        last = f"step {self.metrics.get('step')}"
+        if not self.best:
+            return f"model: the last checkpoint ({last}); no checkpoint was scored on the validation split"
+        key = next(k for k in self.best if k.startswith("val_kid_std_") and not k.endswith(("_low", "_high")))
+        return (f"model: the checkpoint of step {self.best['val_step']}, lowest {key} on the validation split "
+                f"({self.best[key]:.4g} [{self.best[key + '_low']:.4g}, {self.best[key + '_high']:.4g}], "
+                f"{self.best.get('val_num_samples', '?')} samples); the last is {last} (model/last.pt)")
 
 
 def check_storage_url(storage: str) -> None:
@@ -132,6 +145,9 @@ def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> Traini
     if cfg.train.batch_size > manifest.split("train").count:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is larger than the {manifest.split('train').count} training images "
                           f"of {shards}", "train.batch_size")
+    if cfg.evaluation.checkpoint_samples and "validation" not in manifest.splits:
+        raise ConfigError(f"evaluation.checkpoint_samples scores checkpoints on the validation split, which {shards} does not have "
+                          "(written before validation splits existed): re-run `ncsn-pipeline shard`, or set it to 0")
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by cluster.num_workers ({cfg.cluster.num_workers})")
     schedule = resolve_schedule(cfg, manifest)
@@ -183,15 +199,27 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     uri, run_id = tracking.open_run(cfg, {**plan.run_params(), **(extra_params or {})}, parent_run_id, accept_changes=resume == "accept")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)
-    spec = WorkerSpec(cfg, schedule, manifest, run, objective,
-                      verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
+    validated_by, validation, keep = None, None, CheckpointConfig(num_to_keep=3)
+    if cfg.evaluation.checkpoint_samples and objective is None:  # tuning trials are scored by their own objective
+        validated_by = score_attribute(cfg.evaluation.feature_extractor)
+        e = cfg.evaluation
+        scorer = CheckpointValidation(ObjectiveSpec(shards, "validation", e.feature_extractor, str(cfg.eval_cache_dir()), e.checkpoint_samples,
+                                                    e.resamples, cfg.sampling.denoise, cfg.train.checkpoint_every, e.inception_weights),
+                                      cfg.train.seed + 2, uri, run_id, (manifest.dataset, manifest.digest))
+        validation = ValidationConfig(scorer, ray_remote_kwargs={"num_cpus": cfg.cluster.cpus_per_worker, "max_retries": 0,
+                                                                 "num_gpus": 1 if cfg.cluster.use_gpu else 0})
+        keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validated_by, checkpoint_score_order="min")  # and the latest
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray Train logs every report and checkpoint path at INFO
+    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by)
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
         torch_config=BoundTorchConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3), callbacks=callbacks or []),
+                             checkpoint_config=keep, callbacks=callbacks or [],
+                             logging_config=LoggingConfig(log_level="DEBUG" if verbose else "WARNING")),
+        validation_config=validation,
     )
     try:
         result = trainer.fit()
@@ -202,10 +230,19 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     if message:
         tracking.finish_run(uri, run_id, "FAILED")
         raise TrainingError(message)
+    chosen = best_checkpoint(result.best_checkpoints or [], validated_by) if validated_by else None
+    model_dir = Path(cfg.run_dir, "model")
+    model_dir.mkdir(exist_ok=True)
+    for checkpoint, name in ((result.checkpoint, "last.pt"), (chosen[0] if chosen else result.checkpoint, CHECKPOINT_FILE)):
+        with checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
+            atomic_write(model_dir / name, lambda tmp: shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp))
+    trained = TrainRun(result.checkpoint, model_dir / CHECKPOINT_FILE, result.metrics, run, schedule, chosen[1] if chosen else None)
+    log.info("%s; %s", trained.describe_choice(), trained.model_file)
+    if chosen:
+        tracking.set_run_tag(uri, run_id, "best_checkpoint", trained.describe_choice())
+        if cfg.tracking.register_model and chosen[1].get("val_model_id"):
+            version = tracking.register_best(uri, chosen[1]["val_model_id"], cfg.tracking.register_model)
+            log.info("registered as %s version %s, alias best (models:/%s@best)", cfg.tracking.register_model, version,
+                     cfg.tracking.register_model)
     tracking.finish_run(uri, run_id)
-    model_file = Path(cfg.run_dir, "model", CHECKPOINT_FILE)
-    model_file.parent.mkdir(exist_ok=True)
-    with result.checkpoint.as_directory() as directory:  # a local copy, also when checkpoints live in cloud storage
-        atomic_write(model_file, lambda tmp: shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp))
-    log.info("final checkpoint: %s", model_file)
-    return TrainRun(result.checkpoint, model_file, result.metrics, run, schedule)
+    return trained

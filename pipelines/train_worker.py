@@ -46,7 +46,8 @@ class WorkerSpec:
     manifest: Manifest
     run: RunRef
     objective: ObjectiveSpec | None = None
-    verbose: bool = False
+    verbose: bool = False  # -v: Ray Train's per-report lines too
+    validated_by: str | None = None  # checkpoints are scored by a validation task, ranked by this metric (lower is better)
 
 
 class MetricsWindow:
@@ -225,14 +226,15 @@ class Record:
             self.log.set_tag("failure", failure)
         elif model.start < cfg.train.steps:
             ema = {k: v.cpu() for k, v in model.ema.state_dict().items()}
-            self.log.log_model(Checkpoint(cfg.model, spec.schedule, ema, step=step), register_as=cfg.tracking.register_model)
+            register = None if spec.validated_by else cfg.tracking.register_model  # else the driver registers the best checkpoint
+            self.log.log_model(Checkpoint(cfg.model, spec.schedule, ema, step=step), register_as=register)
         self.log.close(timeout=cfg.tracking.flush_timeout)
 
 
 def train_loop_per_worker(spec: WorkerSpec) -> str | None:
     """What each Ray Train worker runs (the module docstring). Returns the message of a deterministic failure, the same
     on every rank (Ray Train hands rank 0's to the driver)."""
-    _quiet_ray_train(spec.verbose)
+    _quiet_report_dumps(spec.verbose)
     cfg, schedule, sigmas = spec.config, spec.schedule, spec.schedule.tensor()
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
@@ -267,14 +269,18 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
     return failure[0] if failure else None
 
 
-def _quiet_ray_train(verbose: bool) -> None:
-    """Ray Train logs every report (22 per-σ losses) and every checkpoint's path at INFO: quieter unless -v."""
-    if not verbose:
-        from ray.train.v2._internal.execution import context as train_context  # private modules, imported only to quiet them
-        from ray.train.v2._internal.execution import storage as train_storage  # (the same)
+class _WithoutReportDumps(logging.Filter):
+    """Drops Ray Train's "Reporting training result …" line (every report's 22 per-σ losses). Ray names that module's
+    logger by its file path, not under ``ray.train``, so RunConfig's LoggingConfig does not reach it."""
 
-        for module in (train_context, train_storage):
-            module.logger.setLevel(logging.WARNING)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Reporting training result")
+
+
+def _quiet_report_dumps(verbose: bool) -> None:
+    if not verbose:
+        for handler in logging.getLogger().handlers:  # Ray Train's console and file handlers on the root logger
+            handler.addFilter(_WithoutReportDumps())
 
 
 def agreed_batches(loader, device: torch.device):
@@ -321,12 +327,17 @@ def _steps(ddp_model: torch.nn.Module, loader, model: Model, cfg: Config, sigmas
 
 
 def _report(metrics: dict, spec: WorkerSpec, model: Model, step: int, with_checkpoint: bool) -> None:
-    """Every rank's ray.train.report (in lockstep), with rank 0's checkpoint at checkpoint steps."""
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if with_checkpoint:
-            cfg = spec.config
-            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, spec.schedule, model.net.state_dict(), model.ema.state_dict(),
-                                                                    model.optimizer.state_dict(), step, spec.run))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    """Every rank's ray.train.report (in lockstep), with rank 0's checkpoint at checkpoint steps, uploaded to storage in
+    the background while training goes on (cluster.checkpoint_upload; Ray deletes the local copy once it is uploaded); with ``spec.validated_by``
+    the checkpoint is queued for its validation task and ranks last until that scores it."""
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    cfg, tmp = spec.config, tempfile.mkdtemp(prefix="ncsn-checkpoint-")
+    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, Checkpoint(cfg.model, spec.schedule, model.net.state_dict(), model.ema.state_dict(),
+                                                            model.optimizer.state_dict(), step, spec.run))
+    if spec.validated_by:
+        metrics = {**metrics, spec.validated_by: float("nan")}  # not scored yet: NaN ranks below every score
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.cluster.checkpoint_upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True, validation=bool(spec.validated_by))

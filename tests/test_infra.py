@@ -47,7 +47,13 @@ def test_kuberay_manifests(name):
     if doc["kind"] == "RayCluster":
         _check_ray_cluster_spec(doc["spec"])
     else:
-        assert doc["kind"] == "RayJob" and doc["spec"]["shutdownAfterJobFinishes"] is True
+        # a long job: an explicit submission mode, and rules that never delete a failed run's head before a day has passed
+        rules = doc["spec"]["deletionStrategy"]["deletionRules"]
+        assert doc["kind"] == "RayJob" and doc["spec"]["submissionMode"] == "K8sJobMode"
+        assert "shutdownAfterJobFinishes" not in doc["spec"] and "ttlSecondsAfterFinished" not in doc["spec"]  # rules mode forbids them
+        failed = {r["policy"]: r["condition"]["ttlSeconds"] for r in rules if r["condition"].get("jobStatus") == "FAILED"}
+        assert failed == {"DeleteWorkers": 0, "DeleteCluster": 86400}
+        assert {r["policy"] for r in rules if r["condition"].get("jobStatus") == "SUCCEEDED"} == {"DeleteCluster"}
         assert doc["spec"]["activeDeadlineSeconds"] > 0 and doc["spec"]["backoffLimit"] >= 0
         _check_ray_cluster_spec(doc["spec"]["rayClusterSpec"])
 

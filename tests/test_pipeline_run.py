@@ -15,15 +15,19 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from ncsn.checkpoint import load_checkpoint
+from pipelines.sample import read_checkpoint
 from tests.servers import free_port, loopback_status, only_ray_instance, upload_tree
 
 pytestmark = pytest.mark.cluster  # whole pipelines on Ray, from the CLI and as Ray jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SMALL = ["train.steps=20", "train.batch_size=32", "train.log_every=10", "train.checkpoint_every=20", "train.sample_every=20",
+SMALL = ["train.steps=20", "train.batch_size=32", "train.log_every=10", "train.checkpoint_every=10", "train.sample_every=20",
+         "evaluation.checkpoint_samples=30", "tracking.register_model=digits-small",
          "cluster.num_workers=2", "data.loader_workers=0", "tracking.system_metrics=false", "sampling.num_samples=60",
          "sampling.chunk_size=30", "sampling.steps_per_level=2", "sampling.workers=2"]
 
@@ -57,6 +61,29 @@ def _check_outputs(run_dir: Path) -> None:
     assert parent.data.tags["card.convention"] == child.data.tags["card.convention"] == card["convention"] == "project"
     assert parent.data.tags["card.reference"] == card["reference"] and card["num_samples"] == 60
     assert "loss_per_sigma/000" in child.data.metrics
+    # each checkpoint (steps 10 and 20) scored on the validation split by its own Ray task, a LoggedModel of the training
+    # run with its KID linked; the lower KID's checkpoint is model/checkpoint.pt and registered as digits-small@best
+    models = [m for m in client.search_logged_models([experiment], filter_string=f"source_run_id = '{child.info.run_id}'")
+              if m.name == "checkpoint"]
+    scored = {int(m.params["step"]): m for m in models}
+    assert sorted(scored) == [10, 20], [m.params for m in models]
+    kid = {step: next(x.value for x in m.metrics if x.key == "val_kid_std_classifier") for step, m in scored.items()}
+    linked = [(x, m, step) for step, m in scored.items() for x in m.metrics if x.key.startswith("val_")]
+    assert len(linked) == 12 and all(x.model_id == m.model_id and x.step == step and x.dataset_digest for x, m, step in linked)
+    best = min(kid, key=kid.get)
+    chosen, last = (load_checkpoint(run_dir / "model" / name) for name in ("checkpoint.pt", "last.pt"))
+    assert (chosen.step, last.step) == (best, 20)
+    assert summary["checkpoint"].startswith(f"model: the checkpoint of step {best}, lowest val_kid_std_classifier on the validation "
+                                            f"split ({kid[best]:.4g} [")
+    assert "judged below on the test split, which the choice never saw" in summary["checkpoint"]
+    assert client.get_model_version_by_alias("digits-small", "best").source == f"models:/{scored[best].model_id}"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
+    try:
+        registered, _ = read_checkpoint("models:/digits-small@best")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    weights, reference = registered.build_model().state_dict(), chosen.build_model().state_dict()  # the EMA network both sample with
+    assert registered.step == best and all(torch.equal(weights[k].cpu(), v) for k, v in reference.items())
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
@@ -136,7 +163,7 @@ def test_run_on_two_nodes_with_s3_equals_the_one_node_run_on_local_files(pipelin
     assert "system/cpu_utilization_percentage" in system and not [key for key in system if key.startswith("system/node")], system
     fs, base = fsspec.core.url_to_fs(f"s3://ncsn-test/{tmp_path.name}/ray/digits")
     assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
-    local = {k: v for k, v in json.loads((local_dir / "summary.json").read_text()).items() if k != "evaluation"}
+    local = {k: v for k, v in json.loads((local_dir / "summary.json").read_text()).items() if k not in ("evaluation", "checkpoint")}
     timing = [k for k in local if k.endswith("_per_s")]  # throughputs differ between any two runs
     assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_std_classifier", "final_loss"}
     for key in set(local) - set(timing):
