@@ -54,8 +54,8 @@ def main() -> None:
         server = S3Server(Path(tmp) / "s3", port=PORT).start()
         try:
             shards = str(Path(tmp) / "shards")
-            shard_dataset(ShardOptions("digits", shard_size=500), shards, progress=False)
             connect_ray()
+            shard_dataset(ShardOptions("digits", shard_size=500), shards, progress=False)
             storages = {"local": str(Path(tmp) / "ray"), "s3": server.create_bucket("bench") + "/ray"}
             best: dict[tuple[str, str], float] = {}
             for repeat in range(args.repeats):
