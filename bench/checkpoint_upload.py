@@ -1,9 +1,10 @@
-"""What uploading checkpoints in the background buys: steady-state seconds per training step of the digits loop with a
+"""What rank 0's checkpoint work costs the training loop: steady-state seconds per training step of the digits loop with a
 checkpoint every few steps, cluster.checkpoint_upload sync vs async, with Ray Train's storage on local disk and on an
-S3-compatible server (moto's, on 127.0.0.1), interleaved and repeated (best of N). Seconds per step come from the MLflow
-timestamps of the loss rows (after the first), so start-up is left out.
+S3-compatible server (moto's, on 127.0.0.1); with --grid, the 10×10 sample grid drawn inline by rank 0 at every
+checkpoint vs none (what moving it to the validation task saves). Interleaved and repeated (best of N). Seconds per step
+come from the MLflow timestamps of the loss rows (after the first), so start-up is left out.
 
-Usage: python bench/checkpoint_upload.py [--steps 120] [--every 10] [--repeats 2]
+Usage: python bench/checkpoint_upload.py [--steps 120] [--every 10] [--repeats 2] [--grid]
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ from pipelines.train import run_training  # noqa: E402
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
 
-def seconds_per_step(run_dir: Path, mode: str, storage: str, steps: int, every: int, shards: str) -> float:
+def seconds_per_step(run_dir: Path, mode: str, storage: str, steps: int, every: int, shards: str, grid: bool = False) -> float:
     """Steady-state s/step of one training run: MLflow's loss timestamps from the first row to the last."""
     cfg = load_config(CONFIG, [f"run_dir={run_dir}", f"train.steps={steps}", f"train.checkpoint_every={every}", f"train.log_every={every}",
-                               f"train.sample_every={10 * steps}", "tracking.system_metrics=false", f"cluster.checkpoint_upload={mode}",
-                               f"cluster.storage_path={storage}", "data.loader_workers=0"])
+                               f"train.sample_every={every if grid else 10 * steps}", "tracking.system_metrics=false",
+                               f"cluster.checkpoint_upload={mode}", f"cluster.storage_path={storage}", "data.loader_workers=0"])
     trained = run_training(cfg, shards)
     history = sorted(MlflowClient(trained.run.tracking_uri).get_metric_history(trained.run.run_id, "loss"), key=lambda m: m.step)
     return (history[-1].timestamp - history[0].timestamp) / 1000 / (history[-1].step - history[0].step)
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--grid", action="store_true", help="compare an inline sample grid at every checkpoint with none")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,6 +58,8 @@ def main() -> None:
             shards = str(Path(tmp) / "shards")
             connect_ray()
             shard_dataset(ShardOptions("digits", shard_size=500), shards, progress=False)
+            if args.grid:
+                return compare_grid(Path(tmp), shards, args)
             storages = {"local": str(Path(tmp) / "ray"), "s3": server.create_bucket("bench") + "/ray"}
             best: dict[tuple[str, str], float] = {}
             for repeat in range(args.repeats):
@@ -72,6 +76,20 @@ def main() -> None:
         finally:
             ray.shutdown()
             server.stop()
+
+
+def compare_grid(tmp: Path, shards: str, args: argparse.Namespace) -> None:
+    """Async upload to local disk, with rank 0's inline grid at every checkpoint vs without, interleaved."""
+    best: dict[bool, float] = {}
+    for repeat in range(args.repeats):
+        for grid in (True, False):
+            t = seconds_per_step(tmp / f"grid-{grid}-{repeat}", "async", str(tmp / "ray-grid"), args.steps, args.every, shards, grid)
+            best[grid] = min(best.get(grid, float("inf")), t)
+            print(f"round {repeat}: grid {'inline' if grid else 'none':6s} {1000 * t:.1f} ms/step", flush=True)
+    stall = (best[True] - best[False]) * args.every
+    print(f"\ndigits, a checkpoint every {args.every} steps, {args.steps} steps, best of {args.repeats}: inline grid "
+          f"{1000 * best[True]:.1f} ms/step, none {1000 * best[False]:.1f} ms/step, ratio {best[True] / best[False]:.2f}; "
+          f"{stall:.2f} s per grid, {stall / (stall + 500 * best[False]):.1%} of the time at the digits preset's grid every 500 steps")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 ``evaluation.checkpoint_samples`` images with the checkpoint's EMA network and sampler and scores them against the
 **validation** split (KID with its 95% interval, FID), while training goes on. The checkpoint becomes an MLflow
 LoggedModel of the training run (a pyfunc that samples, at its step) with those metrics linked to it, and Ray Train keeps
-the best checkpoint by that KID beside the latest. Choosing the best is a selection on validation: the test split judges
-it afterwards (``run``'s evaluation)."""
+the best checkpoint by that KID beside the latest; the first 100 samples are the run's sample grid at that step (so rank 0
+draws none). Choosing the best is a selection on validation: the test split judges it afterwards (``run``'s evaluation)."""
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from ncsn._checks import first_line
 from ncsn.checkpoint import Checkpoint, load_checkpoint
+from ncsn.images import save_image_grid
 from pipelines import tracking
 from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 
@@ -49,7 +51,7 @@ class CheckpointValidation:
             step = ckpt.step
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = ckpt.build_model().to(device).eval().requires_grad_(False)
-            metrics, _ = sample_and_score(self.objective.evaluator(), model, ckpt.schedule, self.objective, self.seed, device=device)
+            metrics, samples = sample_and_score(self.objective.evaluator(), model, ckpt.schedule, self.objective, self.seed, device=device)
             scored = {f"{PREFIX}{k}": v for k, v in metrics.items() if k.startswith(("kid_std_", "fid_")) or k == "num_samples"}
         except Exception as err:  # noqa: BLE001 — a bad reference, an unreadable checkpoint: said, never fatal to training
             message = f"checkpoint validation of step {step} failed: {type(err).__name__}: {first_line(err, 300)}"
@@ -59,6 +61,9 @@ class CheckpointValidation:
         ema = {k: v.cpu() for k, v in model.state_dict().items()}  # the EMA weights only: what it samples with
         sampler = Checkpoint(ckpt.model_config, ckpt.schedule, ema, step=step, run=ckpt.run)
         model_id = tracking.log_checkpoint_model(self.tracking_uri, self.run_id, sampler, scored, self.dataset)
+        with tempfile.TemporaryDirectory() as tmp:  # the run's sample grid at this step, drawn here instead of on rank 0
+            tracking.log_image_file(self.tracking_uri, self.run_id, save_image_grid(samples[:100], Path(tmp) / "grid.png", nrow=10),
+                                    "samples", step)
         return {**scored, f"{PREFIX}step": step, **({f"{PREFIX}model_id": model_id} if model_id else {})}
 
 

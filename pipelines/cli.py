@@ -125,6 +125,7 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.model_file}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
+    print(result.describe_choice())
     print(f"MLflow run {result.run.run_id} in {result.run.tracking_uri} — open it with: {ui_command(result.run.tracking_uri)}")
     return 0
 

@@ -321,6 +321,16 @@ def log_checkpoint_model(uri: str, run_id: str, ckpt: Checkpoint, metrics: dict[
         return None
 
 
+def log_image_file(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
+    """An image file as the run's MLflow image ``key`` at ``step``; a store that cannot take it is a warning."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            _client(uri).log_image(run_id, image, key=key, step=step, synchronous=True)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not log image %s to MLflow run %s at %s: %s", key, run_id, uri, first_line(err, 200))
+
+
 def register_best(uri: str, model_id: str, name: str) -> str:
     """Register the LoggedModel ``model_id`` as a new version of ``name`` with the alias ``best``; the version."""
     with _fluent_tracking(uri):

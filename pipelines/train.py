@@ -200,7 +200,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)
     validated_by, validation, keep = None, None, CheckpointConfig(num_to_keep=3)
-    if cfg.evaluation.checkpoint_samples and objective is None:  # tuning trials are scored by their own objective
+    if cfg.evaluation.checkpoint_samples:  # (tuning's trials set it to 0: their own objective scores them)
         validated_by = score_attribute(cfg.evaluation.feature_extractor)
         e = cfg.evaluation
         scorer = CheckpointValidation(ObjectiveSpec(shards, "validation", e.feature_extractor, str(cfg.eval_cache_dir()), e.checkpoint_samples,

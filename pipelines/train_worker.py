@@ -208,7 +208,7 @@ class Record:
         if diverged := self.watch.check(step, metrics["loss"]):
             log.warning(diverged)
             self.log.set_tag("diverged", diverged)
-        if step % cfg.train.sample_every == 0 or last:
+        if (step % cfg.train.sample_every == 0 or last) and not spec.validated_by:  # else the validation task draws it
             self.log.log_image(_sample_grid(ema_model, spec.schedule, cfg, step, device), "samples", step)
         eta = (cfg.train.steps - step) * seconds_per_step
         log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],

@@ -77,6 +77,8 @@ def _check_outputs(run_dir: Path) -> None:
                                             f"split ({kid[best]:.4g} [")
     assert "judged below on the test split, which the choice never saw" in summary["checkpoint"]
     assert client.get_model_version_by_alias("digits-small", "best").source == f"models:/{scored[best].model_id}"
+    grids = {a.path.split("+")[2] for a in client.list_artifacts(child.info.run_id, "images") if a.path.startswith("images/samples+step+")}
+    assert grids == {"10", "20"}  # the sample grid of each checkpoint, drawn by its validation task
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
     try:
         registered, _ = read_checkpoint("models:/digits-small@best")

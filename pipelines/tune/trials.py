@@ -24,9 +24,10 @@ RECOMMENDED_FULL = "recommended-full"  # the recommended schedule trained to the
 
 def trial_config(base: Config, trial: str, uri: str) -> Config:
     """The config of one trial: its own name and directory under <run_dir>/trials, the job's MLflow store; trials
-    register no model (a registered name is for the run a user chooses)."""
+    register no model (a registered name is for the run a user chooses) and score no checkpoints (the tuning objective
+    scores them, and the verdict compares the networks at the full budget, not a checkpoint chosen on validation)."""
     return base.evolve({"name": f"{base.name}-{trial}", "run_dir": str(Path(base.run_dir) / "trials" / trial),
-                        "tracking.tracking_uri": uri, "tracking.register_model": None})
+                        "tracking.tracking_uri": uri, "tracking.register_model": None, "evaluation.checkpoint_samples": 0})
 
 
 def train_trial(point: dict, *, base: Config, shards: str, uri: str, parent_run_id: str, rec: dict, objective: ObjectiveSpec) -> None:
