@@ -83,7 +83,8 @@ def compare_grid(tmp: Path, shards: str, args: argparse.Namespace) -> None:
     best: dict[bool, float] = {}
     for repeat in range(args.repeats):
         for grid in (True, False):
-            t = seconds_per_step(tmp / f"grid-{grid}-{repeat}", "async", str(tmp / "ray-grid"), args.steps, args.every, shards, grid)
+            t = seconds_per_step(tmp / f"grid-{grid}-{repeat}", "async", str(tmp / f"ray-grid-{grid}-{repeat}"), args.steps, args.every, shards,
+                                 grid)
             best[grid] = min(best.get(grid, float("inf")), t)
             print(f"round {repeat}: grid {'inline' if grid else 'none':6s} {1000 * t:.1f} ms/step", flush=True)
     stall = (best[True] - best[False]) * args.every

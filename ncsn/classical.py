@@ -53,10 +53,17 @@ def gaussian_score(x: torch.Tensor, mu: torch.Tensor, precision: torch.Tensor) -
     return -(x - mu) @ precision.T
 
 
-def ica_sample(n: int, mixing: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n samples x = A s with i.i.d. unit-variance logistic sources s (the basic ICA model)."""
-    u = torch.rand(n, mixing.shape[1], dtype=torch.float64, generator=generator).clamp(1e-12, 1 - 1e-12)
+def ica_sample(n: int, mixing: torch.Tensor, generator: torch.Generator | None = None, laplace_fraction: float = 0.0) -> torch.Tensor:
+    """n samples x = A s with i.i.d. unit-variance logistic sources s (the basic ICA model); with ``laplace_fraction``
+    > 0 each source value is drawn from a unit-variance Laplace density with that probability, so the model's logistic
+    density is misspecified (Hyvärinen 2005, Fig. 2)."""
+    shape = (n, mixing.shape[1])
+    u = torch.rand(shape, dtype=torch.float64, generator=generator).clamp(1e-12, 1 - 1e-12)
     s = torch.log(u / (1 - u)) / (2 * _C)  # logistic with scale √3/π has variance 1
+    if laplace_fraction > 0:
+        v = torch.rand(shape, dtype=torch.float64, generator=generator) - 0.5
+        laplace = -torch.sign(v) * torch.log1p(-2 * v.abs()) / math.sqrt(2)  # scale 1/√2: variance 1
+        s = torch.where(torch.rand(shape, dtype=torch.float64, generator=generator) < laplace_fraction, laplace, s)
     return s @ mixing.double().T
 
 

@@ -328,6 +328,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from data_prep.storage import StorageError, local_path
+    from pipelines.reproduce import log_to_mlflow, reproduce
+
+    try:
+        out = local_path(args.out, "--out")
+        if args.checkpoint and not Path(args.checkpoint).is_file():
+            raise StorageError(f"--checkpoint {args.checkpoint}: no such file (a checkpoint.pt of a digits model)")
+    except StorageError as err:
+        print(f"ncsn-pipeline reproduce: error: {err}", file=sys.stderr)
+        return 1
+    results = reproduce(out, quick=args.quick, checkpoint=args.checkpoint)
+    for figure, numbers in results.items():
+        shown = {k: v for k, v in numbers.items() if k != "png" and not isinstance(v, list)}
+        print(f"{figure:<26} {out / numbers['png']}  {json.dumps(shown, default=float)[:160]}")
+    print(f"numbers in {out / 'results.json'}")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        print(f"logged to MLflow run {log_to_mlflow(uri, out, results)} in {uri}")
+    return 0
+
+
 def _compare_reports(paths: list[str]) -> int:
     """Two or more JSON reports side by side (the model's numbers), with the card fields on which they differ flagged."""
     import json
@@ -377,6 +402,8 @@ EXAMPLES = {
               "  ncsn-pipeline sample --checkpoint models:/ncsn-digits/1 --num-samples 100 --output samples   # $MLFLOW_TRACKING_URI's registry",
     "inpaint": "  ncsn-pipeline inpaint --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits "
                "--output runs/digits/inpaint --mask half",
+    "reproduce": "  ncsn-pipeline reproduce --out runs/lecture\n"
+                 "  ncsn-pipeline reproduce --out runs/lecture --quick --checkpoint runs/digits/model/checkpoint.pt",
     "evaluate": "  ncsn-pipeline evaluate --samples runs/digits/samples1k --reference runs/digits/shards/digits\n"
                 "  ncsn-pipeline evaluate --samples other_model_pngs/ --reference runs/digits/shards/digits --output other.json\n"
                 "  ncsn-pipeline evaluate --samples runs/cifar10/samples --reference shards/cifar10 --split train+validation "
@@ -507,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gpu", action="store_true", help="extract features on a GPU")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (classifier training, feature extraction)")
     ev.set_defaults(func=_evaluate)
+
+    rep = sub.add_parser("reproduce", help="every result of the lecture that runs on a CPU, as PNGs and results.json")
+    rep.add_argument("--out", required=True, help="directory for the figures (<figure id>.png) and results.json")
+    rep.add_argument("--quick", action="store_true", help="small settings (a few minutes on 2 cores; the tests' setting)")
+    rep.add_argument("--checkpoint", help="a digits checkpoint.pt for the samples, trajectory and inpainting (default: train one here)")
+    rep.add_argument("--tracking-uri", help="also log every figure and number as one MLflow run (default $MLFLOW_TRACKING_URI)")
+    rep.set_defaults(func=_reproduce)
 
     sync = sub.add_parser("sync-metrics", help="send metrics.jsonl rows that an unreachable MLflow server missed")
     sync.add_argument("run_dir", help="the training run directory (holds metrics.jsonl and mlflow_run.json)")

@@ -1,5 +1,5 @@
 """Started by tests/conftest.py in the background when a session's tests read the trained digits model: the NCSN of
-examples/digits.py (2500 steps, seed 0), saved as a checkpoint at argv[1] (its EMA weights). It runs on one thread under
+pipelines/reproduce.py's train_digits (2500 steps, seed 0), saved as a checkpoint at argv[1] (its EMA weights). It runs on one thread under
 Linux's idle scheduling policy, so it takes mostly the time the other tests leave idle (Ray's start-ups and waits). Measured
 beside the MLflow outage test (37.5 s alone): on one thread the test took 49 s and the model trained in 154 s (143 s on two
 threads alone); on two threads the test took 120-141 s (at nice 19 or under the idle policy), and 50 s with passive
@@ -14,13 +14,9 @@ else:
     os.nice(19)
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from digits import train_digits  # noqa: E402
-
 from ncsn.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from ncsn.sigmas import Schedule  # noqa: E402
+from pipelines.reproduce import train_digits  # noqa: E402
 
 torch.set_num_threads(1)
 model, schedule = train_digits(seed=0)
-save_checkpoint(Path(sys.argv[1]), Checkpoint(model.config, Schedule(schedule.sigmas(), schedule.eps, schedule.steps_per_level),
-                                              model.state_dict(), model.state_dict(), None, 2500))
+save_checkpoint(Path(sys.argv[1]), Checkpoint(model.config, schedule, model.state_dict(), model.state_dict(), None, 2500))

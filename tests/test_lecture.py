@@ -1,0 +1,55 @@
+"""`ncsn-pipeline reproduce --quick`: every result of the lecture, each checked on the property its figure shows (not its
+pixels), with the session's trained digits model for the samples, trajectory and inpainting."""
+import json
+
+import pytest
+
+from pipelines.reproduce import FIGURES, reproduce
+
+
+@pytest.fixture(scope="module")
+def lecture(tmp_path_factory, trained_digits) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("lecture")
+    results = reproduce(out, quick=True, checkpoint=str(trained_digits[2]))
+    return results, json.loads((out / "results.json").read_text()) | {"out": out}
+
+
+def test_every_figure_is_drawn_and_recorded(lecture):
+    results, record = lecture
+    assert list(results) == list(FIGURES) and record["quick"] is True and set(record["figures"]) == set(FIGURES)
+    for figure, numbers in results.items():
+        assert numbers["png"] == f"{figure}.png" and (record["out"] / numbers["png"]).stat().st_size > 2_000, figure
+
+
+def test_score_matching_equals_maximum_likelihood_for_the_gaussian(lecture):
+    numbers = lecture[0]["gaussian-sm-mle"]
+    assert numbers["max_abs_difference_mu"] < 1e-10 and numbers["max_abs_difference_precision"] < 1e-9
+
+
+def test_ica_errors_fall_as_one_over_root_n_and_stop_at_a_floor_when_the_density_is_misspecified(lecture):
+    correct, wrong = lecture[0]["ica-error"], lecture[0]["ica-misspecified"]
+    assert all(abs(slope + 0.5) < 0.15 for slope in correct["slopes"].values()), correct["slopes"]
+    # √n-consistent: 10^-¼ ≈ 0.56 from one size to the next; under misspecification the bias floor holds the error up
+    assert all(ratio < 0.7 for ratio in correct["last_ratios"].values()), correct["last_ratios"]
+    assert all(ratio > 0.7 for ratio in wrong["last_ratios"].values()) and wrong["last_ratios"]["score_matching"] > 0.85, wrong
+    assert wrong["score_matching"][-1] > 3 * correct["score_matching"][-1]
+
+
+def test_overcomplete_filters_are_not_copies_of_each_other(lecture):
+    filters, dots = lecture[0]["overcomplete-filters"], lecture[0]["overcomplete-dot-products"]
+    assert filters["m"] == 2 * filters["p"] == 126 and filters["patch_size"] == 8
+    assert filters["objective_end"] < 1.5 * filters["objective_start"] < 0  # fitted, not left at their random start
+    assert dots["median_max_dot"] < 0.9 and dots["fraction_above_0.95"] <= 0.1
+
+
+def test_sliced_score_matching_settles_only_with_noise_on_a_manifold(lecture):
+    assert lecture[0]["manifold-ssm"]["ratio"] >= 3
+
+
+def test_learned_scores_are_wrong_where_there_is_no_data(lecture):
+    assert lecture[0]["low-density-scores"]["ratio"] >= 3
+
+
+def test_annealed_langevin_recovers_the_mode_weights_and_plain_langevin_does_not(lecture):
+    weights = lecture[0]["mixture-langevin"]
+    assert abs(weights["annealed"] - weights["true"]) < 0.04 and abs(weights["langevin"] - weights["true"]) > 0.08
