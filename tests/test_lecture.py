@@ -53,3 +53,19 @@ def test_learned_scores_are_wrong_where_there_is_no_data(lecture):
 def test_annealed_langevin_recovers_the_mode_weights_and_plain_langevin_does_not(lecture):
     weights = lecture[0]["mixture-langevin"]
     assert abs(weights["annealed"] - weights["true"]) < 0.04 and abs(weights["langevin"] - weights["true"]) > 0.08
+
+
+def test_the_figures_and_their_numbers_go_to_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.reproduce import log_to_mlflow
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ica-error.png").write_bytes(b"\x89PNG")
+    (tmp_path / "out" / "results.json").write_text("{}")
+    results = {"ica-error": {"png": "ica-error.png", "slopes": {"score_matching": -0.5}, "n": 1000, "ratio": 0.56, "label": "x"}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(log_to_mlflow(uri, tmp_path / "out", results))
+    assert run.info.run_name == "lecture-figures" and run.info.status == "FINISHED"
+    assert run.data.metrics == {"ica-error/n": 1000.0, "ica-error/ratio": 0.56}  # the scalars; lists, maps and text stay in the JSON
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "figures")} == {"figures/ica-error.png", "figures/results.json"}
