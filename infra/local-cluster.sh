@@ -11,7 +11,7 @@ STATE=.local-cluster
 BIN=.venv/bin
 # Keep every Ray process and client on 127.0.0.1 instead of the host's address. The price: Ray 2.60 then refuses
 # `ray start --address` (a second node), and without this setting it rewrites 127.0.0.1 to the host's address, so a
-# loopback-only cluster here has one node. Two nodes on one machine: see tests/scripts/two_node_train.py
+# loopback-only cluster here has one node. Two nodes on one machine: see tests/scripts/two_node_run.py
 # (ray.cluster_utils.Cluster), which the tests run; a real second machine joins with `ray start --address HEAD:6380`.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 

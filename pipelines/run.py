@@ -73,23 +73,24 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     uri, parent = tracking.open_run(pipeline_cfg, {"data.shards": shards}, accept_changes=resume == "accept")
     cfg = cfg.evolve({"tracking.tracking_uri": uri})
     try:
-        log.info("stage 1/4: training %s", cfg.name)
+        log.info("stage 1/5: shards ready in %s (written by the shard step, or already up to date)", shards)
+        log.info("stage 2/5: training %s", cfg.name)
         trained = run_training(cfg, shards, parent_run_id=parent, resume="auto" if resume == "fresh" else resume)
         checkpoint, source = trained.model_file, open_checkpoint(trained.model_file)  # read once, for sampling and inpainting
 
-        log.info("stage 2/4: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
+        log.info("stage 3/5: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
         options = SamplingOptions(cfg.sampling.num_samples, seed=cfg.train.seed, chunk_size=cfg.sampling.chunk_size,
                                   denoise=cfg.sampling.denoise, trajectory_samples=min(8, cfg.sampling.chunk_size))
         samples = run_sampling(source, run_dir / "samples", options, workers=cfg.sampling.workers, use_gpu=cfg.cluster.use_gpu,
                                progress=progress)
 
-        log.info("stage 3/4: inpainting")
+        log.info("stage 4/5: inpainting")
         test_images, _ = read_split(shards, "test")
         inpainting, _ = run_inpainting(source, from_stored(test_images[:8]), "centre",
                                        run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
                                        progress=progress)
 
-        log.info("stage 4/4: evaluating with %s features on a Ray worker (%s convention)", cfg.evaluation.feature_extractor,
+        log.info("stage 5/5: evaluating with %s features on a Ray worker (%s convention)", cfg.evaluation.feature_extractor,
                  cfg.evaluation.convention)
         report = evaluate_on_worker(request, load_samples(samples.output), cfg.evaluation.inception_weights,
                                     baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed, num_cpus=cfg.cluster.cpus_per_worker)
