@@ -82,10 +82,11 @@ def _check_outputs(run_dir: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{run_dir / 'mlflow.db'}"
     try:
         registered, _ = read_checkpoint("models:/digits-small@best")
+        logged, _ = read_checkpoint(f"models:/{scored[best].model_id}")  # the LoggedModel's own URI
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     weights, reference = registered.build_model().state_dict(), chosen.build_model().state_dict()  # the EMA network both sample with
-    assert registered.step == best and all(torch.equal(weights[k].cpu(), v) for k, v in reference.items())
+    assert registered.step == logged.step == best and all(torch.equal(weights[k].cpu(), v) for k, v in reference.items())
     assert {"summary", "samples", "inpainting", "trajectory"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
