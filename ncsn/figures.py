@@ -31,10 +31,7 @@ def mixture_figure(out: Path, n: int = 1280, learned: bool = False, seed: int = 
         ax.set_ylim(-9, 9)
         ax.set_aspect("equal")
     fig.suptitle(("learned" if learned else "exact") + " scores; true weights 0.2 / 0.8")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     log.info("wrote %s (%s)", out, ", ".join(f"{k}: {v:.2f}" for k, v in shares.items()))
     return shares
 
@@ -50,10 +47,11 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> Path:
+    """Write the figure to ``out`` (its directory made) and close it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    fig.clf()
+    _pyplot().close(fig)
     return out
 
 
@@ -68,9 +66,7 @@ def ica_error_figure(curves, out: Path, title: str) -> Path:
     ax.set_ylabel("log10 estimation error")
     ax.set_title(title)
     ax.legend()
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def filters_figure(filters, out: Path, size: int) -> Path:
@@ -83,9 +79,7 @@ def filters_figure(filters, out: Path, size: int) -> Path:
         ax.axis("off")
     for ax, f in zip(axes.flat, filters):
         ax.imshow(f.reshape(size, size).numpy(), cmap="gray", interpolation="nearest")
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def dot_products_figure(max_dots, out: Path) -> Path:
@@ -95,9 +89,7 @@ def dot_products_figure(max_dots, out: Path) -> Path:
     ax.hist(max_dots.numpy(), bins=20, range=(0, 1))
     ax.set_xlabel("max |w_iᵀw_j| over j ≠ i")
     ax.set_ylabel("filters")
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def ssm_loss_figure(curves: dict[str, list[float]], out: Path) -> Path:
@@ -111,9 +103,7 @@ def ssm_loss_figure(curves: dict[str, list[float]], out: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("iteration")
         ax.set_ylabel("SSM loss")
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def score_field_figure(field, out: Path) -> Path:
@@ -131,9 +121,7 @@ def score_field_figure(field, out: Path) -> Path:
         ax.quiver(xs[::step, ::step], ys[::step, ::step], (u / norm)[::step, ::step], (v / norm)[::step, ::step], scale=30)
         ax.set_title(name)
         ax.set_aspect("equal")
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def scatter_figure(pairs: dict[str, tuple[list[float], list[float]]], out: Path, xlabel: str, ylabel: str) -> Path:
@@ -148,6 +136,4 @@ def scatter_figure(pairs: dict[str, tuple[list[float], list[float]]], out: Path,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    out = _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

@@ -18,11 +18,11 @@ from ncsn._checks import first_line
 from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.images import save_image_grid
 from pipelines import tracking
+from pipelines.train_worker import CHECKPOINT_FILE
 from pipelines.tune.objective import ObjectiveSpec, sample_and_score
 
 log = logging.getLogger(__name__)
 PREFIX = "val_"  # the validation task's metrics, as reported to Ray Train and logged to MLflow
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def score_attribute(extractor: str) -> str:
@@ -56,7 +56,7 @@ class CheckpointValidation:
         except Exception as err:  # noqa: BLE001 — a bad reference, an unreadable checkpoint: said, never fatal to training
             message = f"checkpoint validation of step {step} failed: {type(err).__name__}: {first_line(err, 300)}"
             log.warning(message)
-            tracking.set_run_tag(self.tracking_uri, self.run_id, f"validation.failed.step_{step}", message)
+            tracking.log_to_run(self.tracking_uri, self.run_id, tags={f"validation.failed.step_{step}": message})
             return {}
         ema = {k: v.cpu() for k, v in model.state_dict().items()}  # the EMA weights only: what it samples with
         sampler = Checkpoint(ckpt.model_config, ckpt.schedule, ema, step=step, run=ckpt.run)

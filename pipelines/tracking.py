@@ -280,14 +280,6 @@ def log_to_run(uri: str, run_id: str, metrics: dict[str, float] | None = None, a
     return True
 
 
-def set_run_tag(uri: str, run_id: str, key: str, value: str) -> None:
-    """A tag on the run; a store that cannot take it is a warning, not an error."""
-    try:
-        _client(uri).set_tag(run_id, key, value[:5000])
-    except Exception as err:  # noqa: BLE001
-        log.warning("could not tag MLflow run %s at %s: %s", run_id, uri, first_line(err, 200))
-
-
 def log_sampler_model(uri: str, run_id: str, ckpt: Checkpoint, name: str, tags: dict[str, str] | None = None,
                       step: int = 0, params: dict[str, str] | None = None) -> str:
     """``ckpt`` as an MLflow pyfunc that samples (``pipelines/mlflow_sampler.py``, logged as code with the ``ncsn``
@@ -321,12 +313,17 @@ def log_checkpoint_model(uri: str, run_id: str, ckpt: Checkpoint, metrics: dict[
         return None
 
 
+def _send_image(client, run_id: str, path: Path, key: str, step: int, timestamp: int | None = None) -> None:
+    """An image file as the run's MLflow image ``key`` at ``step`` (the UI's image grid with a step slider)."""
+    with Image.open(path) as image:
+        image.load()
+        client.log_image(run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
+
+
 def log_image_file(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
-    """An image file as the run's MLflow image ``key`` at ``step``; a store that cannot take it is a warning."""
+    """_send_image once; a store that cannot take it is a warning."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            _client(uri).log_image(run_id, image, key=key, step=step, synchronous=True)
+        _send_image(_client(uri), run_id, path, key, step)
     except Exception as err:  # noqa: BLE001
         log.warning("could not log image %s to MLflow run %s at %s: %s", key, run_id, uri, first_line(err, 200))
 
@@ -448,9 +445,7 @@ class RunLogger:
         timestamp = int(time.time() * 1000)  # part of the file's name in MLflow, so it can be found again
 
         def send() -> None:
-            with Image.open(path) as image:
-                image.load()
-                self._client.log_image(self.run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
+            _send_image(self._client, self.run_id, path, key, step, timestamp)
 
         def landed() -> bool:  # MLflow names it images/<key>+step+<step>+timestamp+<timestamp>+<uuid>.png
             prefix = f"images/{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+"

@@ -239,7 +239,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     trained = TrainRun(result.checkpoint, model_dir / CHECKPOINT_FILE, result.metrics, run, schedule, chosen[1] if chosen else None)
     log.info("%s; %s", trained.describe_choice(), trained.model_file)
     if chosen:
-        tracking.set_run_tag(uri, run_id, "best_checkpoint", trained.describe_choice())
+        tracking.log_to_run(uri, run_id, tags={"best_checkpoint": trained.describe_choice()})
         if cfg.tracking.register_model and chosen[1].get("val_model_id"):
             version = tracking.register_best(uri, chosen[1]["val_model_id"], cfg.tracking.register_model)
             log.info("registered as %s version %s, alias best (models:/%s@best)", cfg.tracking.register_model, version,
