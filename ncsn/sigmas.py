@@ -116,15 +116,55 @@ def scan_pairs(a: torch.Tensor, factors_a: tuple[torch.Tensor, torch.Tensor], b:
     return best
 
 
+SAMPLERS = ("als", "pc", "euler", "heun")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Which sampler draws images and its own settings (Algorithm 1's ε and T stay on the Schedule).
+
+    name: als (annealed Langevin, NCSN Algorithm 1), pc (predictor–corrector, score_sde), euler or heun (EDM's
+    probability-flow ODE solvers; heun with churn > 0 is EDM Algorithm 2). steps: the σ grid's size N for pc (geometric)
+    and euler/heun (EDM's ρ rule), between the model's σ_1 and σ_L; None: the model's own levels. corrector_steps, snr:
+    pc's Langevin corrector steps per level and their target signal-to-noise ratio. rho, churn: EDM's grid exponent and
+    S_churn.
+    """
+
+    name: str = "als"
+    steps: int | None = None
+    corrector_steps: int = 1
+    snr: float = 0.16
+    rho: float = 7.0
+    churn: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.name!r}")
+        if self.steps is not None:
+            positive_int("sampler steps", self.steps)
+            if self.name == "als":
+                raise ValueError("sampler steps: annealed Langevin walks the schedule's levels (set sigmas or start_level instead)")
+        if isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int) or self.corrector_steps < 0:
+            raise ValueError(f"corrector_steps must be an integer >= 0, got {self.corrector_steps!r}")
+        positive("snr", self.snr)
+        positive("rho", self.rho)
+        if not (isinstance(self.churn, (int, float)) and not isinstance(self.churn, bool) and math.isfinite(self.churn)
+                and self.churn >= 0):
+            raise ValueError(f"churn must be a finite number >= 0, got {self.churn!r}")
+        if self.churn > 0 and self.name != "heun":
+            raise ValueError(f"churn is EDM Algorithm 2's (sampler heun), not {self.name}'s")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """σ_1 > … > σ_L and the annealed-Langevin settings a model samples with unless told otherwise: Algorithm 1's step
-    ε, T steps per level, and the final denoising step. Resolved once, on the driver; stored in every checkpoint."""
+    """σ_1 > … > σ_L and the settings a model samples with unless told otherwise: the sampler, Algorithm 1's step ε and
+    T steps per level, and the final denoising step. Resolved once, on the driver; stored in every checkpoint."""
 
     sigmas: tuple[float, ...]
     eps: float | None = None
     steps_per_level: int | None = None
     denoise: bool = True
+    sampler: Sampler = Sampler()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigmas", tuple(float(s) for s in torch.as_tensor(self.sigmas).reshape(-1).tolist()))
@@ -135,7 +175,7 @@ class Schedule:
 
     def from_level(self, start_level: int, eps: float, steps_per_level: int) -> Schedule:
         """The same model's sampler over the levels from ``start_level`` on, with step ε and T steps per level."""
-        return Schedule(self.sigmas[start_level:], eps, steps_per_level, self.denoise)
+        return Schedule(self.sigmas[start_level:], eps, steps_per_level, self.denoise, self.sampler)
 
 
 def _normal_cdf(x: float) -> float:
