@@ -113,7 +113,8 @@ def main() -> None:
     model, ckpt = load_model(args.checkpoint)
     start = time.perf_counter()
     shape = (args.pool, ckpt.model_config.channels, ckpt.model_config.image_size, ckpt.model_config.image_size)
-    samples = to_stored(sample_images(model, shape, ckpt.schedule, generator=torch.Generator().manual_seed(123)).samples)
+    samples = to_stored(sample_images(model, shape, ckpt.schedule, generator=torch.Generator().manual_seed(123),
+                                      levels_only=model.levels_only).samples)
     real = np.concatenate([read_split(args.shards, split)[0] for split in ("train", "validation", "test")])
     with tempfile.TemporaryDirectory() as tmp:
         evaluator = Evaluator(args.shards, "classifier", cache_dir=Path(args.cache_dir or tmp), resamples=10, progress=False)

@@ -19,7 +19,7 @@ from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ScoreNetwork
 from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
-from pipelines.sample import Sampler, SamplingOptions, plan_chunks, resolve_options, run_sampling, write_chunk
+from pipelines.sample import SamplingActor, SamplingOptions, plan_chunks, resolve_options, run_sampling, write_chunk
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
@@ -32,15 +32,15 @@ def make_checkpoint(path: Path, levels: int, steps_per_level: int) -> None:
 
 
 def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads: int) -> float:
-    """Image-Langevin-steps/s of the same chunks sampled one after another by a Sampler in this process."""
+    """Image-evaluations/s (samples × NFE per image) of the same chunks sampled one after another in this process."""
     torch.set_num_threads(threads)
-    sampler = Sampler(str(checkpoint))
+    sampler = SamplingActor(str(checkpoint))
     settings = resolve_options(sampler.ckpt, options)
     t = time.perf_counter()
     for chunk in plan_chunks(options.num_samples, options.chunk_size):
         done = sampler.sample_chunk(settings, *chunk)
         write_chunk(output, done.index, done.start, done.images)
-    return options.num_samples * len(settings.schedule.sigmas) * settings.schedule.steps_per_level / (time.perf_counter() - t)
+    return options.num_samples * settings.nfe_per_image / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -61,10 +61,10 @@ def main() -> None:
         torch.set_num_threads(1)  # the driver only waits while the actors sample
         ray1 = run_sampling(checkpoint, Path(tmp) / "ray1", options, workers=1, progress=False)
         ray2 = run_sampling(checkpoint, Path(tmp) / "ray2", options, workers=2, progress=False)
-    r1, r2 = ray1.langevin_steps_per_s, ray2.langevin_steps_per_s
+    r1, r2 = ray1.nfe_per_s, ray2.nfe_per_s
     print(f"digits model (8×8, ngf 16), {args.samples} samples in chunks of {args.chunk}, "
           f"L = {args.levels} levels × T = {args.steps_per_level} steps; Ray figures include actor start-up and PNG writing")
-    print("| what | image-Langevin-steps/s | seconds | ratio |")
+    print("| what | image-evaluations/s | seconds | ratio |")
     print("| --- | --- | --- | --- |")
     print(f"| plain process, 1 thread | {plain1:.0f} | | 1.00 |")
     print(f"| Ray, 1 actor (1 CPU → 1 thread) | {r1:.0f} | {ray1.seconds:.1f} | **{r1 / plain1:.2f}** of plain, 1 thread |")

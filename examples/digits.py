@@ -27,7 +27,8 @@ def main() -> None:
     model, schedule = train_digits(args.steps)
     gen = torch.Generator().manual_seed(0)
     every = len(schedule.sigmas) * schedule.steps_per_level // 10
-    result = sample_images(model, (args.samples, 1, 8, 8), schedule, trajectory_every=every, generator=gen)
+    result = sample_images(model, (args.samples, 1, 8, 8), schedule, trajectory_every=every, generator=gen,
+                           levels_only=model.levels_only)
     logging.info("wrote %s", save_image_grid(result.samples, args.out / "digits_samples.png", nrow=10, scale=4))
     logging.info("wrote %s", save_trajectory_strip(result.trajectory, args.out / "digits_trajectory.png", num_samples=8, scale=4))
 

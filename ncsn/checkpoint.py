@@ -13,7 +13,7 @@ import torch
 from ncsn._checks import first_line, noise_schedule, positive, positive_int
 from ncsn.atomic import atomic_write
 from ncsn.models import ModelConfig, ScoreNetwork
-from ncsn.sigmas import Schedule
+from ncsn.sigmas import Sampler, Schedule
 
 FORMAT = "ncsn-pipeline/checkpoint/2"  # 2: typed schedule and run fields (1: σs, with ε, T and the run in a free-form dict)
 READABLE = (FORMAT, "ncsn-pipeline/checkpoint/1")
@@ -157,7 +157,12 @@ def _schedule(raw: object, path: object) -> Schedule:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     if not isinstance(denoise, bool):
         raise CheckpointError(f"checkpoint {path}: schedule denoise must be true or false, got {denoise!r}")
-    return Schedule(raw["sigmas"], None if eps is None else float(eps), steps, denoise)
+    sampler = raw.get("sampler", {})  # absent before the samplers came: annealed Langevin, the only one then
+    try:
+        sampler = Sampler(**sampler)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: schedule sampler {sampler!r}: {first_line(err)}") from None
+    return Schedule(raw["sigmas"], None if eps is None else float(eps), steps, denoise, sampler)
 
 
 def _run(raw: object, path: object) -> RunRef | None:

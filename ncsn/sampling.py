@@ -150,6 +150,12 @@ def nfe(schedule: Schedule, levels_only: bool = False) -> int:
     return {"pc": n * (sampler.corrector_steps + 1), "euler": n, "heun": 2 * n - 1}[sampler.name]
 
 
+def chain_steps(schedule: Schedule, levels_only: bool = False) -> int:
+    """The steps one chain of ``schedule``'s sampler takes, what ``trajectory_every`` counts: L·T (+1 denoising) for
+    als, one per σ of the grid for the others."""
+    return nfe(schedule, levels_only) if schedule.sampler.name == "als" else len(sampler_grid(schedule, levels_only))
+
+
 class _Trajectory:
     """Copies of x every ``every`` steps, plus the start and the end."""
 

@@ -207,12 +207,16 @@ def _sync_metrics(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from pipelines.sample import SamplingOptions, run_sampling
     from pipelines.tracking import log_child_run
 
     options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
                               eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise,
-                              trajectory_samples=min(8, args.chunk_size) if args.trajectory is None else args.trajectory)
+                              trajectory_samples=min(8, args.chunk_size) if args.trajectory is None else args.trajectory,
+                              sampler=args.sampler, sampler_steps=args.sampler_steps, corrector_steps=args.corrector_steps,
+                              snr=args.snr, rho=args.rho, churn=args.churn)
     try:
         summary = run_sampling(args.checkpoint, args.output, options, workers=args.workers, use_gpu=args.gpu, progress=not args.no_progress)
     except _user_errors() as err:
@@ -229,10 +233,12 @@ def _sample(args: argparse.Namespace) -> int:
         artifacts = {"samples": summary.output / "grid.png"}
         if (summary.output / "trajectory.png").exists():
             artifacts["trajectory"] = summary.output / "trajectory.png"
-        metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_langevin_steps_per_s": summary.langevin_steps_per_s}
+        metrics = {"sampling_samples_per_s": summary.samples_per_s, "sampling_nfe_per_s": summary.nfe_per_s}
+        sampler = settings.schedule.sampler
         params = {"num_samples": str(settings.num_samples), "seed": str(settings.seed), "eps": f"{settings.schedule.eps:.6g}",
                   "steps_per_level": str(settings.schedule.steps_per_level), "num_levels": str(len(settings.schedule.sigmas)),
-                  "output": str(summary.output)}
+                  "output": str(summary.output), "nfe_per_image": str(settings.nfe_per_image),
+                  **{f"sampler.{k}": str(v) for k, v in asdict(sampler).items()}}
         _said_logged(log_child_run(settings.tracking_uri, settings.mlflow_run_id, f"sample-{summary.output.name}", metrics,
                                    artifacts, step=settings.checkpoint_step, params=params), settings.mlflow_run_id, settings.tracking_uri)
     return 0
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = _config_command(sub, "tune", _tune, "tune the σ schedule and the sampler with Ray Tune (ASHA + Optuna), resumable")
     tune.add_argument("--checkpoint", help="sampler-only mode: tune ε, T and a sub-schedule for this trained model; " + CHECKPOINT_HELP)
 
-    sample = sub.add_parser("sample", help="annealed Langevin samples from a checkpoint on parallel Ray actors (resumable)")
+    sample = sub.add_parser("sample", help="samples from a checkpoint on parallel Ray actors (resumable), with its own sampler or another")
     sample.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     sample.add_argument("--num-samples", type=int, required=True)
     sample.add_argument("--output", required=True, help="directory: images/NNNNNN.png, chunks/*.npz, grid.png, sampling.json")
@@ -479,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--eps", type=float, help="Langevin step ε (default: the training run's)")
     sample.add_argument("--sigmas", type=float, nargs="+", help="sample with this σ schedule instead of the checkpoint's")
     sample.add_argument("--no-denoise", action="store_true", help="skip the final denoising step x + σ_L² s(x, σ_L)")
+    sample.add_argument("--sampler", help="als: annealed Langevin (NCSN Algorithm 1); pc: predictor–corrector "
+                        "(score_sde); euler, heun: EDM's probability-flow ODE solvers (default: the checkpoint's)")
+    sample.add_argument("--sampler-steps", type=int, metavar="N", help="pc, euler, heun: σ grid size (default: the model's levels)")
+    sample.add_argument("--corrector-steps", type=int, metavar="M", help="pc: Langevin corrector steps per level (0: predictor only)")
+    sample.add_argument("--snr", type=float, help="pc: the corrector's target signal-to-noise ratio")
+    sample.add_argument("--rho", type=float, help="euler, heun: EDM's grid exponent ρ")
+    sample.add_argument("--churn", type=float, help="heun: EDM Algorithm 2's S_churn (arch ncsnv2 only)")
     sample.add_argument("--trajectory", type=int, metavar="K",
                         help="write trajectory.png for K samples (0: none; default 8, or the chunk size when smaller)")
     sample.add_argument("--gpu", action="store_true", help="one GPU per actor")

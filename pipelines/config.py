@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ncsn._checks import first_line, is_positive_number
 from ncsn.models import ModelConfig
-from ncsn.sigmas import geometric_sigmas
+from ncsn.sigmas import SAMPLERS, Sampler, geometric_sigmas
 
 
 class ConfigError(ValueError):
@@ -145,14 +145,33 @@ class TrainConfig(Section):
 
 
 class SamplingConfig(Section):
-    """Annealed Langevin dynamics (Algorithm 1: x + (α/2) s + √α z, α = ε σ_i²/σ_L²)."""
+    """The sampler: annealed Langevin dynamics (als, Algorithm 1: x + (α/2) s + √α z, α = ε σ_i²/σ_L²), predictor–corrector
+    (pc, score_sde) or EDM's probability-flow ODE solvers (euler, heun); with the sample set's size and its Ray actors."""
 
+    sampler: Annotated[Str, _one_of(*SAMPLERS)] = "als"
     num_samples: Count = 1000
-    steps_per_level: Count = 100
-    eps: Positive = 4e-5
-    denoise: Bool = True
+    steps_per_level: Count = 100  # als: T
+    eps: Positive = 4e-5  # als: ε
+    denoise: Bool = True  # als and pc: end with Tweedie's denoising step (euler and heun always end at σ = 0)
+    sampler_steps: Count | None = None  # pc, euler, heun: the σ grid's size N; null: the model's own levels
+    corrector_steps: Annotated[Int, _at_least(0)] = 1  # pc: Langevin corrector steps per level (0: predictor only)
+    snr: Positive = 0.16  # pc: the corrector's target signal-to-noise ratio
+    rho: Positive = 7.0  # euler, heun: EDM's grid exponent ρ
+    churn: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0  # heun: S_churn
     workers: Count = 2
     chunk_size: Count = 100
+
+    @model_validator(mode="after")
+    def _sampler_settings(self) -> SamplingConfig:
+        if self.sampler_steps is not None and self.sampler == "als":
+            raise _Invalid("null with sampling.sampler als (Algorithm 1 walks the schedule's levels)", self.sampler_steps, "sampler_steps")
+        if self.churn > 0 and self.sampler != "heun":
+            raise _Invalid("0 unless sampling.sampler is heun (EDM Algorithm 2)", self.churn, "churn")
+        return self
+
+    def sampler_spec(self) -> Sampler:
+        """The sampler these settings name (Algorithm 1's ε and T go on the Schedule)."""
+        return Sampler(self.sampler, self.sampler_steps, self.corrector_steps, self.snr, self.rho, self.churn)
 
 
 class EvaluationConfig(Section):
@@ -263,6 +282,13 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
     tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _churn_needs_any_sigma(self) -> Config:
+        if self.sampling.churn > 0 and self.model.arch == "ncsn":
+            raise _Invalid("0 with model.arch ncsn (churn evaluates the network between the levels it was trained on)",
+                           self.sampling.churn, "sampling.churn")
+        return self
 
     @model_validator(mode="after")
     def _published_counts(self) -> Config:

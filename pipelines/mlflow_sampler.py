@@ -31,7 +31,7 @@ class NCSNSampler(PythonModel):
                 raise ValueError(f"num_samples must be >= 1, got {n}")
             gen = torch.Generator(device=self.device).manual_seed(seed)
             images = sample_images(self.model, (n, cfg.channels, cfg.image_size, cfg.image_size), self.schedule, generator=gen,
-                                   device=self.device).samples
+                                   device=self.device, levels_only=self.model.levels_only).samples
             batches.append(to_stored(images))
         return np.concatenate(batches)
 

@@ -135,7 +135,7 @@ def _digits(directory: Path, size: Size, checkpoint: str | None) -> dict[str, di
         source = f"trained here for {size.digits_steps} steps"
     gen = torch.Generator().manual_seed(0)
     every = max(1, len(schedule.sigmas) * schedule.steps_per_level // 10)
-    result = sample_images(model, (100, 1, 8, 8), schedule, trajectory_every=every, generator=gen)
+    result = sample_images(model, (100, 1, 8, 8), schedule, trajectory_every=every, generator=gen, levels_only=model.levels_only)
     save_image_grid(result.samples, directory / "samples.png", nrow=10, scale=4)
     save_trajectory_strip(result.trajectory, directory / "annealed-trajectory.png", num_samples=8, scale=4)
     images = digits_images()[:8].float() / 255

@@ -1,4 +1,4 @@
-"""Annealed Langevin sampling on a pool of Ray actors. N samples are cut into fixed chunks; chunk k draws its noise
+"""Sampling on a pool of Ray actors, with any of ncsn.sampling's samplers. N samples are cut into fixed chunks; chunk k draws its noise
 from a seed derived from (seed, k) alone, so the images do not depend on how many actors there are. The checkpoint
 reaches the actors through Ray's object store and their chunks come back the same way (no node needs another's
 disk); the driver writes each chunk atomically (its PNGs, then its .npz last, which marks it complete), so a re-run
@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,8 @@ from ncsn.checkpoint import Checkpoint, load_checkpoint
 from ncsn.data import from_stored, to_stored
 from ncsn.images import save_image_grid, save_trajectory_strip
 from ncsn.models import ScoreNetwork
-from ncsn.sampling import derived_seed, inpaint, sample_images
-from ncsn.sigmas import Schedule
+from ncsn.sampling import chain_steps, derived_seed, inpaint, nfe, sample_images
+from ncsn.sigmas import Sampler, Schedule
 from pipelines.cluster import connect_ray
 from pipelines.tracking import bound_http_requests
 
@@ -52,14 +52,30 @@ class SamplingOptions:
     eps: float | None = None  # default: the checkpoint's training config
     sigmas: list[float] | None = None  # a sub-schedule to sample with (ncsnv2 models take any σ)
     denoise: bool = True
-    trajectory_samples: int = 0  # with > 0, chunk 0 also records the Langevin trajectory of this many samples
+    trajectory_samples: int = 0  # with > 0, chunk 0 also records the trajectory of this many samples
+    sampler: str | None = None  # default: the checkpoint's sampler; another one starts from its own defaults …
+    sampler_steps: int | None = None  # … and these replace single settings of it
+    corrector_steps: int | None = None
+    snr: float | None = None
+    rho: float | None = None
+    churn: float | None = None
+
+    def sampler_spec(self, default: Sampler) -> Sampler:
+        """The sampler these options name: ``default`` (the checkpoint's) or another one's defaults, with each setting
+        given here replacing its own."""
+        base = default if self.sampler in (None, default.name) else Sampler(self.sampler)
+        given = {k: getattr(self, k) for k in ("corrector_steps", "snr", "rho", "churn") if getattr(self, k) is not None}
+        if self.sampler_steps is not None:
+            given["steps"] = self.sampler_steps
+        return replace(base, **given)
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """A sample set's settings, resolved once on the driver: the sampler (a ``Schedule``: σ levels, ε, T, denoising)
-    with the checkpoint's defaults filled in, the set's size and seed, and the checkpoint it came from (its location,
-    step and MLflow run). <output>/sampling.json holds them, flat."""
+    """A sample set's settings, resolved once on the driver: the sampler (a ``Schedule``: σ levels, the sampler and its
+    settings, ε, T, denoising) with the checkpoint's defaults filled in, its network evaluations per image, the set's
+    size and seed, and the checkpoint it came from (its location, step and MLflow run). <output>/sampling.json holds
+    them, flat."""
 
     num_samples: int
     seed: int
@@ -70,18 +86,30 @@ class SamplerSettings:
     checkpoint_step: int
     tracking_uri: str | None
     mlflow_run_id: str | None
+    nfe_per_image: int
 
     def record(self) -> dict:
         """As written to sampling.json."""
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schedule"}
         return {**record, "steps_per_level": self.schedule.steps_per_level, "eps": self.schedule.eps,
-                "sigmas": list(self.schedule.sigmas), "denoise": self.schedule.denoise}
+                "sigmas": list(self.schedule.sigmas), "denoise": self.schedule.denoise, "sampler": asdict(self.schedule.sampler)}
 
     @classmethod
     def from_record(cls, record: dict) -> SamplerSettings:
         """The inverse of ``record``."""
-        sampler = {k: record.pop(k) for k in ("sigmas", "eps", "steps_per_level", "denoise")}
-        return cls(**record, schedule=Schedule(**sampler))
+        record = _with_sampler(record)
+        schedule = {k: record.pop(k) for k in ("sigmas", "eps", "steps_per_level", "denoise")}
+        sampler = Sampler(**record.pop("sampler"))
+        return cls(**record, schedule=Schedule(**schedule, sampler=sampler))
+
+
+def _with_sampler(record: dict) -> dict:
+    """A sampling.json from before the samplers came (no "sampler" key) as it reads now: its set was drawn by annealed
+    Langevin at L·T (+1 denoising) network evaluations per image."""
+    if "sampler" in record:
+        return dict(record)
+    return {**record, "sampler": asdict(Sampler()),
+            "nfe_per_image": len(record["sigmas"]) * record["steps_per_level"] + int(record["denoise"])}
 
 
 def read_settings(output: str | Path) -> SamplerSettings | None:
@@ -119,9 +147,14 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str 
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
     if not 0 <= options.trajectory_samples <= options.chunk_size:
         raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
-    return SamplerSettings(options.num_samples, options.seed, options.chunk_size, Schedule(sigmas, float(eps), int(steps), options.denoise),
-                           options.trajectory_samples, checkpoint, ckpt.step, ckpt.run.tracking_uri if ckpt.run else None,
-                           ckpt.run.run_id if ckpt.run else None)
+    levels_only = ckpt.model_config.arch == "ncsn"
+    try:
+        schedule = Schedule(sigmas, float(eps), int(steps), options.denoise, options.sampler_spec(ckpt.schedule.sampler))
+        per_image = nfe(schedule, levels_only)
+    except ValueError as err:
+        raise SamplingError(f"--sampler: {first_line(err)}") from None
+    return SamplerSettings(options.num_samples, options.seed, options.chunk_size, schedule, options.trajectory_samples, checkpoint,
+                           ckpt.step, ckpt.run.tracking_uri if ckpt.run else None, ckpt.run.run_id if ckpt.run else None, per_image)
 
 
 def plan_chunks(num_samples: int, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -255,7 +288,7 @@ class Chunk:
     seconds: float
 
 
-class Sampler:
+class SamplingActor:
     """Holds one model; samples chunks and inpaints. Used as a Ray actor (one per worker) or directly."""
 
     def __init__(self, checkpoint: str | bytes, use_gpu: bool = False):
@@ -270,9 +303,10 @@ class Sampler:
         schedule = settings.schedule
         trajectory_every = None
         if chunk == 0 and settings.trajectory_samples:
-            trajectory_every = max(1, len(schedule.sigmas) * schedule.steps_per_level // 10)
+            trajectory_every = max(1, chain_steps(schedule, self.model.levels_only) // 10)
         result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), schedule,
-                               trajectory_every=trajectory_every, generator=gen, device=self.device)
+                               trajectory_every=trajectory_every, generator=gen, device=self.device,
+                               levels_only=self.model.levels_only)
         if not torch.isfinite(result.samples).all():
             raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {schedule.eps:.3g} may be too large for this "
                                 "model); nothing was written")
@@ -295,13 +329,14 @@ class SampleSummary:
     chunks_skipped: int
     seconds: float
     samples_per_s: float  # over the chunks sampled in this run
-    langevin_steps_per_s: float  # samples × (L·T) per second: comparable across schedules
+    nfe_per_s: float  # samples × network evaluations per image, per second: comparable across samplers
     settings: SamplerSettings
 
     def line(self) -> str:
         return (f"{self.num_samples} samples of seed {self.settings.seed} in {self.output} ({self.chunks_done} chunks sampled, "
                 f"{self.chunks_skipped} already complete; the same seed gives the same images: --seed for others); "
-                f"{self.samples_per_s:.1f} samples/s, {self.langevin_steps_per_s:.0f} image-Langevin-steps/s")
+                f"{self.samples_per_s:.1f} samples/s at {self.settings.nfe_per_image} network evaluations each "
+                f"({self.settings.schedule.sampler.name}), {self.nfe_per_s:.0f} image-evaluations/s")
 
 
 def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, options: SamplingOptions, workers: int = 2,
@@ -316,7 +351,7 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
     t0 = time.perf_counter()
     if pending:
         connect_ray()
-        actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(Sampler)
+        actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(SamplingActor)
         weights = ray.put(source.payload)
         pool = ActorPool([actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))])
         bar = _progress(len(pending), progress)
@@ -334,9 +369,9 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
             bar.close()
     seconds = time.perf_counter() - t0
     sampled = sum(c[2] for c in pending)
-    steps = len(settings.schedule.sigmas) * settings.schedule.steps_per_level
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,
-                            sampled / seconds if sampled else 0.0, sampled * steps / seconds if sampled else 0.0, settings)
+                            sampled / seconds if sampled else 0.0, sampled * settings.nfe_per_image / seconds if sampled else 0.0,
+                            settings)
     save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))), output / "grid.png", nrow=10)
     return summary
 
@@ -351,7 +386,7 @@ def _claim_output(output: Path, settings: SamplerSettings) -> None:
     for stale in _own_temporaries(output):
         stale.unlink(missing_ok=True)  # a write that a killed process (or a full disk) left half done
     if path.exists():
-        before = json.loads(path.read_text())
+        before = _with_sampler(json.loads(path.read_text()))
         diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if diff:
             raise SamplingError(f"{output} holds samples made with other settings ({', '.join(f'{k}: {before.get(k)!r} → {settings.get(k)!r}' for k in diff[:3])}); "
@@ -412,19 +447,20 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 def run_inpainting(checkpoint: str | Path | CheckpointFile, images: torch.Tensor, mask_kind: str, output: str | Path,
                    completions: int = 4, seed: int = 0, steps_per_level: int | None = None, eps: float | None = None,
                    use_gpu: bool = False, progress: bool = True) -> tuple[Path, SamplerSettings]:
-    """Inpaint each image ``completions`` times on one Ray actor; write the occluded | completions… | original grid.
+    """Inpaint each image ``completions`` times on one Ray actor by annealed Langevin (NCSN §5); write the
+    occluded | completions… | original grid.
     Returns the grid's path and the settings used (the checkpoint's MLflow run among them)."""
     output = local_path(output, "--output")
     source = open_checkpoint(checkpoint)
     settings = resolve_options(source.checkpoint, SamplingOptions(num_samples=1, seed=seed, chunk_size=1, steps_per_level=steps_per_level,
-                                                                  eps=eps), source.location)
+                                                                  eps=eps, sampler="als"), source.location)
     c, size = source.checkpoint.model_config.channels, source.checkpoint.model_config.image_size
     if tuple(images.shape[1:]) != (c, size, size):
         raise SamplingError(f"{source.location} models {c}×{size}×{size} images; the images to inpaint are "
                             f"{'×'.join(map(str, images.shape[1:]))} (another data set's shards?)")
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     connect_ray()
-    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(Sampler).remote(ray.put(source.payload), use_gpu)
+    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(SamplingActor).remote(ray.put(source.payload), use_gpu)
     pending = {actor.inpaint.remote(images, mask, settings, seed + k): k for k in range(completions)}
     filled: list[torch.Tensor | None] = [None] * completions
     with _progress(completions, progress, "inpainting", "completion") as bar:

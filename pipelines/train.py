@@ -41,16 +41,16 @@ class TrainingError(RuntimeError):
 
 def resolve_schedule(cfg: Config, manifest: Manifest) -> Schedule:
     """The σ schedule and the sampler's defaults: σs and ε fixed in the config, or by NCSNv2's rules on the manifest's
-    statistics; T and denoising from the config."""
-    steps, denoise = cfg.sampling.steps_per_level, cfg.sampling.denoise
+    statistics; the sampler, T and denoising from the config."""
+    steps, denoise, sampler = cfg.sampling.steps_per_level, cfg.sampling.denoise, cfg.sampling.sampler_spec()
     if not cfg.schedule.recommend:
-        return Schedule(cfg.sigmas(), cfg.sampling.eps, steps, denoise)
+        return Schedule(cfg.sigmas(), cfg.sampling.eps, steps, denoise, sampler)
     stats = manifest.split("train").statistics
     if stats is None:
         raise ConfigError("schedule.recommend needs the training statistics in the shard manifest; re-run `ncsn-pipeline shard`")
     h, w, c = manifest.image_shape
     rec = recommend_schedule(None, steps, cfg.schedule.sigma_min, sigma_max=stats.max_pairwise_distance, dim=h * w * c)
-    return Schedule(rec.sigmas(), rec.eps, steps, denoise)
+    return Schedule(rec.sigmas(), rec.eps, steps, denoise, sampler)
 
 
 def _check_shapes(cfg: Config, manifest: Manifest) -> None:

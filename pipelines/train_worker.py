@@ -115,11 +115,11 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     return (checksum.max() - checksum.min()).item()
 
 
-def _sample_grid(model: torch.nn.Module, schedule: Schedule, cfg: Config, step: int, device: torch.device) -> Path:
+def _sample_grid(model: ScoreNetwork, schedule: Schedule, cfg: Config, step: int, device: torch.device) -> Path:
     """A 10×10 grid from the EMA model (fixed seed, so grids of different steps compare), under <run_dir>/samples."""
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     shape = (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    images = sample_images(model, shape, schedule, generator=gen, device=device).samples
+    images = sample_images(model, shape, schedule, generator=gen, device=device, levels_only=model.levels_only).samples
     return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10)
 
 

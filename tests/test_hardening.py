@@ -212,12 +212,16 @@ def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp
     for stale in (out / "images" / ".000001.png.abc.tmp", out / "chunks" / ".chunk_00000.npz.def.tmp", out / ".sampling.json.x.tmp",
                   out / ".grid.png.y.tmp", out / ".notes.tmp", out / "images" / ".mine.tmp"):
         stale.write_bytes(b"half")
-    settings = SamplerSettings(2, 0, 1, Schedule((1.0, 0.25), 1e-4, 5, denoise=False), 0, "checkpoint.pt", 10, None, None)
+    settings = SamplerSettings(2, 0, 1, Schedule((1.0, 0.25), 1e-4, 5, denoise=False), 0, "checkpoint.pt", 10, None, None, 10)
     _claim_output(out, settings)
     assert sorted(p.name for p in out.rglob("*.tmp")) == [".mine.tmp", ".notes.tmp"]  # the user's own files stay
     on_disk = json.loads((out / "sampling.json").read_text())  # flat: sample sets written before the Schedule field resume
     assert (on_disk["sigmas"], on_disk["eps"], on_disk["steps_per_level"], on_disk["denoise"]) == ([1.0, 0.25], 1e-4, 5, False)
     assert read_settings(out) == settings
+    del on_disk["sampler"], on_disk["nfe_per_image"]  # a set from before the samplers came: annealed Langevin, L·T evaluations
+    (out / "sampling.json").write_text(json.dumps(on_disk))
+    assert read_settings(out) == settings
+    _claim_output(out, settings)  # resumable with the settings it was made with
     np.savez(out / "chunks" / "chunk_00000.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     (out / "chunks" / "chunk_00001.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(SamplingError, match=r"chunk_00001.npz: not a readable sample chunk"):

@@ -56,6 +56,41 @@ def test_same_seed_gives_identical_samples_with_one_or_two_workers(tmp_path, sma
     assert sample_set_digest(other_seed.output) != sample_set_digest(tmp_path / "one")
 
 
+def test_every_sampler_runs_on_the_actors_and_its_sample_set_states_its_nfe(tmp_path, small_checkpoint, ray_local):
+    # The stochastic EDM sampler (churn) gives the same images on one actor or two; each set's sampling.json names its
+    # sampler and its network evaluations per image (the checkpoint's 5 levels, T = 2: Algorithm 1 takes 5·2 + 1).
+    from pipelines.sample import read_settings
+
+    expected = {"als": 11, "pc": 4 * 2, "euler": 5, "heun": 2 * 5 - 1}
+    churned = SamplingOptions(20, seed=3, chunk_size=10, sampler="heun", sampler_steps=5, churn=10.0)
+    one = run_sampling(small_checkpoint, tmp_path / "heun1", churned, workers=1, progress=False)
+    two = run_sampling(small_checkpoint, tmp_path / "heun2", churned, workers=2, progress=False)
+    assert sample_set_digest(one.output) == sample_set_digest(two.output)
+    for name, extra in (("als", {}), ("pc", {"sampler_steps": 4}), ("euler", {})):
+        run_sampling(small_checkpoint, tmp_path / name, SamplingOptions(20, seed=3, chunk_size=10, sampler=name, **extra),
+                     workers=2, progress=False)
+    for name in expected:
+        record = json.loads((tmp_path / (name + "1" if name == "heun" else name) / "sampling.json").read_text())
+        assert record["sampler"]["name"] == name and record["nfe_per_image"] == expected[name]
+    assert read_settings(tmp_path / "heun1").schedule.sampler.churn == 10.0
+    assert sample_set_digest(tmp_path / "euler") != sample_set_digest(tmp_path / "als")
+    with pytest.raises(SamplingError, match="holds samples made with other settings"):  # a set is never completed by another sampler
+        run_sampling(small_checkpoint, tmp_path / "euler", SamplingOptions(20, seed=3, chunk_size=10, sampler="heun"), progress=False)
+
+
+def test_a_sampler_a_checkpoint_cannot_take_is_one_line_before_ray(tmp_path):
+    from pipelines.sample import resolve_options
+
+    sigmas = geometric_sigmas(1.0, 0.01, 5)
+    ckpt = Checkpoint(ModelConfig("ncsn", 8, 1, 16), Schedule(sigmas, 1e-4, 2), {}, None, None, 0)
+    with pytest.raises(SamplingError, match=r"^--sampler: churn evaluates the model between its levels"):
+        resolve_options(ckpt, SamplingOptions(10, sampler="heun", sampler_steps=4, churn=5.0))
+    with pytest.raises(SamplingError, match=r"^--sampler: sampler must be one of als, pc, euler, heun, got 'ddim'"):
+        resolve_options(ckpt, SamplingOptions(10, sampler="ddim"))
+    settings = resolve_options(ckpt, SamplingOptions(10, sampler="heun", sampler_steps=30))  # 30 ρ-levels onto 5 trained ones
+    assert settings.nfe_per_image <= 2 * 5 - 1
+
+
 def test_lost_actor_and_unfinished_chunk_are_redone_exactly(tmp_path, small_checkpoint, ray_local):
     import threading
 
@@ -70,7 +105,7 @@ def test_lost_actor_and_unfinished_chunk_are_redone_exactly(tmp_path, small_chec
                                                                               workers=2, progress=False)))
     runner.start()
     wait_for(lambda: list((tmp_path / "killed" / "chunks").glob("chunk_*.npz")), 120, "the first chunk")
-    killed = kill_actor_process("Sampler")
+    killed = kill_actor_process("SamplingActor")
     finished_before = len(list((tmp_path / "killed" / "chunks").glob("chunk_*.npz")))
     runner.join(timeout=300)
     assert killed > 0 and finished_before < 10  # killed mid-run

@@ -61,6 +61,11 @@ class ScoreNetwork(nn.Module):
         else:
             self.body = RefineNet(config.channels, config.ngf, None, refine_norms=False, pool="max")
 
+    @property
+    def levels_only(self) -> bool:
+        """True when the network takes only the σ levels it was trained on (arch ncsn's per-level normalisation)."""
+        return self.config.arch == "ncsn"
+
     def level_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of each σ in the schedule; a σ not in the schedule is an error for arch="ncsn"."""
         log_dist = (sigma.float().log()[:, None] - self.sigmas.log()[None]).abs()

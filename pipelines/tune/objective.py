@@ -59,5 +59,6 @@ def sample_and_score(evaluator: Evaluator, model: torch.nn.Module, schedule: Sch
     c, s = model.config.channels, model.config.image_size
     schedule = replace(schedule, denoise=spec.denoise)
     samples = sample_images(model, (num_samples or spec.num_samples, c, s, s), schedule,
-                            generator=torch.Generator(device=device).manual_seed(seed), device=device).samples
+                            generator=torch.Generator(device=device).manual_seed(seed), device=device,
+                            levels_only=model.levels_only).samples
     return evaluator.metrics(to_stored(samples), seed=seed), samples
