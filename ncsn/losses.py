@@ -76,17 +76,25 @@ class LevelLoss:
         return self.per_level_sum / self.per_level_count.to(self.per_level_sum.dtype)
 
 
-def _draw_levels(x: torch.Tensor, sigmas: torch.Tensor, levels: torch.Tensor | None,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σs on x's device and dtype, one level index per sample: uniform, or the given ``levels``)."""
+def _draw_levels(x: torch.Tensor, sigmas: torch.Tensor, levels: torch.Tensor | None, generator: torch.Generator | None,
+                 continuous: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(σs on x's device and dtype, one level index per sample, each sample's σ). The level is drawn uniformly (or given
+    as ``levels``) and σ is that level's; ``continuous``: σ is drawn log-uniformly between σ_L and σ_1 (score_sde's
+    continuous VE training) and the level is the nearest one in log σ, for the per-level breakdown."""
     if sigmas.dim() != 1 or sigmas.numel() < 1:
         raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    if continuous:
+        if levels is not None:
+            raise ValueError("levels are drawn, not given, with continuous σ")
+        u = torch.rand((x.shape[0],), device=x.device, dtype=x.dtype, generator=generator)
+        sigma = (sigmas[-1].log() + u * (sigmas[0].log() - sigmas[-1].log())).exp()
+        return sigmas, (sigma.log()[:, None] - sigmas.log()[None]).abs().argmin(1), sigma
     if levels is None:
         levels = torch.randint(0, sigmas.numel(), (x.shape[0],), device=x.device, generator=generator)
     elif levels.shape != (x.shape[0],):
         raise ValueError(f"levels must have shape ({x.shape[0]},), got {tuple(levels.shape)}")
-    return sigmas, levels
+    return sigmas, levels, sigmas[levels]
 
 
 def _level_loss(per_sample: torch.Tensor, levels: torch.Tensor, num_levels: int) -> LevelLoss:
@@ -101,14 +109,14 @@ def dsm_loss(
     sigmas: torch.Tensor,
     levels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    continuous: bool = False,
 ) -> LevelLoss:
     """NCSN's objective: ½ E‖s(x̃,σ) + (x̃−x)/σ²‖² weighted by λ(σ)=σ² (Song & Ermon 2019, eqs. 5–6).
 
-    Each sample gets one level drawn uniformly (or ``levels``, (B,) indices into ``sigmas``).
-    With x̃ = x + σz the weighted per-sample loss is ½‖σ s(x̃,σ) + z‖².
+    Each sample gets one level drawn uniformly (or ``levels``, (B,) indices into ``sigmas``), or with ``continuous`` a σ
+    log-uniform between σ_L and σ_1. With x̃ = x + σz the weighted per-sample loss is ½‖σ s(x̃,σ) + z‖².
     """
-    sigmas, levels = _draw_levels(x, sigmas, levels, generator)
-    sigma = sigmas[levels]
+    sigmas, levels, sigma = _draw_levels(x, sigmas, levels, generator, continuous)
     sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
     z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
     score = score_fn(x + sigma_b * z, sigma)
@@ -123,11 +131,12 @@ def sliced_level_loss(
     sigmas: torch.Tensor,
     levels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    continuous: bool = False,
 ) -> LevelLoss:
     """Noise-conditional sliced score matching with variance reduction on x̃ = x + σz, weighted by λ(σ)=σ²:
-    σ²[vᵀ∇_x̃(vᵀs(x̃,σ)) + ½‖s(x̃,σ)‖²], v ~ N(0, I) (Song et al. 2019, eq. 8; NCSN §3.2, eq. 6's weighting)."""
-    sigmas, levels = _draw_levels(x, sigmas, levels, generator)
-    sigma = sigmas[levels]
+    σ²[vᵀ∇_x̃(vᵀs(x̃,σ)) + ½‖s(x̃,σ)‖²], v ~ N(0, I) (Song et al. 2019, eq. 8; NCSN §3.2, eq. 6's weighting); σ drawn
+    as in dsm_loss."""
+    sigmas, levels, sigma = _draw_levels(x, sigmas, levels, generator, continuous)
     sigma_b = sigma.view(-1, *([1] * (x.dim() - 1)))
     noisy = (x + sigma_b * torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)).detach().requires_grad_(True)
     v = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)

@@ -154,6 +154,28 @@ class Sampler:
         if self.churn > 0 and self.name != "heun":
             raise ValueError(f"churn is EDM Algorithm 2's (sampler heun), not {self.name}'s")
 
+    def text(self) -> str:
+        """A compact form ``parse`` reads back, naming the settings this sampler uses that differ from their defaults:
+        als, pc:N=21,M=0, heun:N=11,churn=40, …"""
+        used = {"pc": ("steps", "corrector_steps", "snr"), "euler": ("steps", "rho"), "heun": ("steps", "rho", "churn")}.get(self.name, ())
+        short = {"steps": "N", "corrector_steps": "M"}
+        parts = [f"{short.get(k, k)}={getattr(self, k):.12g}" for k in used if getattr(self, k) is not None and getattr(self, k) != getattr(Sampler, k)]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Sampler:
+        """The sampler ``text`` (as ``text()`` writes it) names."""
+        name, _, rest = text.partition(":")
+        long = {"N": "steps", "M": "corrector_steps"}
+        settings = {}
+        for part in filter(None, rest.split(",")):
+            key, _, value = part.partition("=")
+            key = long.get(key, key)
+            if key not in ("steps", "corrector_steps", "snr", "rho", "churn") or not value:
+                raise ValueError(f"sampler {text!r}: {part!r} is not one of N=, M=, snr=, rho=, churn=")
+            settings[key] = int(value) if key in ("steps", "corrector_steps") else float(value)
+        return cls(name, **settings)
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -56,12 +56,14 @@ def train_steps(
     amp: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     objective: str = "dsm",
+    continuous_sigma: bool = False,
 ) -> Iterator[StepStats]:
     """Run DSM steps start_step+1 … num_steps over ``batches`` (cycled), yielding StepStats after each.
 
     ``model`` is a score network taking (x, σ) (it may be DDP-wrapped); ``transform`` maps a batch as
     loaded to the model's input (e.g. dequantisation). ``amp`` uses autocast (and ``scaler``) on CUDA.
-    ``objective``: "dsm" (denoising score matching) or "ssm" (sliced score matching), both per noise level.
+    ``objective``: "dsm" (denoising score matching) or "ssm" (sliced score matching), both per noise level;
+    ``continuous_sigma``: σ log-uniform between σ_L and σ_1 instead of one of the levels (for a model that takes any σ).
     """
     if objective not in LEVEL_LOSSES:
         raise ValueError(f"objective must be one of {', '.join(LEVEL_LOSSES)}, got {objective!r}")
@@ -83,7 +85,7 @@ def train_steps(
             if not x.is_floating_point():
                 raise ValueError(f"batch of dtype {x.dtype} reached the model: pass a transform such as to_unit_interval")
             with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
-                out = loss_fn(model, x, sigmas)
+                out = loss_fn(model, x, sigmas, continuous=continuous_sigma)
             loss = out.loss.float()
             summed = _summed_over_ranks(loss, out.per_level_sum)
             if not torch.isfinite(summed).all():

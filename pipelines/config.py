@@ -142,6 +142,9 @@ class TrainConfig(Section):
     amp: Bool = True  # used on GPU only
     # dsm (denoising score matching) | ssm (sliced score matching, variance-reduced), per σ level
     objective: Annotated[Str, _one_of("dsm", "ssm")] = "dsm"
+    # levels: each sample's σ one of the schedule's levels (NCSN); continuous: log-uniform between σ_L and σ_1 (score_sde's
+    # continuous VE training), so samplers may step between the levels; arch ncsnv2 only
+    sigma_sampling: Annotated[Str, _one_of("levels", "continuous")] = "levels"
 
 
 class SamplingConfig(Section):
@@ -225,6 +228,11 @@ class TuneConfig(Section):
     num_levels_scale: Range = [0.5, 1.5]  # × recommended L, rounded
     eps_scale: Range = [0.3, 3.0]  # log-uniform × recommended ε
     steps_per_level: Annotated[list[Int], _rule(lambda ts: bool(ts) and min(ts) >= 1, "a non-empty list of T >= 1")] = [5, 10, 20]
+    # sampler-only tuning (--checkpoint) also searches these samplers (als: over steps_per_level; pc with 0 and 1
+    # corrector steps, euler and heun: over the σ grid sizes sampler_steps), keeping to max_nfe evaluations per image
+    samplers: Annotated[list[Str], _rule(lambda ns: bool(ns) and set(ns) <= set(SAMPLERS), f"a non-empty list of {', '.join(SAMPLERS)}")] = ["als"]
+    sampler_steps: Annotated[list[Int], _rule(lambda ns: bool(ns) and min(ns) >= 1, "a non-empty list of N >= 1")] = [6, 11, 18, 40]
+    max_nfe: Count | None = None  # null: no budget
     eval_every: Count = 500  # training steps between objective evaluations (ASHA's rungs)
     eval_samples: Annotated[Int, _at_least(3)] = 250  # samples per evaluation of the objective (on the validation split)
     # unbiased KID on standardised features: its mean does not move with the count
@@ -284,10 +292,12 @@ class Config(Section):
     tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
-    def _churn_needs_any_sigma(self) -> Config:
+    def _between_levels_needs_any_sigma(self) -> Config:
         if self.sampling.churn > 0 and self.model.arch == "ncsn":
             raise _Invalid("0 with model.arch ncsn (churn evaluates the network between the levels it was trained on)",
                            self.sampling.churn, "sampling.churn")
+        if self.train.sigma_sampling == "continuous" and self.model.arch == "ncsn":
+            raise _Invalid("levels with model.arch ncsn (its normalisation is learnt per level)", "continuous", "train.sigma_sampling")
         return self
 
     @model_validator(mode="after")

@@ -321,7 +321,8 @@ def _steps(ddp_model: torch.nn.Module, loader, model: Model, cfg: Config, sigmas
     try:
         yield from train_steps(ddp_model, agreed_batches(loader, device), sigmas, model.optimizer, num_steps=cfg.train.steps, start_step=model.start,
                                ema=model.ema, grad_clip=cfg.optim.grad_clip, transform=transform, amp=amp,
-                               scaler=torch.amp.GradScaler("cuda") if amp else None, objective=cfg.train.objective)
+                               scaler=torch.amp.GradScaler("cuda") if amp else None, objective=cfg.train.objective,
+                               continuous_sigma=cfg.train.sigma_sampling == "continuous")
     except (NonFiniteLossError, ShardError) as err:
         failure.append(str(err))
 

@@ -87,6 +87,30 @@ def test_dsm_loss_of_zero_score_is_half_dimension_per_level(gen):
     assert fixed.per_level_count.tolist() == [2, 0, 2] and torch.isnan(fixed.per_level_mean[1])
 
 
+@pytest.mark.parametrize("loss", ["dsm", "ssm"])
+def test_continuous_sigma_is_log_uniform_between_the_ends_and_binned_to_the_nearest_level(gen, loss):
+    # 20 000 draws: log σ uniform on [log 0.01, log 10] (quartiles within 0.02 of the range; a draw's quartile has sd ≈ 0.003),
+    # the network sees σ between the levels, and each sample's per-level bin is the level nearest its σ in log.
+    from ncsn.losses import LEVEL_LOSSES
+
+    sigmas, seen = torch.tensor([10.0, 1.0, 0.1, 0.01]), []
+
+    def score(xt, s):
+        seen.append(s.detach().clone())
+        return 0 * xt
+
+    out = LEVEL_LOSSES[loss](score, torch.zeros(20_000, 2), sigmas, generator=gen, continuous=True)
+    drawn = seen[0]
+    u = (drawn.log() - sigmas[-1].log()) / (sigmas[0].log() - sigmas[-1].log())
+    assert u.min() >= 0 and u.max() <= 1
+    assert torch.quantile(u, torch.tensor([0.25, 0.5, 0.75])).tolist() == pytest.approx([0.25, 0.5, 0.75], abs=0.02)
+    assert not torch.isclose(drawn[:, None], sigmas[None], rtol=1e-4).any(1).all()  # between the levels
+    # the end levels take half a bin each (1/6 of the draws), the inner ones a whole bin (1/3)
+    assert (out.per_level_count / 20_000).tolist() == pytest.approx([1 / 6, 1 / 3, 1 / 3, 1 / 6], abs=0.015)
+    with pytest.raises(ValueError, match="levels are drawn, not given, with continuous σ"):
+        LEVEL_LOSSES[loss](score, torch.zeros(4, 2), sigmas, levels=torch.zeros(4, dtype=torch.long), continuous=True)
+
+
 def test_losses_reject_shape_mismatch(gen):
     with pytest.raises(ValueError, match="score_fn returned shape"):
         dsm_loss(lambda xt, s: xt[:, :1], torch.zeros(4, 2), torch.tensor([1.0]))

@@ -157,16 +157,23 @@ def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, 
     calls, real = [], tuning.score_all
     monkeypatch.setattr(tuning, "score_all", lambda jobs, objective, *a: calls.append((objective.reference_split, [c.trial_id for _, c in jobs]))
                         or real(jobs, objective, *a))
+    # Algorithm 1 with T = 2 or 3, Euler and Heun on 6- or 11-level grids, within 50 network evaluations per image: the
+    # checkpoint's own setting (21 levels × T = 10 + 1 = 211) is the reference, every searched trial keeps to the budget.
     cfg = load_config(ROOT / "configs" / "digits.yaml", [f"run_dir={tmp_path}", "tune.trials=4", "tune.eval_samples=60",
                                                          "tune.select_top=2", "tune.confirm_seeds=3", "tune.confirm_samples=60",
-                                                         "tune.steps_per_level=[2,3]", "tracking.system_metrics=false",
+                                                         "tune.steps_per_level=[2,3]", "tune.samplers=[als,euler,heun]",
+                                                         "tune.sampler_steps=[6,11]", "tune.max_nfe=50", "tracking.system_metrics=false",
                                                          f"evaluation.cache_dir={eval_cache}"])
     summary = run_tuning(cfg, digits_shards, checkpoint=str(checkpoint))
     rows = summary.rows
     assert len(rows) == 4 and all(r["objective_low"] <= r["objective"] <= r["objective_high"] for r in rows)
     (rec,) = [r for r in rows if r["label"] == "recommended"]  # the checkpoint's own sampler settings, whole schedule
     assert rec["start_level"] == 0 and rec["steps_per_level"] == schedule.steps_per_level
+    assert rec["sampler"] == f"als:T={schedule.steps_per_level}" and rec["nfe"] == len(schedule.sigmas) * schedule.steps_per_level + 1
     assert rec["eps"] == pytest.approx(schedule.eps)
+    allowed = {"als:T=2": 43, "euler:N=6": 6, "euler:N=11": 11, "heun:N=6": 11, "heun:N=11": 21}  # als:T=3 takes 64
+    searched = [r for r in rows if r["label"] == "search"]
+    assert searched and all(allowed[r["sampler"]] >= r["nfe"] for r in searched)  # start_level > 0 shortens Algorithm 1
     (finalist,) = [r for r in rows if r["finalist"]]  # the best searched trial by its validation mean
     assert finalist["selection_mean"] == min(r["selection_mean"] for r in rows if r["label"] == "search" and r["selection_mean"] is not None)
     (selection, selected), (judgement, judged) = calls
@@ -176,8 +183,10 @@ def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, 
     assert "over 3 sampling seeds of one network" in summary.verdict and "paired t, 2 df" in summary.verdict
     best = load_config(summary.best_config)  # the selection's first, whatever the test split says
     assert best.sampling.eps == pytest.approx(summary.best["eps"]) and best.sampling.steps_per_level == summary.best["steps_per_level"]
+    assert best.sampling.sampler == summary.best["sampler"].split(":")[0]
     assert summary.best["selection_mean"] == min(r["selection_mean"] for r in rows if r["selection_mean"] is not None)
     assert summary.next_command.startswith(f"ncsn-pipeline sample --checkpoint {checkpoint}")
+    assert f"--sampler {best.sampling.sampler}" in summary.next_command
     client = MlflowClient(summary.tracking_uri)
     children = client.search_runs([client.get_run(summary.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
@@ -229,6 +238,25 @@ def test_a_search_space_without_a_valid_trial_is_refused_before_ray_starts(tmp_p
     assert out.stderr.strip().splitlines()[-1].startswith("ncsn-pipeline tune: error: tune.sigma_max_scale [0.001, 0.001] × the "
                                                           "recommended σ_1")
     assert "no searched trial could train" in out.stderr and not (tmp_path / "run" / "tune").exists()
+
+
+def test_a_budget_no_sampler_keeps_to_is_refused_before_ray_starts(tmp_path):
+    # 21 trained levels: Algorithm 1 takes at least 21·1 + 1 evaluations, Heun on a 6-level grid 11; a budget of 10 admits none.
+    from ncsn.checkpoint import Checkpoint, save_checkpoint
+    from ncsn.models import ModelConfig, ScoreNetwork
+    from ncsn.sigmas import Schedule, geometric_sigmas
+    from pipelines.config import ConfigError
+    from pipelines.tune.modes import SamplerSearch
+
+    sigmas = geometric_sigmas(4.6, 0.01, 21)
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 16), sigmas)
+    save_checkpoint(tmp_path / "c.pt", Checkpoint(model.config, Schedule(sigmas, 3e-5, 10), model.state_dict(), None, None, 1))
+    cfg = load_config(ROOT / "configs" / "digits.yaml", ["tune.steps_per_level=[1]", "tune.samplers=[als,heun]",
+                                                         "tune.sampler_steps=[6]", "tune.max_nfe=10"])
+    with pytest.raises(ConfigError, match=r"tune.max_nfe 10 admits none of tune.samplers \['als', 'heun'\] \(the cheapest takes 11"):
+        SamplerSearch(cfg, str(tmp_path / "c.pt"))
+    settings = SamplerSearch(cfg.evolve({"tune.max_nfe": 22}), str(tmp_path / "c.pt")).settings
+    assert settings == ["heun:N=6", "als:T=1", "als:T=10"]  # by NFE (11, 22), and the checkpoint's own, the reference
 
 
 def test_a_job_whose_searched_trials_all_failed_is_an_error():

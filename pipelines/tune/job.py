@@ -91,7 +91,7 @@ def _rows(results, mode: ScheduleSearch | SamplerSearch, metric: str) -> list[di
         m = r.metrics or {}
         last_step = m.get("step")  # the training step of the last report (none in sampler-only mode)
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "label": label_of(r.config, mode.rec),
-                     **{k: r.config.get(k) for k in mode.keys}, "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
+                     **mode.point(r.config), "objective": m.get(metric), "objective_low": m.get(f"{metric}_low"),
                      "objective_high": m.get(f"{metric}_high"), "last_step": last_step,
                      "stopped_early": bool(mode.max_t and r.error is None and (last_step or 0) < mode.max_t),
                      "error": str(r.error)[:200] if r.error else "", "grid": m.get("grid", ""),

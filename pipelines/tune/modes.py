@@ -1,9 +1,10 @@
 """The two kinds of tuning job: ScheduleSearch (each trial trains a model with its σ schedule and sampler; ASHA stops
-weak trials) and SamplerSearch (each trial samples one trained checkpoint with its ε, T and first σ level). Each says
+weak trials) and SamplerSearch (each trial samples one trained checkpoint with its first σ level, ε and sampler). Each says
 what its trials run, how they are scheduled, where their networks are for the selection and the judgement, and what
 the chosen point means for the user."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -11,11 +12,14 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from data_prep.manifest import load_manifest
+from ncsn.sampling import nfe
+from ncsn.sigmas import Schedule
 from pipelines.config import Config
 from pipelines.sample import open_checkpoint
 from pipelines.tune.asha import ResumableASHA
 from pipelines.tune.objective import ObjectiveSpec
-from pipelines.tune.space import PARAMS, apply_point, check_space, recommended_point, sampler_space, search_space
+from pipelines.tune.space import (PARAMS, apply_point, check_space, recommended_point, sampler_settings, search_space,
+                                  setting_schedule, setting_text)
 from pipelines.tune.trials import (RECOMMENDED_FULL, max_concurrent, retrain, sampler_trial, train_recommended_fully, train_trial,
                                    trial_checkpoint)
 from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
@@ -36,6 +40,10 @@ class ScheduleSearch:
 
     def space(self) -> dict:
         return search_space(self.cfg, self.rec)
+
+    def point(self, config: dict) -> dict:
+        """A trial's row columns: its point."""
+        return {k: config.get(k) for k in self.keys}
 
     def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
         return tune.with_resources(tune.with_parameters(train_trial, base=self.cfg, shards=self.shards, uri=uri, parent_run_id=parent,
@@ -75,10 +83,12 @@ class ScheduleSearch:
 
 
 class SamplerSearch:
-    """Each trial samples a trained checkpoint once with its ε, T and first σ level (the levels from start_level on)."""
+    """Each trial samples a trained checkpoint once with its first σ level (the levels from start_level on), ε and
+    sampler setting (Algorithm 1 with T steps per level, predictor–corrector, Euler or Heun on an N-level grid), within
+    tune.max_nfe network evaluations per image."""
 
     label = "sampler"
-    keys = ("start_level", "eps", "steps_per_level")
+    keys = ("start_level", "eps", "sampler")
     max_t = None  # one report per trial: nothing to stop early
     cpus_per_trial = 1.0
     judgement_runs: list[str] = []  # the verdict trains nothing: it samples the one checkpoint
@@ -86,12 +96,29 @@ class SamplerSearch:
     def __init__(self, cfg: Config, checkpoint: str):
         self.cfg, self.checkpoint, self.source = cfg, checkpoint, open_checkpoint(checkpoint)  # read once, shipped to the trials
         ckpt = self.source.checkpoint
-        self.sigmas, trained = ckpt.sigmas.tolist(), ckpt.schedule
-        self.rec = {"start_level": 0, "eps": trained.eps if trained.eps is not None else cfg.sampling.eps,
-                    "steps_per_level": trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level}
+        self.levels_only = ckpt.model_config.arch == "ncsn"
+        self.schedule = ckpt.schedule if ckpt.schedule.eps is not None and ckpt.schedule.steps_per_level is not None else \
+            replace(ckpt.schedule, eps=cfg.sampling.eps, steps_per_level=cfg.sampling.steps_per_level)
+        self.sigmas = list(self.schedule.sigmas)
+        self.rec = {"start_level": 0, "eps": self.schedule.eps, "sampler": setting_text(self.schedule)}
+        self.settings = sampler_settings(cfg, self.schedule, self.levels_only, self.rec["sampler"])  # checks the budget, before Ray
 
     def space(self) -> dict:
-        return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1), **sampler_space(self.cfg, self.rec)}
+        t = self.cfg.tune
+        return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1),
+                "eps": tune.loguniform(self.rec["eps"] * t.eps_scale[0], self.rec["eps"] * t.eps_scale[1] * (1 + 1e-9)),
+                "sampler": tune.choice(self.settings)}
+
+    def point(self, config: dict) -> dict:
+        """A trial's row columns: its point, with its T and its network evaluations per image."""
+        schedule = self.schedule_of(config)
+        return {**{k: config.get(k) for k in self.keys}, "steps_per_level": schedule.steps_per_level,
+                "nfe": nfe(schedule, self.levels_only)}
+
+    def schedule_of(self, config: dict) -> Schedule:
+        """The checkpoint's schedule as a trial samples it."""
+        schedule = setting_schedule(config["sampler"], self.schedule)
+        return schedule.from_level(int(config["start_level"]), float(config["eps"]), schedule.steps_per_level)
 
     def trainable(self, uri: str, parent: str, objective: ObjectiveSpec):
         return tune.with_resources(tune.with_parameters(sampler_trial, base=self.cfg, checkpoint=self.checkpoint, payload=self.source.payload,
@@ -110,9 +137,16 @@ class SamplerSearch:
 
     def outcome(self, best: dict, best_yaml: Path) -> tuple[Config, str, Path | None]:
         """The config with the best sampler settings, the `sample` command that uses them, the trial's grid."""
-        sigmas, out = self.sigmas[int(best["start_level"]):], Path(self.cfg.run_dir).parent / "best" / "samples"
+        schedule = self.schedule_of(best)
+        sampler, out = schedule.sampler, Path(self.cfg.run_dir).parent / "best" / "samples"
+        flags = {"--sampler": sampler.name, "--sampler-steps": sampler.steps,
+                 "--corrector-steps": sampler.corrector_steps if sampler.name == "pc" else None}
         command = (f"ncsn-pipeline sample --checkpoint {self.checkpoint} --num-samples {self.cfg.sampling.num_samples} --output {out} "
-                   f"--eps {best['eps']:.6g} --steps-per-level {best['steps_per_level']}"
-                   + (f" --sigmas {' '.join(f'{x:.6g}' for x in sigmas)}" if best["start_level"] else ""))
-        best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(best["steps_per_level"])})
+                   f"--eps {best['eps']:.6g} --steps-per-level {schedule.steps_per_level}"
+                   + "".join(f" {k} {v}" for k, v in flags.items() if v is not None)
+                   + (f" --sigmas {' '.join(f'{x:.6g}' for x in schedule.sigmas)}" if best["start_level"] else ""))
+        best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(schedule.steps_per_level),
+                                    "sampling.sampler": sampler.name, "sampling.sampler_steps": sampler.steps,
+                                    "sampling.corrector_steps": sampler.corrector_steps, "sampling.snr": sampler.snr,
+                                    "sampling.rho": sampler.rho, "sampling.churn": sampler.churn})
         return best_cfg, command, Path(best["grid"]) if best["grid"] else None

@@ -3,9 +3,12 @@ point applied to a config."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ray import tune
 
+from ncsn.sampling import nfe
+from ncsn.sigmas import Sampler, Schedule
 from pipelines.config import Config, ConfigError
 from pipelines.train import resolve_schedule
 
@@ -44,6 +47,42 @@ def sampler_space(cfg: Config, rec: dict) -> dict:
     """ε (× the recommended one) and T (the listed choices and the recommended one): searched in both modes."""
     return {"eps": _log_uniform(rec["eps"] * cfg.tune.eps_scale[0], rec["eps"] * cfg.tune.eps_scale[1]),
             "steps_per_level": tune.choice(sorted(set(cfg.tune.steps_per_level) | {rec["steps_per_level"]}))}
+
+
+def sampler_settings(cfg: Config, schedule: Schedule, levels_only: bool, recommended: str) -> list[str]:
+    """Sampler-only tuning's sampler choices, each as a setting text (Sampler.text(), with ":T=t" for als): als over the
+    T of tune.steps_per_level, pc (M = 0, 1), euler and heun over tune.sampler_steps, those of tune.samplers within
+    tune.max_nfe evaluations per image (als counted on all levels); the checkpoint's own (``recommended``, the reference)
+    always. A ConfigError when the budget leaves nothing to search."""
+    t, found = cfg.tune, []
+    for name in t.samplers:
+        if name == "als":
+            found += [f"als:T={steps}" for steps in sorted(set(t.steps_per_level))]
+            continue
+        for n in sorted(set(t.sampler_steps)):
+            for m in (0, 1) if name == "pc" else (1,):
+                found.append(Sampler(name, steps=n, corrector_steps=m).text())
+    within = [s for s in found if t.max_nfe is None or setting_nfe(s, schedule, levels_only) <= t.max_nfe]
+    if not within:
+        raise ConfigError(f"tune.max_nfe {t.max_nfe} admits none of tune.samplers {t.samplers} (the cheapest takes "
+                          f"{min(setting_nfe(s, schedule, levels_only) for s in found)} evaluations per image)", "tune.max_nfe")
+    return sorted(set(within) | {recommended}, key=lambda s: (setting_nfe(s, schedule, levels_only), s))
+
+
+def setting_schedule(setting: str, schedule: Schedule) -> Schedule:
+    """``schedule`` sampled with a setting text of ``sampler_settings``."""
+    text, _, steps = setting.partition(":T=")
+    return replace(schedule, sampler=Sampler.parse(text), steps_per_level=int(steps) if steps else schedule.steps_per_level)
+
+
+def setting_text(schedule: Schedule) -> str:
+    """The setting text of ``schedule``'s sampler (the inverse of ``setting_schedule``)."""
+    return schedule.sampler.text() + (f":T={schedule.steps_per_level}" if schedule.sampler.name == "als" else "")
+
+
+def setting_nfe(setting: str, schedule: Schedule, levels_only: bool) -> int:
+    """Network evaluations per image of ``setting`` on ``schedule``'s levels."""
+    return nfe(setting_schedule(setting, schedule), levels_only)
 
 
 def apply_point(cfg: Config, point: dict) -> Config:

@@ -11,12 +11,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from data_prep.storage import Storage
 from ncsn.images import save_image_grid
+from ncsn.sampling import nfe
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.sample import SamplingError, load_model, read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, run_training
 from pipelines.tune.objective import ObjectiveSpec, sample_and_score
-from pipelines.tune.space import apply_point, label_of
+from pipelines.tune.space import apply_point, label_of, setting_schedule
 
 log = logging.getLogger(__name__)
 RECOMMENDED_FULL = "recommended-full"  # the recommended schedule trained to the end after ASHA stopped its trial
@@ -102,15 +103,18 @@ def train_recommended_fully(cfg: Config, rec: dict, shards: str, uri: str, paren
 
 def sampler_trial(point: dict, *, base: Config, checkpoint: str, payload: bytes, uri: str, parent_run_id: str, rec: dict,
                   objective: ObjectiveSpec) -> None:
-    """One sampler-only trial: sample from the trained checkpoint with the trial's ε, T and sub-schedule (the levels
-    from start_level on), evaluate, log a child MLflow run and report once."""
+    """One sampler-only trial: sample from the trained checkpoint with the trial's sub-schedule (the levels from
+    start_level on), ε and sampler setting, evaluate, log a child MLflow run and report once."""
     trial = tune.get_context().get_trial_id()
-    cfg = trial_config(base, trial, uri).evolve({"sampling.eps": float(point["eps"]), "sampling.steps_per_level": int(point["steps_per_level"])})
-    label = label_of(point, rec)
-    _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
-                                        "tune.checkpoint": checkpoint}, parent_run_id=parent_run_id)
     model, ckpt = load_model(payload)
-    schedule = ckpt.schedule.from_level(int(point["start_level"]), cfg.sampling.eps, cfg.sampling.steps_per_level)
+    base_schedule = setting_schedule(point["sampler"], ckpt.schedule)
+    schedule = base_schedule.from_level(int(point["start_level"]), float(point["eps"]), base_schedule.steps_per_level)
+    cfg = trial_config(base, trial, uri).evolve({"sampling.eps": float(point["eps"]),
+                                                 "sampling.steps_per_level": schedule.steps_per_level or base.sampling.steps_per_level})
+    label, cost = label_of(point, rec), nfe(schedule, model.levels_only)
+    _, run_id = tracking.open_run(cfg, {"tune.label": label, "tune.trial_id": trial, "tune.start_level": str(point["start_level"]),
+                                        "tune.sampler": point["sampler"], "tune.nfe": str(cost), "tune.checkpoint": checkpoint},
+                                  parent_run_id=parent_run_id)
     metrics, samples = sample_and_score(objective.evaluator(), model, schedule, objective, seed=cfg.tune.seed)
     grid = Path(cfg.run_dir) / "samples.png"
     save_image_grid(samples[:100], grid, nrow=10)

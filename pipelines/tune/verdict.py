@@ -18,10 +18,12 @@ import numpy as np
 from scipy import optimize, stats
 
 from ncsn.metrics import Estimate
+from ncsn.sigmas import Schedule
 import ray
 
 from pipelines.sample import load_model, read_checkpoint
 from pipelines.tune.objective import ObjectiveSpec, sample_and_score
+from pipelines.tune.space import setting_schedule
 
 log = logging.getLogger(__name__)
 SEED_BASE = 10_000  # sampling seeds of both stages are SEED_BASE + i: never the search's own evaluation seed
@@ -32,7 +34,7 @@ ALPHA = 0.05  # the family-wise error of the verdict's intervals
 @dataclass(frozen=True)
 class Candidate:
     """A trial's schedule and sampler: its search objective, its final checkpoint and the sampler settings it was scored
-    with (the levels from ``start_level`` on, ε, T)."""
+    with (the levels from ``start_level`` on, ε, T, and in sampler-only tuning the sampler setting; "": the checkpoint's)."""
 
     trial_id: str
     label: str  # recommended | search
@@ -41,9 +43,16 @@ class Candidate:
     start_level: int
     eps: float
     steps_per_level: int
+    sampler: str = ""
 
     def same_sampler(self, other: Candidate) -> bool:
-        return (self.start_level, self.eps, self.steps_per_level) == (other.start_level, other.eps, other.steps_per_level)
+        return ((self.start_level, self.eps, self.steps_per_level, self.sampler)
+                == (other.start_level, other.eps, other.steps_per_level, other.sampler))
+
+    def schedule(self, trained: Schedule) -> Schedule:
+        """The trained checkpoint's schedule as this candidate samples it."""
+        base = setting_schedule(self.sampler, trained) if self.sampler else trained
+        return base.from_level(self.start_level, self.eps, self.steps_per_level)
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def candidates(rows: list[dict], top: int, checkpoint_of) -> list[Candidate]:
     done = sorted((r for r in rows if paths.get(r["trial_id"])), key=lambda r: r["objective"])
     chosen = done[:top] + [r for r in done[top:] if r["label"] == "recommended"]
     return [Candidate(r["trial_id"], r["label"], float(r["objective"]), paths[r["trial_id"]], int(r.get("start_level") or 0),
-                      float(r["eps"]), int(r["steps_per_level"])) for r in chosen]
+                      float(r["eps"]), int(r["steps_per_level"]), r.get("sampler") or "") for r in chosen]
 
 
 def t_interval(values: np.ndarray, level: float = 1 - ALPHA) -> Estimate:
@@ -191,8 +200,7 @@ def _score(candidate: Candidate, payload: bytes, seed: int, objective: Objective
     """``metric`` of ``num_samples`` samples of the checkpoint in ``payload`` with the candidate's sampler settings, on
     ``seed``, against the objective's reference split."""
     model, ckpt = load_model(payload)
-    schedule = ckpt.schedule.from_level(candidate.start_level, candidate.eps, candidate.steps_per_level)
-    metrics, _ = sample_and_score(objective.evaluator(), model, schedule, objective, seed, num_samples)
+    metrics, _ = sample_and_score(objective.evaluator(), model, candidate.schedule(ckpt.schedule), objective, seed, num_samples)
     return metrics[metric]
 
 
