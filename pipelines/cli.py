@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ncsn._checks import first_line
 
@@ -54,13 +56,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from data_prep.manifest import ShardError
     from data_prep.sources import SourceError
     from data_prep.storage import StorageError
+    from pipelines.cluster import ClusterError
     from pipelines.config import ConfigError
     from pipelines.evaluate import EvaluationError
     from pipelines.sample import SamplingError
     from pipelines.train import TrainingError
     from pipelines.tune.job import TuningError
 
-    return ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError, TuningError
+    return (ClusterError, ConfigError, ShardError, SourceError, StorageError, SamplingError, EvaluationError, TrainingError,
+            TuningError)
 
 
 def _with_registration(cfg, args: argparse.Namespace):
@@ -567,7 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loopback_ray() -> bool:
+    """True when this command's Ray is on this machine's loopback: a local instance (no RAY_ADDRESS) or a head on
+    127.0.0.1 (infra/local-cluster.sh's). Ray then keeps every address on 127.0.0.1 instead of the host's."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        return True
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _loopback_ray():  # Ray reads this once, on import (pipelines/cluster.py)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the object-store clients announce every credential and endpoint lookup at INFO

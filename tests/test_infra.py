@@ -102,3 +102,45 @@ def test_local_cluster_script_is_valid_bash_and_loopback_only():
     text = script.read_text()
     assert "0.0.0.0" not in text and "--node-ip-address 127.0.0.1 --port 6380 --dashboard-host 127.0.0.1" in text
     assert subprocess.run(["bash", str(script)], capture_output=True).returncode == 2  # usage error without up|down
+
+
+@pytest.mark.cluster
+def test_local_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
+    # (Ray's Unix sockets need short paths: the temp dirs are directly under /tmp)
+    # Another Ray of the same user (a head in a temp dir of its own) keeps running when the script's head is stopped.
+    import os
+    import shutil
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    from tests.servers import free_port
+
+    def processes(marker: str) -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+    short = Path(tempfile.mkdtemp(prefix="lc", dir="/tmp"))
+    env = {**os.environ, "NCSN_LOCAL_CLUSTER_STATE": str(tmp_path / "state"), "TMPDIR": str(short)}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    other = short / "other"
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--include-dashboard",
+                    "false", "--temp-dir", str(other), "--num-cpus", "1"], check=True, capture_output=True, env=env, timeout=120)
+    script = str(INFRA / "local-cluster.sh")
+    try:
+        up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, env=env, timeout=180)
+        assert up.returncode == 0, up.stderr[-2000:]
+        ours = str(short / f"ncsn-ray-{os.getuid()}") + "/"
+        assert processes(ours) and processes(str(other) + "/")
+        down = subprocess.run(["bash", script, "down"], capture_output=True, text=True, env=env, timeout=120)
+        assert down.returncode == 0, down.stderr[-2000:]
+        deadline = time.monotonic() + 30
+        while processes(ours) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not processes(ours) and processes(str(other) + "/")  # ours gone, the other head untouched
+    finally:
+        for p in processes(str(short) + "/"):
+            p.kill()
+        shutil.rmtree(short, ignore_errors=True)
