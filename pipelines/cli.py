@@ -67,6 +67,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
             TuningError)
 
 
+def _warn_if_job_scratch(run_dir: str) -> None:
+    """A warning when ``run_dir`` is relative inside a submitted Ray job: it then lands in Ray's copy of the working
+    directory (…/runtime_resources/working_dir_files/…), which goes with the cluster."""
+    where = Path(run_dir).resolve()
+    if not Path(run_dir).is_absolute() and "runtime_resources" in where.parts:
+        logging.getLogger(__name__).warning("run_dir %s is relative, so this job writes to %s, Ray's copy of the working "
+                                            "directory, which goes with the cluster: pass --set run_dir=/an/absolute/path on a "
+                                            "disk that stays (and object storage for shards and checkpoints)", run_dir, where)
+
+
 def _with_registration(cfg, args: argparse.Namespace):
     """``cfg`` with tracking.register_model from --register-model, when given."""
     return cfg.evolve({"tracking.register_model": args.register_model}) if args.register_model else cfg
@@ -122,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
+        _warn_if_job_scratch(cfg.run_dir)
         with run_dir_lock(cfg.run_dir):
             result = run_training(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), resume=args.resume)
     except _user_errors() as err:
@@ -144,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _with_registration(load_config(args.config, args.set), args)
         if args.print_config or args.dry_run:
             return _preview(cfg, args, evaluation=True)
+        _warn_if_job_scratch(cfg.run_dir)
         with run_dir_lock(cfg.run_dir):
             result = run_pipeline(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), progress=not args.no_progress,
                                   resume=args.resume)
@@ -169,6 +181,7 @@ def _tune(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         if args.print_config or args.dry_run:
             return _preview(cfg, args)
+        _warn_if_job_scratch(cfg.run_dir)
         with run_dir_lock(cfg.run_dir):
             summary = run_tuning(cfg, shards_for(cfg, args.shards, progress=not args.no_progress), checkpoint=args.checkpoint)
     except _user_errors() as err:

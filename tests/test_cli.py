@@ -155,3 +155,16 @@ def test_a_command_starts_its_own_loopback_ray_and_a_dead_head_is_one_line_withi
     assert out.stderr.strip().splitlines()[-1] == (f"ncsn-pipeline sample: error: RAY_ADDRESS={dead}: no Ray head answers at "
                                                    f"{dead} within 5 s (Connection refused); start it (`ray start --head`) "
                                                    "or unset RAY_ADDRESS to start a local Ray")
+
+
+def test_a_relative_run_dir_inside_a_ray_jobs_working_copy_is_warned_about(tmp_path, monkeypatch, caplog):
+    from pipelines.cli import _warn_if_job_scratch
+
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    _warn_if_job_scratch(str(tmp_path / "runs" / "digits"))  # absolute: stays
+    assert not caplog.records
+    _warn_if_job_scratch("runs/digits")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and f"writes to {copy / 'runs' / 'digits'}, Ray's copy of the working directory" in record.message
