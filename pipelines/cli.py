@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -594,16 +595,27 @@ def _loopback_ray() -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM stops a command as Ctrl-C does: its MLflow runs end KILLED and the same command resumes."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     if _loopback_ray():  # Ray reads this once, on import (pipelines/cluster.py)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the object-store clients announce every credential and endpoint lookup at INFO
         for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each bounded HTTP retry; the error names the server
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"ncsn-pipeline {args.command}: interrupted; any MLflow run it had open is marked KILLED, and the same command resumes",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

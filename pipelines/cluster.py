@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from urllib.parse import urlsplit
 
 import ray
@@ -55,6 +57,7 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init puts its own (which aborts the process) in its place
     if address:
         check_head(address)
         ray.init(address=address)
@@ -62,5 +65,7 @@ def connect_ray() -> None:
     else:
         ray.init(address="local")
         how = f"started a local Ray on {ray.util.get_node_ip_address()} (set RAY_ADDRESS to join a cluster)"
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # the CLI's: SIGTERM stops a command as Ctrl-C does
     resources = ray.cluster_resources()
     log.info("%s: %d CPUs, %d GPUs", how, resources.get("CPU", 0), resources.get("GPU", 0))

@@ -95,8 +95,8 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
         report = evaluate_on_worker(request, load_samples(samples.output), cfg.evaluation.inception_weights,
                                     baseline_samples=cfg.sampling.num_samples, seed=cfg.train.seed, num_cpus=cfg.cluster.cpus_per_worker)
         metrics = {**report.flat(), "final_loss": trained.metrics.get("loss", float("nan")), "sampling_samples_per_s": samples.samples_per_s}
-    except BaseException:
-        tracking.finish_run(uri, parent, "FAILED")
+    except BaseException as err:
+        tracking.finish_run(uri, parent, tracking.ended_by(err))
         raise
     choice = trained.describe_choice() + (" — chosen on the validation split, judged below on the test split, which the "
                                           "choice never saw" if trained.best else "")

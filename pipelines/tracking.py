@@ -232,23 +232,28 @@ def _existing_run(client, run_file: Path, uri: str) -> str | None:
     return saved["run_id"]
 
 
+def ended_by(err: BaseException) -> str:
+    """The status a run stopped by ``err`` ends in: KILLED when the user stopped it (Ctrl-C, SIGTERM), else FAILED."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run finished (or FAILED); a tracking outage here is logged, not raised."""
+    """Mark the run finished (or FAILED, KILLED); a tracking outage here is logged, not raised."""
     try:
         _client(uri).set_terminated(run_id, status=status)
     except Exception as err:  # noqa: BLE001
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
-def close_child_runs(uri: str, parent: str, outcome: dict[str, str], key: str = "tune.trial_id") -> None:
-    """Give each child run of ``parent`` the status ``outcome`` names by its ``key`` param (FINISHED | KILLED | FAILED;
-    KILLED for one not named); a tracking outage is logged, not raised."""
+def close_child_runs(uri: str, parent: str, outcome: dict[str, str], key: str = "tune.trial_id", only_running: bool = False) -> None:
+    """Give each child run of ``parent`` (``only_running``: each one still RUNNING) the status ``outcome`` names by its
+    ``key`` param (FINISHED | KILLED | FAILED; KILLED for one not named); a tracking outage is logged, not raised."""
     try:
         client = _client(uri)
         experiment = client.get_run(parent).info.experiment_id
         for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
             status = outcome.get(run.data.params.get(key), "KILLED")
-            if run.info.status != status:
+            if run.info.status != status and (run.info.status == "RUNNING" or not only_running):
                 client.set_terminated(run.info.run_id, status)
     except Exception as err:  # noqa: BLE001
         log.warning("could not close the child runs of %s: %s", parent, err)

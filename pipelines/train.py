@@ -223,8 +223,8 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     )
     try:
         result = trainer.fit()
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
+    except BaseException as err:
+        tracking.finish_run(uri, run_id, tracking.ended_by(err))
         raise
     message = result.return_value  # a deterministic failure ends the run without the retries Ray Train would spend on it
     if message:

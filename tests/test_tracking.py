@@ -153,3 +153,39 @@ def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatc
     finally:
         proxy.stop()
         server.stop()
+
+
+def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes(tmp_path, digits_shards):
+    # SIGTERM (what `kill`, a scheduler or Kubernetes sends; Ctrl-C takes the same path) from outside once training logs
+    # its first rows: the command exits at once (130), its MLflow run is KILLED, not left RUNNING or called FAILED; the same
+    # command again resumes from the last checkpoint and ends FINISHED.
+    import signal
+
+    run_dir = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "ncsn-pipeline"), "train", "--config", str(CONFIGS / "digits.yaml"), "--shards",
+               digits_shards, "--no-progress", *[a for s in (f"run_dir={run_dir}", "train.steps=60", "train.batch_size=32",
+                                                             "train.log_every=5", "train.checkpoint_every=10", "train.sample_every=1000",
+                                                             "data.loader_workers=0", "tracking.system_metrics=false",
+                                                             "sampling.steps_per_level=2")
+                                                 for a in ("--set", s)]]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while _rows(run_dir / METRICS_FILE) < 3 and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=60)
+        finally:
+            first.kill()
+    assert first.returncode == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert "ncsn-pipeline train: interrupted; any MLflow run it had open is marked KILLED" in (tmp_path / "first.log").read_text()
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(saved["tracking_uri"])
+    assert client.get_run(saved["run_id"]).info.status == "KILLED"
+    stopped_at = _rows(run_dir / METRICS_FILE)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming run" in again.stderr and client.get_run(saved["run_id"]).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(saved["run_id"], "loss"))[-1] == 60 and stopped_at < 12

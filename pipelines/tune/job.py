@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,14 @@ def run_tuning(cfg: Config, shards: str, checkpoint: str | None = None) -> TuneS
                                                        scheduler=mode.scheduler(Path(storage) / name / "asha_results.jsonl"),
                                                        num_samples=t.trials,
                                                        max_concurrent_trials=max_concurrent(cfg, mode.cpus_per_trial)))
-    return _summarise(cfg, tuner.fit(), mode, uri, parent, objective, shards)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C stops the job (resumable), rather than Tune going on to the end
+    try:
+        results = tuner.fit()
+    except BaseException as err:
+        tracking.close_child_runs(uri, parent, {}, only_running=True)
+        tracking.finish_run(uri, parent, tracking.ended_by(err))
+        raise
+    return _summarise(cfg, results, mode, uri, parent, objective, shards)
 
 
 def _rows(results, mode: ScheduleSearch | SamplerSearch, metric: str) -> list[dict]:
