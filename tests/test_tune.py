@@ -2,6 +2,7 @@
 verdict: selection on the validation split, judgement on the test split over retrained networks."""
 import contextlib
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def _tune_command(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> li
 
 
 def _tune(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(_tune_command(run_dir, shards, extra), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    """The tuning command in a user's environment: no RAY_ADDRESS, nor the variable that keeps Ray on loopback (the CLI
+    sets it itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    return subprocess.run(_tune_command(run_dir, shards, extra), capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
 
 
 def _a_trial_finished_training(run_dir: Path) -> bool:
@@ -78,6 +82,7 @@ def tuned(tmp_path_factory, digits_shards, eval_cache):
 def test_restarted_driver_resumes_the_job_instead_of_starting_over(tuned):
     run_dir, _, second = tuned
     assert "resuming the tuning job" in second.stderr
+    assert "started a local Ray on 127.0.0.1 (set RAY_ADDRESS to join a cluster)" in second.stderr
     rows = _rows(run_dir)
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4  # 4 trials in all, not 4 more
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
