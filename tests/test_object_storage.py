@@ -103,3 +103,30 @@ def test_object_store_failures_are_one_line_naming_the_object(digits_shards, s3_
         refusing.stop()
         monkeypatch.undo()
         clear_fsspec_instances()
+
+
+def test_an_s3_endpoint_that_accepts_and_never_answers_is_one_line_in_bounded_time(tmp_path):
+    # Training with shards on such an endpoint printed nothing for 400 s. S3 calls are bounded (data_prep.storage.S3_BOUNDS:
+    # 5 attempts of at most 15 s per read, about 75 s); a user's FSSPEC_S3 sets other bounds, here 1 s per read, and the
+    # command that reads the manifest first ends in one line naming the endpoint.
+    import json
+    import os
+    import socket
+    import time
+
+    from data_prep.storage import S3_BOUNDS
+
+    assert S3_BOUNDS["read_timeout"] * 5 <= 90 and S3_BOUNDS["retries"] == {"max_attempts": 1}
+    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint,
+               "FSSPEC_S3": json.dumps({"config_kwargs": {**S3_BOUNDS, "connect_timeout": 1, "read_timeout": 1}})}
+        t = time.monotonic()
+        out = subprocess.run([cli, "train", "--config", config, "--shards", "s3://ncsn-test/hung", "--set", f"run_dir={tmp_path}",
+                              "--dry-run"], capture_output=True, text=True, timeout=300, env=env)
+        seconds = time.monotonic() - t
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and seconds < 60, (seconds, out.stderr[-2000:])
+    assert lines[-1].startswith(f"ncsn-pipeline train: error: cannot reach endpoint {endpoint} (AWS_ENDPOINT_URL) for s3://ncsn-test/hung"), lines[-1]
