@@ -123,6 +123,21 @@ def _preview(cfg, args: argparse.Namespace, evaluation: bool = False) -> int:
     return 0
 
 
+def _tune_preview(cfg, args: argparse.Namespace) -> int:
+    """`tune --dry-run`: the checks the tuning job makes before Ray starts, then its trials, search space and budget."""
+    from pipelines.shards import local_shards
+    from pipelines.tracking import tracking_uri
+    from pipelines.tune.modes import SamplerSearch, ScheduleSearch
+    from pipelines.sample import checkpoint_location
+
+    shards = args.shards or cfg.data.shards or str(local_shards(cfg))
+    mode = SamplerSearch(cfg, checkpoint_location(args.checkpoint)) if args.checkpoint else ScheduleSearch(cfg, shards)
+    print(mode.describe())
+    print(f"MLflow: {tracking_uri(cfg)}")
+    print("dry run: the config and inputs are valid; nothing was started")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.lock import run_dir_lock
@@ -180,7 +195,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
-        if args.print_config or args.dry_run:
+        if args.dry_run:
+            return _tune_preview(cfg, args)
+        if args.print_config:
             return _preview(cfg, args)
         _warn_if_job_scratch(cfg.run_dir)
         with run_dir_lock(cfg.run_dir):

@@ -83,6 +83,29 @@ def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_
     assert not (tmp_path / "ray").exists()  # nothing was started
 
 
+def test_tune_dry_run_shows_the_trials_search_space_and_budget(tmp_path, digits_shards, capsys):
+    # `tune --dry-run` showed the training plan, not the trials; it now says what the job would search and spend.
+    from pipelines.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    base = ["tune", "--config", config, "--shards", digits_shards, "--dry-run", "--set", f"run_dir={tmp_path}"]
+    assert main([*base, "--set", "tune.trials=5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tune the schedule: 5 trials (the first NCSNv2's recommendation: σ_max 4.608, σ_min 0.01, L = 21")
+    assert "T in [5, 10, 20]" in out and "nothing was started" in out
+    from ncsn.checkpoint import Checkpoint, save_checkpoint
+    from ncsn.models import ModelConfig, ScoreNetwork
+    from ncsn.sigmas import Schedule, geometric_sigmas
+
+    sigmas = geometric_sigmas(4.6, 0.01, 21)
+    model = ScoreNetwork(ModelConfig("ncsnv2", 8, 1, 16), sigmas)
+    save_checkpoint(tmp_path / "c.pt", Checkpoint(model.config, Schedule(sigmas, 3e-5, 10), model.state_dict(), None, None, 1))
+    assert main([*base, "--checkpoint", str(tmp_path / "c.pt"), "--set", "tune.samplers=[als,heun]", "--set", "tune.max_nfe=25"]) == 0
+    out = capsys.readouterr().out
+    assert "(network evaluations per image, at most 25): heun:N=6 (11), heun:N=11 (21), als:T=10 (211)." in out
+    assert not (tmp_path / "tune").exists()  # nothing was started or written
+
+
 def test_resume_and_fresh_are_explicit_and_exclusive():
     import pytest
 

@@ -19,7 +19,7 @@ from pipelines.sample import open_checkpoint
 from pipelines.tune.asha import ResumableASHA
 from pipelines.tune.objective import ObjectiveSpec
 from pipelines.tune.space import (PARAMS, apply_point, check_space, recommended_point, sampler_settings, search_space,
-                                  setting_schedule, setting_text)
+                                  setting_nfe, setting_schedule, setting_text)
 from pipelines.tune.trials import (RECOMMENDED_FULL, max_concurrent, retrain, sampler_trial, train_recommended_fully, train_trial,
                                    trial_checkpoint)
 from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
@@ -40,6 +40,20 @@ class ScheduleSearch:
 
     def space(self) -> dict:
         return search_space(self.cfg, self.rec)
+
+    def describe(self) -> str:
+        """The job's trials, search space and budget, as `tune --dry-run` prints them."""
+        t, rec = self.cfg.tune, self.rec
+        return (f"tune the schedule: {t.trials} trials (the first NCSNv2's recommendation: σ_max {rec['sigma_max']:.4g}, σ_min "
+                f"{rec['sigma_min']:.4g}, L = {rec['num_levels']}, ε {rec['eps']:.3g}, T = {rec['steps_per_level']}), each training "
+                f"up to {self.cfg.train.steps} steps on {self.cfg.cluster.num_workers} worker(s), {t.metric} of {t.eval_samples} "
+                f"samples on the validation split every {t.eval_every} steps; ASHA (grace {t.grace_period} evaluations, "
+                f"reduction {t.reduction_factor}).\nsearched: σ_max × {t.sigma_max_scale} and ε × {t.eps_scale} of the "
+                f"recommendation, σ_min in {t.sigma_min}, L × {t.num_levels_scale}, T in {sorted(set(t.steps_per_level))}.\n"
+                f"then: the best {t.select_top} and `recommended` re-scored on {t.confirm_seeds} seeds × {t.confirm_samples} "
+                f"samples (validation); " + (f"{t.finalists} finalist(s) and `recommended` retrained on {t.confirm_train_seeds} "
+                                             "fresh training seeds and judged on the test split"
+                                             if t.confirm_train_seeds else "no judgement (tune.confirm_train_seeds = 0)"))
 
     def point(self, config: dict) -> dict:
         """A trial's row columns: its point."""
@@ -108,6 +122,17 @@ class SamplerSearch:
         return {"start_level": tune.randint(0, max(1, len(self.sigmas) // 2) + 1),
                 "eps": tune.loguniform(self.rec["eps"] * t.eps_scale[0], self.rec["eps"] * t.eps_scale[1] * (1 + 1e-9)),
                 "sampler": tune.choice(self.settings)}
+
+    def describe(self) -> str:
+        """The job's trials, search space and budget, as `tune --dry-run` prints them."""
+        t = self.cfg.tune
+        costs = ", ".join(f"{s} ({setting_nfe(s, self.schedule, self.levels_only)})" for s in self.settings)
+        return (f"tune the sampler of {self.checkpoint}: {t.trials} trials (the first its own: {self.rec['sampler']}, ε "
+                f"{self.rec['eps']:.3g}), each {t.metric} of {t.eval_samples} samples on the validation split.\nsearched: the "
+                f"first σ level 0 … {max(1, len(self.sigmas) // 2)} of {len(self.sigmas)}, ε × {t.eps_scale}, and the sampler "
+                f"(network evaluations per image{f', at most {t.max_nfe}' if t.max_nfe else ''}): {costs}.\nthen: the best "
+                f"{t.select_top} and the checkpoint's own re-scored on {t.confirm_seeds} seeds × {t.confirm_samples} samples "
+                f"(validation); {t.finalists} finalist(s) judged on the test split, the sampling seed as the unit")
 
     def point(self, config: dict) -> dict:
         """A trial's row columns: its point, with its T and its network evaluations per image."""
