@@ -111,8 +111,9 @@ class SamplerSearch:
         self.cfg, self.checkpoint, self.source = cfg, checkpoint, open_checkpoint(checkpoint)  # read once, shipped to the trials
         ckpt = self.source.checkpoint
         self.levels_only = ckpt.model_config.arch == "ncsn"
-        self.schedule = ckpt.schedule if ckpt.schedule.eps is not None and ckpt.schedule.steps_per_level is not None else \
-            replace(ckpt.schedule, eps=cfg.sampling.eps, steps_per_level=cfg.sampling.steps_per_level)
+        trained = ckpt.schedule  # ε and T the config's where the checkpoint does not record them
+        self.schedule = replace(trained, eps=trained.eps if trained.eps is not None else cfg.sampling.eps,
+                                steps_per_level=trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level)
         self.sigmas = list(self.schedule.sigmas)
         self.rec = {"start_level": 0, "eps": self.schedule.eps, "sampler": setting_text(self.schedule)}
         self.settings = sampler_settings(cfg, self.schedule, self.levels_only, self.rec["sampler"])  # checks the budget, before Ray
