@@ -13,7 +13,8 @@ Also printed: each setting's cost for a 50 000-sample FID on a CIFAR-10 network,
 forward time of BENCHMARKS.md (--cifar-forward-s, seconds per image-forward on this CPU) × NFE × 50 000.
 
 Usage: python bench/nfe_frontier.py --checkpoint runs/digits/model/checkpoint.pt --shards runs/digits/shards/digits
-[--cache-dir runs/digits/eval_cache] [--samples 500] [--seeds 3] [--figure docs/nfe_frontier.png] [--tracking-uri URI]
+[--cache-dir runs/digits/eval_cache] [--samples 500] [--seeds 3] [--figure docs/nfe_frontier.png] [--json F]
+[--tracking-uri URI]; --redraw F --figure PNG draws a saved run again.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def settings(schedule: Schedule, levels_only: bool) -> list[tuple[str, Schedule]
     return out
 
 
+def family(setting: str) -> str:
+    """A setting's line on the figure: its sampler, with pc's corrector steps and heun's churn ("pc M=1", "heun churn")."""
+    words = setting.split()
+    return " ".join([words[0], *(w for w in words[1:] if w.startswith("M=")), *(["churn"] if "churn" in setting else [])])
+
+
 def figure(rows: list[dict], reference: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -61,12 +68,12 @@ def figure(rows: list[dict], reference: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families: dict[str, list[dict]] = {}
     for r in rows:
-        families.setdefault(r["family"], []).append(r)
-    for family, points in families.items():
+        families.setdefault(family(r["setting"]), []).append(r)
+    for name, points in families.items():
         points = sorted(points, key=lambda r: r["nfe"])
         ax.errorbar([p["nfe"] for p in points], [p["kid"] for p in points],
                     yerr=[[p["kid"] - p["kid_low"] for p in points], [p["kid_high"] - p["kid"] for p in points]],
-                    marker="o", capsize=3, label=family)
+                    marker="o", capsize=3, label=name)
     ax.errorbar([reference["nfe"]], [reference["kid"]], yerr=[[reference["kid"] - reference["kid_low"]], [reference["kid_high"] - reference["kid"]]],
                 marker="*", markersize=12, color="black", capsize=3, label="Algorithm 1 (the checkpoint's)")
     ax.set_xscale("log")
@@ -92,7 +99,12 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help="log the frontier (metrics by NFE, the figure, the rows) as an MLflow run")
     parser.add_argument("--cifar-forward-s", type=float, default=1 / 14.33,
                         help="seconds per image-forward of the CIFAR-10 network on this CPU (BENCHMARKS.md, model step)")
+    parser.add_argument("--redraw", type=Path, metavar="JSON", help="only draw --figure from a --json this script wrote")
     args = parser.parse_args()
+    if args.redraw:
+        saved = json.loads(args.redraw.read_text())
+        figure(saved["rows"], saved["reference"], args.figure, saved["title"])
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     model, ckpt = load_model(args.checkpoint)
@@ -131,8 +143,7 @@ def main() -> None:
             values, _ = kid(schedule, "validation", selection)
             own, diff = t_interval(np.array(values)), t_interval(np.array(values) - np.array(base))
             n = nfe(schedule, model.levels_only)
-            row = {"setting": label, "family": label.split(" N=")[0].split(" T=")[0] + (" churn" if "churn" in label else ""),
-                   "nfe": n, "kid": own.value, "kid_low": own.low, "kid_high": own.high, "d": diff.value, "d_low": diff.low,
+            row = {"setting": label, "nfe": n, "kid": own.value, "kid_low": own.low, "kid_high": own.high, "d": diff.value, "d_low": diff.low,
                    "d_high": diff.high, "not_worse": diff.low <= 0, "sampler": asdict(schedule.sampler),
                    "steps_per_level": schedule.steps_per_level, "kid_seeds": values}
             rows.append(row)
@@ -162,11 +173,13 @@ def main() -> None:
                                 "kid_seeds": chosen_test, "reference_kid_seeds": ref_test}
         else:
             print("no cheaper setting is within the paired interval of Algorithm 1 on the validation split")
+        title = (f"{args.checkpoint} ({model.config.arch}), {args.samples} samples × {args.seeds} seeds, 95% t intervals "
+                 f"({args.seeds - 1} df)")
         if args.figure:
-            figure(rows, ref_row, args.figure, f"{Path(args.checkpoint).name} ({model.config.arch}), {args.samples} samples × "
-                   f"{args.seeds} seeds, 95% t intervals ({args.seeds - 1} df)")
+            figure(rows, ref_row, args.figure, title)
         if args.json:
-            args.json.write_text(json.dumps({"reference": {**ref_row, "kid_seeds": base}, "rows": rows, "nfe_ratio": ratio}, indent=1))
+            args.json.write_text(json.dumps({"reference": {**ref_row, "kid_seeds": base}, "rows": rows, "nfe_ratio": ratio,
+                                             "title": title}, indent=1))
         if args.tracking_uri:
             import mlflow
 
@@ -175,7 +188,7 @@ def main() -> None:
             with mlflow.start_run(run_name=f"nfe-frontier-{model.config.arch}"):
                 mlflow.log_params({"checkpoint": args.checkpoint, "samples": args.samples, "seeds": args.seeds, "arch": model.config.arch})
                 for r in rows:
-                    mlflow.log_metric(f"kid.{r['family'].replace(' ', '_')}", r["kid"], step=r["nfe"])
+                    mlflow.log_metric(f"kid.{family(r['setting']).replace(' ', '_').replace('=', '')}", r["kid"], step=r["nfe"])
                 mlflow.log_metric("kid.als_reference", ref_row["kid"], step=full)
                 mlflow.log_metric("nfe_ratio", ratio)
                 mlflow.log_dict({"reference": ref_row, "rows": rows}, "nfe_frontier.json")
