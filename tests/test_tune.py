@@ -273,7 +273,7 @@ def test_a_job_whose_searched_trials_all_failed_is_an_error():
 
     cfg = load_config(ROOT / "configs" / "digits.yaml")
     rec = {"sigma_max": 4.8, "sigma_min": 0.01, "num_levels": 22, "eps": 3e-5, "steps_per_level": 10}
-    mode = SimpleNamespace(rec=rec, keys=tuple(rec), max_t=cfg.train.steps, label="schedule")
+    mode = SimpleNamespace(rec=rec, keys=tuple(rec), max_t=cfg.train.steps, label="schedule", point=lambda c: {k: c.get(k) for k in rec})
     results = [SimpleNamespace(metrics={"kid_std_classifier": 0.4, "step": cfg.train.steps}, path="/t/rec", config=rec, error=None),
                *(SimpleNamespace(metrics={}, path=f"/t/{k}", config={**rec, "sigma_max": 0.005}, error=ValueError("σ_min >= σ_max"))
                  for k in "ab")]
