@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help="log the frontier (metrics by NFE, the figure, the rows) as an MLflow run")
     parser.add_argument("--cifar-forward-s", type=float, default=1 / 14.33,
                         help="seconds per image-forward of the CIFAR-10 network on this CPU (BENCHMARKS.md, model step)")
+    parser.add_argument("--samplers", nargs="+", default=["als", "pc", "euler", "heun"], help="the samplers whose settings to run")
     parser.add_argument("--redraw", type=Path, metavar="JSON", help="only draw --figure from a --json this script wrote")
     args = parser.parse_args()
     if args.redraw:
@@ -140,6 +141,8 @@ def main() -> None:
               f"[{1e3 * ref_kid.low:.1f}, {1e3 * ref_kid.high:.1f}] | — | — | {cifar_hours(full):.0f} |")
         rows = []
         for label, schedule in settings(reference, model.levels_only):
+            if schedule.sampler.name not in args.samplers:
+                continue
             values, _ = kid(schedule, "validation", selection)
             own, diff = t_interval(np.array(values)), t_interval(np.array(values) - np.array(base))
             n = nfe(schedule, model.levels_only)
