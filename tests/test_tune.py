@@ -178,7 +178,8 @@ def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, 
     assert rec["eps"] == pytest.approx(schedule.eps)
     allowed = {"als:T=2": 43, "euler:N=6": 6, "euler:N=11": 11, "heun:N=6": 11, "heun:N=11": 21}  # als:T=3 takes 64
     searched = [r for r in rows if r["label"] == "search"]
-    assert searched and all(allowed[r["sampler"]] >= r["nfe"] for r in searched)  # start_level > 0 shortens Algorithm 1
+    for r in searched:  # start_level > 0 shortens Algorithm 1; the reference's own setting (a choice Tune needs) is no candidate
+        assert (r["sampler"] in allowed and r["nfe"] <= allowed[r["sampler"]]) or (r["sampler"] == rec["sampler"] and r["selection_mean"] is None)
     (finalist,) = [r for r in rows if r["finalist"]]  # the best searched trial by its validation mean
     assert finalist["selection_mean"] == min(r["selection_mean"] for r in rows if r["label"] == "search" and r["selection_mean"] is not None)
     (selection, selected), (judgement, judged) = calls

@@ -155,7 +155,11 @@ class SamplerSearch:
         return FIFOScheduler()
 
     def checkpoints(self, rows: list[dict], uri: str, parent: str) -> Callable[[dict], str | None]:
-        return lambda row: self.checkpoint
+        """The checkpoint, for each row the selection may take: those within tune.max_nfe and the checkpoint's own
+        setting. (That setting is among Tune's choices, as its first trial must be; a searched trial that drew it above
+        the budget is no candidate.)"""
+        budget = self.cfg.tune.max_nfe
+        return lambda row: self.checkpoint if budget is None or row["label"] == "recommended" or row["nfe"] <= budget else None
 
     def networks(self, schedules: list[Candidate], rows: dict[str, dict], uri: str, parent: str) -> dict[str, list[str]]:
         """One network, the tuned checkpoint: the unit of the verdict is the sampling seed."""
