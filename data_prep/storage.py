@@ -1,6 +1,7 @@
 """Where shards live: a local directory or any fsspec URL (s3://, gs://, …), with atomic writes."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -15,10 +16,11 @@ from ncsn.atomic import atomic_write
 
 # S3 calls bounded where the user set nothing (FSSPEC_S3='{"config_kwargs": {...}}', read by fsspec on import in every
 # process, sets them): botocore waits 60 s to connect and 60 s per read, retried by botocore and then 5 times by s3fs,
-# many minutes on an endpoint that accepts and never answers. Here each of s3fs's 5 attempts waits at most 5 s to
-# connect and 15 s per read: a hung endpoint fails in about 75 s, in one line naming it.
-S3_BOUNDS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 1}}
-fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", S3_BOUNDS)
+# many minutes on an endpoint that accepts and never answers. Here each of s3fs's 5 attempts is one botocore attempt of
+# at most 5 s to connect and 15 s per read: a hung endpoint fails in about 75 s, in one line naming it. (botocore fills
+# in the dict it is given, so fsspec gets a copy.)
+S3_BOUNDS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"total_max_attempts": 1}}
+fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", copy.deepcopy(S3_BOUNDS))
 
 
 def is_url(location: str) -> bool:

@@ -116,7 +116,8 @@ def test_an_s3_endpoint_that_accepts_and_never_answers_is_one_line_in_bounded_ti
 
     from data_prep.storage import S3_BOUNDS
 
-    assert S3_BOUNDS["read_timeout"] * 5 <= 90 and S3_BOUNDS["retries"] == {"max_attempts": 1}
+    assert S3_BOUNDS["read_timeout"] * 5 <= 90 and S3_BOUNDS["retries"] == {"total_max_attempts": 1}
+    assert fsspec.filesystem("s3", skip_instance_cache=True).config_kwargs["read_timeout"] == S3_BOUNDS["read_timeout"]
     cli = str(Path(sys.executable).parent / "ncsn-pipeline")
     config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
     with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:

@@ -159,7 +159,7 @@ def test_run_on_two_nodes_with_s3_equals_the_one_node_run_on_local_files(pipelin
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     remote = json.loads(lines[0][len("RESULT "):])
     assert len(remote["cluster_nodes"]) == 2 and remote["nodes"]["RayTrainWorker"] == remote["cluster_nodes"]  # one per node
-    assert remote["nodes"]["Sampler"] == remote["cluster_nodes"]
+    assert remote["nodes"]["SamplingActor"] == remote["cluster_nodes"]
     # System metrics come from the first worker of each host (Ray Train's local ranks group workers by node IP): both of
     # these Ray nodes are 127.0.0.1, one host, so one monitor and no per-node prefix (system/node<N>/… needs two hosts).
     system = [key for key in remote["logged"] if key.startswith("system/")]

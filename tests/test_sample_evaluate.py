@@ -59,23 +59,24 @@ def test_same_seed_gives_identical_samples_with_one_or_two_workers(tmp_path, sma
 def test_every_sampler_runs_on_the_actors_and_its_sample_set_states_its_nfe(tmp_path, small_checkpoint, ray_local):
     # The stochastic EDM sampler (churn) gives the same images on one actor or two; each set's sampling.json names its
     # sampler and its network evaluations per image (the checkpoint's 5 levels, T = 2: Algorithm 1 takes 5·2 + 1).
-    from pipelines.sample import read_settings
+    from ncsn.checkpoint import load_checkpoint
+    from pipelines.sample import read_settings, resolve_options
 
-    expected = {"als": 11, "pc": 4 * 2, "euler": 5, "heun": 2 * 5 - 1}
     churned = SamplingOptions(20, seed=3, chunk_size=10, sampler="heun", sampler_steps=5, churn=10.0)
     one = run_sampling(small_checkpoint, tmp_path / "heun1", churned, workers=1, progress=False)
     two = run_sampling(small_checkpoint, tmp_path / "heun2", churned, workers=2, progress=False)
-    assert sample_set_digest(one.output) == sample_set_digest(two.output)
-    for name, extra in (("als", {}), ("pc", {"sampler_steps": 4}), ("euler", {})):
-        run_sampling(small_checkpoint, tmp_path / name, SamplingOptions(20, seed=3, chunk_size=10, sampler=name, **extra),
-                     workers=2, progress=False)
-    for name in expected:
-        record = json.loads((tmp_path / (name + "1" if name == "heun" else name) / "sampling.json").read_text())
-        assert record["sampler"]["name"] == name and record["nfe_per_image"] == expected[name]
+    pc = run_sampling(small_checkpoint, tmp_path / "pc", SamplingOptions(20, seed=3, chunk_size=10, sampler="pc", sampler_steps=4),
+                      workers=2, progress=False)
+    assert sample_set_digest(one.output) == sample_set_digest(two.output) != sample_set_digest(pc.output)
+    for out, name, nfe in ((tmp_path / "heun1", "heun", 2 * 5 - 1), (tmp_path / "pc", "pc", 4 * 2)):
+        record = json.loads((out / "sampling.json").read_text())
+        assert record["sampler"]["name"] == name and record["nfe_per_image"] == nfe
     assert read_settings(tmp_path / "heun1").schedule.sampler.churn == 10.0
-    assert sample_set_digest(tmp_path / "euler") != sample_set_digest(tmp_path / "als")
+    ckpt = load_checkpoint(small_checkpoint)
+    for name, nfe in (("als", 11), ("euler", 5)):  # the others' counts, as sampling.json would state them
+        assert resolve_options(ckpt, SamplingOptions(20, sampler=name)).record()["nfe_per_image"] == nfe
     with pytest.raises(SamplingError, match="holds samples made with other settings"):  # a set is never completed by another sampler
-        run_sampling(small_checkpoint, tmp_path / "euler", SamplingOptions(20, seed=3, chunk_size=10, sampler="heun"), progress=False)
+        run_sampling(small_checkpoint, tmp_path / "pc", SamplingOptions(20, seed=3, chunk_size=10, sampler="heun"), progress=False)
 
 
 def test_a_sampler_a_checkpoint_cannot_take_is_one_line_before_ray(tmp_path):

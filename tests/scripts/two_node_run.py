@@ -24,7 +24,7 @@ try:
     actors = list_actors(limit=1000)
     print("RESULT " + json.dumps({"metrics": result.metrics,
                                   "nodes": {name: sorted({a.node_id for a in actors if a.class_name == name})
-                                            for name in ("RayTrainWorker", "Sampler")},
+                                            for name in ("RayTrainWorker", "SamplingActor")},
                                   "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
                                   "logged": sorted(MlflowClient(result.tracking_uri).get_run(result.train_run_id).data.metrics)}))
 finally:
