@@ -26,6 +26,20 @@ def positive_int(name: str, value: int) -> int:
     return value
 
 
+def non_negative_int(name: str, value: int) -> int:
+    """Return ``value`` if it is an int >= 0, else raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def non_negative(name: str, value: float) -> float:
+    """Return ``value`` if it is a finite number >= 0, else raise ValueError naming ``name``."""
+    if value != 0 and not is_positive_number(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def noise_schedule(sigmas, name: str = "sigmas"):
     """Return ``sigmas`` if it is a non-empty 1-D float tensor of finite σ > 0, strictly decreasing (σ_1 > … > σ_L);
     else raise ValueError naming ``name``."""

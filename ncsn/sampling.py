@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ncsn._checks import noise_schedule, positive, positive_int
+from ncsn._checks import non_negative, non_negative_int, noise_schedule, positive, positive_int
 from ncsn.sigmas import Schedule, geometric_sigmas
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -198,8 +198,7 @@ def predictor_corrector(
     x + (σ_i² − σ_{i+1}²) s + √(σ_i² − σ_{i+1}²) z. ``denoise`` returns the last predictor's mean (no noise added)."""
     noise_schedule(sigmas)
     positive("snr", snr)
-    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
+    non_negative_int("corrector_steps", corrector_steps)
     levels = sigmas.tolist()
     noise, left = _StepNoise(generator, x), len(levels) * (corrector_steps + 1)
     path = _Trajectory(trajectory_every, x)
@@ -233,8 +232,7 @@ def edm_sampler(
     and 2) from σ_0 over ``sigmas`` to σ = 0: Euler steps, with Heun's 2nd-order correction unless the step ends at 0;
     churn > 0 first raises σ to σ̂ = (1 + γ)σ, γ = min(S_churn/N, √2 − 1), adding √(σ̂² − σ²) z (S_noise = 1)."""
     noise_schedule(sigmas)
-    if not (math.isfinite(churn) and churn >= 0):
-        raise ValueError(f"churn must be a finite number >= 0, got {churn!r}")
+    non_negative("churn", churn)
     levels = sigmas.tolist()
     gamma = min(churn / len(levels), math.sqrt(2) - 1)
     noise, path, evaluations = _StepNoise(generator, x), _Trajectory(trajectory_every, x), 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ncsn._checks import positive, positive_int
+from ncsn._checks import non_negative, non_negative_int, positive, positive_int
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> torch.Tensor:
@@ -144,13 +144,10 @@ class Sampler:
             positive_int("sampler steps", self.steps)
             if self.name == "als":
                 raise ValueError("sampler steps: annealed Langevin walks the schedule's levels (set sigmas or start_level instead)")
-        if isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int) or self.corrector_steps < 0:
-            raise ValueError(f"corrector_steps must be an integer >= 0, got {self.corrector_steps!r}")
+        non_negative_int("corrector_steps", self.corrector_steps)
         positive("snr", self.snr)
         positive("rho", self.rho)
-        if not (isinstance(self.churn, (int, float)) and not isinstance(self.churn, bool) and math.isfinite(self.churn)
-                and self.churn >= 0):
-            raise ValueError(f"churn must be a finite number >= 0, got {self.churn!r}")
+        non_negative("churn", self.churn)
         if self.churn > 0 and self.name != "heun":
             raise ValueError(f"churn is EDM Algorithm 2's (sampler heun), not {self.name}'s")
 

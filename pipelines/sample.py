@@ -147,7 +147,7 @@ def resolve_options(ckpt: Checkpoint, options: SamplingOptions, checkpoint: str 
         raise SamplingError(f"num_samples and chunk_size must be >= 1, got {options.num_samples} and {options.chunk_size}")
     if not 0 <= options.trajectory_samples <= options.chunk_size:
         raise SamplingError(f"trajectory_samples must be in [0, chunk_size = {options.chunk_size}], got {options.trajectory_samples}")
-    levels_only = ckpt.model_config.arch == "ncsn"
+    levels_only = ckpt.model_config.levels_only
     try:
         schedule = Schedule(sigmas, float(eps), int(steps), options.denoise, options.sampler_spec(ckpt.schedule.sampler))
         per_image = nfe(schedule, levels_only)

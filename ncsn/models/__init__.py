@@ -38,6 +38,11 @@ class ModelConfig:
         if self.ngf < 2:  # InstanceNorm++ normalises the channel means across channels: one channel has no spread (NaN)
             raise ValueError(f"model.ngf must be an integer >= 2 (InstanceNorm++ compares a layer's channels), got {self.ngf!r}")
 
+    @property
+    def levels_only(self) -> bool:
+        """True when the network takes only the σ levels it was trained on (arch ncsn's per-level normalisation)."""
+        return self.arch == "ncsn"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -63,8 +68,8 @@ class ScoreNetwork(nn.Module):
 
     @property
     def levels_only(self) -> bool:
-        """True when the network takes only the σ levels it was trained on (arch ncsn's per-level normalisation)."""
-        return self.config.arch == "ncsn"
+        """True when the network takes only the σ levels it was trained on (ModelConfig.levels_only)."""
+        return self.config.levels_only
 
     def level_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Index of each σ in the schedule; a σ not in the schedule is an error for arch="ncsn"."""

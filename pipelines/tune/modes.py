@@ -110,7 +110,7 @@ class SamplerSearch:
     def __init__(self, cfg: Config, checkpoint: str):
         self.cfg, self.checkpoint, self.source = cfg, checkpoint, open_checkpoint(checkpoint)  # read once, shipped to the trials
         ckpt = self.source.checkpoint
-        self.levels_only = ckpt.model_config.arch == "ncsn"
+        self.levels_only = ckpt.model_config.levels_only
         trained = ckpt.schedule  # ε and T the config's where the checkpoint does not record them
         self.schedule = replace(trained, eps=trained.eps if trained.eps is not None else cfg.sampling.eps,
                                 steps_per_level=trained.steps_per_level if trained.steps_per_level is not None else cfg.sampling.steps_per_level)
