@@ -109,3 +109,14 @@ def test_inpaint_rejects_mismatched_mask():
         inpaint(lambda x, s: x, torch.zeros(2, 1, 4, 4), torch.ones(3, 3), torch.tensor([1.0]), 0.1, 1)
     with pytest.raises(ValueError, match="step_size"):
         langevin_dynamics(lambda x: x, torch.zeros(2), step_size=-1.0, n_steps=3)
+
+
+@pytest.mark.parametrize("n, channels, nrow, padding", [(100, 1, 10, 4), (7, 3, 3, 2), (5, 1, 10, 1)])
+def test_image_grids_have_torchvisions_layout(n, channels, nrow, padding):
+    # ncsn.images tiles grids itself (importing torchvision costs every worker about 2 s); the PNGs must not change
+    from torchvision.utils import make_grid
+
+    from ncsn.images import tile
+
+    images = torch.rand(n, channels, 8, 8, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(tile(images, nrow, padding, 0.5), make_grid(images, nrow=nrow, padding=padding, pad_value=0.5))
