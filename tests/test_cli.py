@@ -29,31 +29,38 @@ def test_verbose_is_taken_before_or_after_the_subcommand_and_version_is_printed(
     assert out.returncode == 0 and out.stdout.strip() == f"ncsn-pipeline {version('ncsn-pipeline')}"
 
 
-def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_path, digits_shards):
+def test_print_config_and_dry_run_resolve_the_schedule_and_start_nothing(tmp_path, digits_shards, capsys, monkeypatch):
     import yaml
 
+    import ray
+
     from data_prep.manifest import load_manifest
+    from pipelines.cli import main
     from pipelines.config import load_config
     from pipelines.train import resolve_schedule
 
-    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    def no_ray(*args, **kwargs):
+        raise AssertionError("--print-config and --dry-run must not start or join Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-    base = [cli, "train", "--config", config, "--set", f"run_dir={tmp_path}"]
-    out = subprocess.run([*base, "--shards", digits_shards, "--print-config"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    printed = yaml.safe_load(out.stdout)
+    base = ["train", "--config", config, "--set", f"run_dir={tmp_path}"]
+    assert main([*base, "--shards", digits_shards, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
     schedule = resolve_schedule(load_config(config), load_manifest(digits_shards))
     sigmas, eps = schedule.sigmas, schedule.eps
     assert printed["resolved"]["sigmas"] == [round(float(s), 6) for s in sigmas] and printed["resolved"]["eps"] == eps
-    assert printed["optim"]["lr"] == load_config(config).optim.lr and "Ray" not in out.stderr  # nothing started
+    assert printed["optim"]["lr"] == load_config(config).optim.lr
 
-    dry = subprocess.run([*base, "--shards", digits_shards, "--dry-run", "--set", "cluster.num_workers=2"], capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0 and "on 2 worker(s)" in dry.stdout and "nothing was started" in dry.stdout, dry.stderr
+    assert main([*base, "--shards", digits_shards, "--dry-run", "--set", "cluster.num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 worker(s)" in out and "nothing was started" in out
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
-    missing = subprocess.run([*base, "--shards", str(tmp_path / "none"), "--dry-run"], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no manifest.json" in missing.stderr
-    fresh = subprocess.run([*base, "--print-config"], capture_output=True, text=True, timeout=120)  # not sharded yet
-    assert fresh.returncode == 0 and f"# resolved: after sharding digits into {tmp_path}" in fresh.stdout
+    assert main([*base, "--shards", str(tmp_path / "none"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no manifest.json" in err
+    assert main([*base, "--print-config"]) == 0  # not sharded yet
+    assert f"# resolved: after sharding digits into {tmp_path}" in capsys.readouterr().out
 
 
 def test_dry_run_makes_the_same_name_check_as_the_real_command(tmp_path, digits_shards, capsys):

@@ -16,7 +16,7 @@ from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
 from pipelines.tracking import METRICS_FILE, RUN_FILE, RunLogger, flatten
 from pipelines.train import run_training
-from tests.servers import AnswerLosingProxy, MlflowServer, logged_image_steps
+from tests.servers import AnswerLosingProxy, MlflowServer, joining_env, logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -158,7 +158,8 @@ def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatc
 def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes(tmp_path, digits_shards):
     # SIGTERM (what `kill`, a scheduler or Kubernetes sends; Ctrl-C takes the same path) from outside once training logs
     # its first rows: the command exits at once (130), its MLflow run is KILLED, not left RUNNING or called FAILED; the same
-    # command again resumes from the last checkpoint and ends FINISHED.
+    # command again resumes from the last checkpoint and ends FINISHED. It joins the tests' Ray, as on a cluster: the
+    # killed driver's job (its Ray Train controller and workers) is Ray's to end.
     import signal
 
     run_dir = tmp_path / "run"
@@ -169,7 +170,7 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
                                                              "sampling.steps_per_level=2")
                                                  for a in ("--set", s)]]
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=joining_env())
         try:
             deadline = time.monotonic() + 300
             while _rows(run_dir / METRICS_FILE) < 3 and first.poll() is None and time.monotonic() < deadline:
@@ -185,7 +186,7 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
     client = MlflowClient(saved["tracking_uri"])
     assert client.get_run(saved["run_id"]).info.status == "KILLED"
     stopped_at = _rows(run_dir / METRICS_FILE)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=joining_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming run" in again.stderr and client.get_run(saved["run_id"]).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(saved["run_id"], "loss"))[-1] == 40 and stopped_at < 8

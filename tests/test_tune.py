@@ -16,9 +16,10 @@ from pipelines.tune.job import run_tuning
 from tests.servers import only_ray_instance
 
 ROOT = Path(__file__).resolve().parents[1]
-# 4 trials of 30 steps, the objective every 10 steps (ASHA's rung at step 10), 100 samples per evaluation; ASHA keeps the top third.
+# 4 trials of 20 steps, the objective every 10 steps (ASHA's rung at step 10), 100 samples per evaluation; ASHA keeps the top third.
 # The selection re-scores the best finished trial and `recommended` on 2 seeds; the judgement (retraining) is tested on its own.
-TINY = ["train.steps=30", "train.batch_size=32", "data.loader_workers=0", "tracking.system_metrics=false", "tune.trials=4",
+STEPS = 20
+TINY = [f"train.steps={STEPS}", "train.batch_size=32", "data.loader_workers=0", "tracking.system_metrics=false", "tune.trials=4",
         "tune.eval_every=10", "tune.eval_samples=100", "tune.steps_per_level=[2,3]", "sampling.steps_per_level=2",
         "tune.reduction_factor=3", "tune.select_top=1", "tune.confirm_train_seeds=0", "tune.confirm_seeds=2", "tune.confirm_samples=60"]
 
@@ -36,9 +37,9 @@ def _tune(run_dir: Path, shards: str, extra: tuple[str, ...] = ()) -> subprocess
 
 
 def _a_trial_finished_training(run_dir: Path) -> bool:
-    """Some trial's metrics.jsonl has its last step (train.steps=30): that trial is done or about to be reported done."""
+    """Some trial's metrics.jsonl has its last step (train.steps): that trial is done or about to be reported done."""
     for rows in (run_dir / "tune" / "trials").glob("*/metrics.jsonl"):
-        if any(line.startswith('{"step": 30,') for line in rows.read_text().splitlines()):
+        if any(line.startswith(f'{{"step": {STEPS},') for line in rows.read_text().splitlines()):
             return True
     return False
 
@@ -89,9 +90,9 @@ def test_restarted_driver_resumes_the_job_instead_of_starting_over(tuned):
     parent = client.search_runs([client.get_experiment_by_name("ncsn").experiment_id], "attributes.run_name = 'digits-tune'")
     assert len(parent) == 1  # one parent run across the restart
     # `recommended` is the first trial and the best at every evaluation (ASHA never stops it): it finishes training as
-    # the driver dies, and resumed, its step-30 report is Tune's iteration 1 of the new session; not stopped early for that
+    # the driver dies, and resumed, its last report is Tune's iteration 1 of the new session; not stopped early for that
     (rec,) = [r for r in rows if r["label"] == "recommended"]
-    assert rec["stopped_early"] == "False" and rec["last_step"] == "30", rows
+    assert rec["stopped_early"] == "False" and rec["last_step"] == str(STEPS), rows
 
 
 def test_asha_stops_a_trial_and_the_recommended_schedule_is_a_labelled_trial(tuned):
@@ -229,7 +230,7 @@ def test_the_judgement_retrains_each_schedule_on_fresh_seeds_and_scores_them_on_
     for name, run in runs.items():
         assert run.info.status == "FINISHED" and run.data.params["train.seed"] == name[-4:]
         ckpt = read_checkpoint(str(tmp_path / "tune" / "trials" / name / "model" / "checkpoint.pt"))[0]
-        assert ckpt.step == 30 and float(ckpt.sigmas[0]) == pytest.approx(points[name.split("-")[1]]["sigma_max"], rel=1e-5)
+        assert ckpt.step == STEPS and float(ckpt.sigmas[0]) == pytest.approx(points[name.split("-")[1]]["sigma_max"], rel=1e-5)
     again = mode.networks([rec, fin], points, uri, parent)  # resumed job: the finished runs are kept, nothing retrained
     assert len(client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")) == 4
     assert [Path(p).parent.parent.name for p in again["fin"]] == ["judge-fin-s1000", "judge-fin-s1001"]
