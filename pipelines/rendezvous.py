@@ -1,5 +1,7 @@
 """Ray Train's torch process group with its rendezvous (torch's TCPStore) bound to one address, not every interface:
-loopback when all workers share a node, otherwise the Ray node address of rank 0 (the address the cluster uses)."""
+loopback when all workers share a node, otherwise the Ray node address of rank 0 (the address the cluster uses).
+Across hosts each rank's collective transport (Gloo, NCCL's sockets) uses the interface of its own Ray node address,
+not whatever the host name resolves to (often 127.0.1.1, which the other hosts cannot reach)."""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import psutil
 import ray
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
@@ -25,10 +28,21 @@ def _listen(host: str) -> int:
     return _listener.getsockname()[1]
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this host's network interface that holds ``address``, or None."""
+    return next((name for name, addresses in psutil.net_if_addrs().items() if any(a.address == address for a in addresses)), None)
+
+
 def _join(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: int) -> None:
-    """Every rank: the TCPStore (served by rank 0 on its bound socket) and the process group over it."""
+    """Every rank: the TCPStore (served by rank 0 on its bound socket) and the process group over it; across hosts, the
+    backend's sockets on the interface of this node's Ray address unless the user named one (GLOO_/NCCL_SOCKET_IFNAME)."""
 
     global _listener
+    variable = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)
+    if host != "127.0.0.1" and variable and variable not in os.environ:
+        interface = interface_of(ray.util.get_node_ip_address())
+        if interface:
+            os.environ[variable] = interface
     timeout = datetime.timedelta(seconds=timeout_s)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = host, str(port)
     if rank == 0:

@@ -335,6 +335,13 @@ def test_the_process_group_rendezvous_listens_on_loopback_only():
     assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened  # torch's default store listens on every interface ("::")
 
 
+def test_the_interface_of_an_address_is_the_one_that_holds_it():
+    # across hosts Gloo is pointed at the interface of the node's Ray address (tests/test_two_hosts.py runs it for real)
+    from pipelines.rendezvous import interface_of
+
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.1") is None  # (TEST-NET-1: on no interface)
+
+
 def test_a_run_directory_is_one_commands_at_a_time_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     # Two identical `train` commands on one run_dir both ran, each step twice in metrics.jsonl and MLflow. A holder (a real
     # process in the lock) makes a second command a one-line refusal naming it; killed from outside, it leaves nothing
