@@ -424,6 +424,7 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str, run_dir: Path, resumed_step: int = 0, retry_seconds: float = 10.0):
         self.uri, self.run_id, self.metrics_file = uri, run_id, Path(run_dir) / METRICS_FILE
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)  # rank 0's host need not be the driver's
         self.retry_seconds = retry_seconds
         self._queue: queue.Queue = queue.Queue()
         self._sent: set[int] | None = None  # steps MLflow has; fetched by the thread

@@ -141,8 +141,6 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
-
-
 @dataclass
 class Model:
     """A worker's model, its optimiser and EMA, and the step they are at."""
