@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+
 from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 
@@ -17,7 +19,8 @@ from data_prep.manifest import load_manifest
 from pipelines.evaluate import (Convention, EvaluationRequest, Report, check_reference_stats, evaluate_on_worker, load_reference_stats,
                                  read_split, split_count)
 from pipelines.sample import SamplingOptions, load_samples, open_checkpoint, run_inpainting, run_sampling
-from pipelines.train import run_training, set_aside_previous_run
+from pipelines.cluster import connect_ray
+from pipelines.train import check_tracking, run_training, set_aside_previous_run
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     cfg = cfg.evolve({"run_dir": str(run_dir)})
     if resume == "fresh":  # the previous runs set aside here, training starts anew by itself
         set_aside_previous_run(cfg, cfg.cluster.storage_path or str(run_dir / "ray"))
+    connect_ray()  # the tracking store must reach every host Ray may use, before the parent run is opened in it
+    check_tracking(tracking.tracking_uri(cfg), ray.nodes(), cfg.cluster.shared_filesystem)
     # the parent run's own record, beside (not in) the training run's
     pipeline_cfg = cfg.evolve({"name": f"{cfg.name}-pipeline", "run_dir": str(run_dir / "pipeline"),
                                "tracking.tracking_uri": tracking.tracking_uri(cfg)})

@@ -98,15 +98,28 @@ def check_storage_url(storage: str) -> None:
         raise StorageError(f"cluster.storage_path {storage}: bucket {path.split('/', 1)[0]!r} does not exist; create it first")
 
 
+def _hosts(nodes: list[dict]) -> list[str]:
+    return sorted({n["NodeManagerAddress"] for n in nodes if n.get("Alive")})
+
+
 def check_storage(storage: str, nodes: list[dict], shared_filesystem: bool) -> None:
     """A local storage path works on one host only: checkpoints written on one node must be readable on the others."""
-    if urlparse(storage).scheme not in ("", "file") or shared_filesystem:
-        return
-    hosts = sorted({n["NodeManagerAddress"] for n in nodes if n.get("Alive")})
-    if len(hosts) > 1:
+    hosts = _hosts(nodes)
+    if urlparse(storage).scheme in ("", "file") and not shared_filesystem and len(hosts) > 1:
         raise ConfigError(f"cluster.storage_path {storage!r} is a local path, but the Ray cluster spans {len(hosts)} hosts "
                           f"({', '.join(hosts[:4])}); use shared or cloud storage (s3://…, gs://…) or set "
                           "cluster.shared_filesystem: true if the path is mounted on every node")
+
+
+def check_tracking(uri: str, nodes: list[dict], shared_filesystem: bool) -> None:
+    """An MLflow store in a file (sqlite, file:, a path) is on one host's disk, but rank 0, the checkpoint validations
+    and the evaluation log from whichever host Ray puts them on: each would write a file of its own."""
+    hosts = _hosts(nodes)
+    if urlparse(uri).scheme in ("", "file", "sqlite") and not shared_filesystem and len(hosts) > 1:
+        raise ConfigError(f"tracking.tracking_uri {uri!r} is a file on this host, but the Ray cluster spans {len(hosts)} hosts "
+                          f"({', '.join(hosts[:4])}), whose workers log to it too; run an MLflow server (`mlflow server`) and "
+                          "set tracking.tracking_uri to its http:// address, or set cluster.shared_filesystem: true if the "
+                          "path is mounted on every node")
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         set_aside_previous_run(cfg, storage)
     connect_ray()
     check_storage(storage, ray.nodes(), cfg.cluster.shared_filesystem)
+    check_tracking(tracking.tracking_uri(cfg), ray.nodes(), cfg.cluster.shared_filesystem)
     uri, run_id = tracking.open_run(cfg, {**plan.run_params(), **(extra_params or {})}, parent_run_id, accept_changes=resume == "accept")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)

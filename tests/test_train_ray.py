@@ -13,11 +13,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_prep.manifest import load_manifest
-from data_prep.storage import Storage
 from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.sample import read_checkpoint
-from pipelines.train import CHECKPOINT_FILE, TrainingError, check_storage, resolve_schedule, run_training
+from pipelines.train import CHECKPOINT_FILE, TrainingError, check_storage, check_tracking, resolve_schedule, run_training
 from tests.servers import logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,16 +36,6 @@ def _config(run_dir: Path, steps: int):
 def _metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     path = run_dir / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
-
-
-def _registered_step(experiment: str) -> int:
-    """The step of the latest checkpoint Ray Train's controller has registered (what a restore starts from), or 0;
-    ``experiment`` is a local directory or an object-store URL."""
-    try:
-        snapshot = json.loads(Storage(experiment).read_text("checkpoint_manager_snapshot.json"))
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _mlflow_steps(result, key: str = "loss") -> list[int]:
@@ -138,41 +127,6 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
         run_training(wider, shards, resume="accept")
 
 
-@pytest.mark.parametrize("storage", ["s3"])  # local storage: the same restore, and the resume test reads local checkpoints
-def test_killed_worker_is_replaced_and_training_finishes_with_each_step_once(tmp_path, shards, storage, request):
-    # A worker's process is killed from outside (SIGKILL, as a lost node) once Ray Train has registered a checkpoint and
-    # logged steps past it, so the restored group replays those steps; the driver must see each step once. With "s3",
-    # Ray Train's storage (checkpoints, its snapshot) is on the test's S3 server, and the restore reads it from there.
-    import threading
-
-    from tests.servers import kill_actor_process, ray_train_log_tail, wait_for
-
-    storage_path = str(tmp_path / "ray") if storage == "local" else f"s3://ncsn-test/{tmp_path.name}"
-    if storage == "s3":
-        request.getfixturevalue("s3_server")
-    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path}", "train.steps=60", "train.batch_size=32", "sampling.steps_per_level=2", "train.log_every=5",
-                                                "train.checkpoint_every=10", "cluster.num_workers=2", "train.sample_every=60",
-                                                "data.loader_workers=0", "tracking.system_metrics=false",
-                                                f"cluster.storage_path={storage_path}"])
-    done: dict = {}
-    runner = threading.Thread(target=lambda: done.update(result=run_training(cfg, shards)))
-    runner.start()
-    wait_for(lambda: not runner.is_alive() or 10 <= _registered_step(f"{storage_path}/digits") < max([0] + [r["step"] for r in _metrics(tmp_path)]),
-             300, "a registered checkpoint and steps logged past it", every=0.25)
-    assert runner.is_alive(), "training ended before the kill"
-    kill_actor_process("RayTrainWorker")
-    runner.join(timeout=600)
-    assert "result" in done, f"training did not finish within 600 s of the kill; Ray Train's controller:\n{ray_train_log_tail()}"
-    result = done["result"]
-    steps = list(range(5, 65, 5))
-    assert [r["step"] for r in _metrics(tmp_path)] == steps  # replayed steps logged once
-    assert _mlflow_steps(result) == steps  # and once in MLflow
-    restored = MlflowClient(result.run.tracking_uri).get_run(result.run.run_id).data.tags.get("restored_from_step")
-    assert restored is not None and int(restored) % 10 == 0 and 10 <= int(restored) < 60  # it did restore from a checkpoint
-    assert result.checkpoint.path.startswith(storage_path.removeprefix("s3://"))  # where the checkpoints went
-    assert load_checkpoint(result.model_file).step == 60
-
-
 def test_local_storage_on_a_multi_host_cluster_is_an_error():
     nodes = [{"NodeManagerAddress": "10.0.0.1", "Alive": True}, {"NodeManagerAddress": "10.0.0.2", "Alive": True}]
     with pytest.raises(ConfigError, match=r"cluster.storage_path '/data/runs' is a local path, but the Ray cluster spans 2 hosts"):
@@ -180,6 +134,17 @@ def test_local_storage_on_a_multi_host_cluster_is_an_error():
     check_storage("/data/runs", nodes, shared_filesystem=True)  # NFS mounted everywhere: the user says so
     check_storage("s3://bucket/runs", nodes, shared_filesystem=False)
     check_storage("/data/runs", [{"NodeManagerAddress": "127.0.0.1", "Alive": True}] * 2, shared_filesystem=False)  # one host
+
+
+def test_a_tracking_file_on_a_multi_host_cluster_is_an_error():
+    # rank 0, the checkpoint validations and the evaluation log from any host: a sqlite file is one host's
+    nodes = [{"NodeManagerAddress": "10.0.0.1", "Alive": True}, {"NodeManagerAddress": "10.0.0.2", "Alive": True}]
+    for uri in ("sqlite:////data/runs/mlflow.db", "file:///data/mlruns", "/data/mlruns"):
+        with pytest.raises(ConfigError, match=rf"^tracking.tracking_uri '{uri}' is a file on this host, but the Ray cluster spans 2 hosts"):
+            check_tracking(uri, nodes, shared_filesystem=False)
+        check_tracking(uri, nodes, shared_filesystem=True)
+        check_tracking(uri, nodes[:1] + [{"NodeManagerAddress": "10.0.0.2", "Alive": False}], shared_filesystem=False)  # one live host
+    check_tracking("http://10.0.0.9:5000", nodes, shared_filesystem=False)
 
 
 def test_config_that_does_not_fit_the_shards_fails_before_training(tmp_path, shards):
