@@ -131,6 +131,17 @@ def eval_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pipeline_job(tmp_path_factory, eval_cache) -> dict:
+    """The small pipeline run as a Ray job on a one-host Ray (tests.runs.submit_pipeline_job), once per session: the
+    end-to-end tests read it, and the two-host run must give its numbers. The tests' in-process Ray is shut down meanwhile."""
+    from tests.runs import submit_pipeline_job
+    from tests.servers import only_ray_instance
+
+    with only_ray_instance():
+        return submit_pipeline_job(tmp_path_factory.mktemp("job"), eval_cache)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The session's S3-compatible server on the port AWS_ENDPOINT_URL names, with a bucket ``ncsn-test``."""
     from tests.servers import S3Server

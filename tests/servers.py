@@ -125,17 +125,6 @@ def kill_actor_process(class_name: str) -> int:
     return pid
 
 
-def ray_train_log_tail(lines: int = 40) -> str:
-    """The last lines of every Ray Train controller's system log of the in-process Ray session (what it was waiting for
-    when a test times out), or a note that there are none."""
-    import ray._private.worker
-
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "train"
-    tails = [f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
-             for f in sorted(logs.glob("ray-train-sys-controller-*.log"), key=lambda f: f.stat().st_mtime)[-2:]]
-    return "\n".join(tails) or f"no controller logs in {logs}"
-
-
 class S3Server:
     """moto's standalone S3-compatible server on 127.0.0.1, reached by the clients a user's run uses (s3fs, pyarrow) through
     the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …). ``refuse_credentials`` makes it check every request

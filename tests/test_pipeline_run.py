@@ -1,42 +1,23 @@
-"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config: submitted as a Ray job to a Ray head the
-tests start on 127.0.0.1 (token authentication on) and kill, and on two Ray nodes with its shards and Ray
-Train's storage on the test's S3 server, where it must give the one-node run's numbers. A CLI that starts its
-own local Ray (as `make demo` does) is tested with `ncsn-pipeline tune` and `shard`."""
+"""The end-to-end pipeline (`ncsn-pipeline run`) with a small digits config, submitted as a Ray job to a Ray head the
+tests start on 127.0.0.1 (token authentication on) and kill (tests.runs). The same run on two hosts is
+tests/test_two_hosts.py. A CLI that starts its own local Ray (as `make demo` does) is tested with `ncsn-pipeline tune`
+and `shard`."""
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from ncsn.checkpoint import load_checkpoint
 from pipelines.sample import read_checkpoint
-from tests.servers import free_port, loopback_status, only_ray_instance, upload_tree
+from tests.servers import only_ray_instance
 
 pytestmark = pytest.mark.cluster  # whole pipelines on Ray, from the CLI and as Ray jobs
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMALL = ["train.steps=20", "train.batch_size=32", "train.log_every=10", "train.checkpoint_every=10", "train.sample_every=20",
-         "evaluation.checkpoint_samples=30", "tracking.register_model=digits-small",
-         "cluster.num_workers=2", "data.loader_workers=0", "tracking.system_metrics=false", "sampling.num_samples=60",
-         "sampling.chunk_size=30", "sampling.steps_per_level=2", "sampling.workers=2"]
-
 PROGRESS = re.compile(r"step 20/20 +loss [\d.]+ +\d+ img/s +ETA 0m00s")
-
-
-def _run_args(run_dir: Path | str, eval_cache: Path, config: str = "configs/digits.yaml") -> list[str]:
-    return ["ncsn-pipeline", "run", "--config", config, "--no-progress", "--set", f"run_dir={run_dir}",
-            "--set", f"evaluation.cache_dir={eval_cache}", *[a for s in SMALL for a in ("--set", s)]]
 
 
 def _check_outputs(run_dir: Path) -> None:
@@ -98,40 +79,6 @@ def own_ray_only():
         yield
 
 
-@pytest.fixture(scope="module")
-def pipeline_job(tmp_path_factory, eval_cache) -> dict:
-    """`ncsn-pipeline run` submitted as a Ray job to a Ray head started here on 127.0.0.1 with token
-    authentication on, sharding the configured source itself: the job's log (its driver's stdout and stderr), its status
-    as the Jobs API records it and its run directory. One pipeline run, shared by the tests below."""
-    tmp_path = tmp_path_factory.mktemp("job")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="ncsn-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                             "--temp-dir", ray_tmp], env=env, stdout=open(tmp_path / "head.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
-        while loopback_status(dashboard, "/api/version") is None:  # any answer (401 without the token) means it is up
-            assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(0.5)
-        run_dir = tmp_path / "run"
-        submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                 *_run_args(run_dir, eval_cache)], env=env, capture_output=True, text=True, timeout=900)
-        job = re.search(r"Job '(raysubmit_\w+)' succeeded", submit.stdout)
-        assert submit.returncode == 0 and job, (submit.stdout + submit.stderr)[-4000:]
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job.group(1)], env=env,
-                                capture_output=True, text=True, timeout=120)
-    finally:  # killed, not stopped: the outputs are kept, and a graceful stop of the head takes about 30 s
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"log": submit.stdout, "job": job.group(1), "status": status.stdout + status.stderr, "run_dir": run_dir}
-
-
 def test_pipeline_submitted_as_a_ray_job_to_a_local_head(pipeline_job):
     assert f"Job '{pipeline_job['job']}' succeeded" in pipeline_job["status"], pipeline_job["status"]  # as the Jobs API records it
 
@@ -142,32 +89,3 @@ def test_run_pipeline_end_to_end_with_a_small_config(pipeline_job):
     assert PROGRESS.search(log), log[-3000:]  # rank 0's progress line reaches the driver's console, and the job's log
     assert "Reporting training result" not in log  # Ray Train's per-report dumps are off without -v
     _check_outputs(pipeline_job["run_dir"])
-
-
-def test_run_on_two_nodes_with_s3_equals_the_one_node_run_on_local_files(pipeline_job, s3_server, eval_cache, tmp_path):
-    # The one-node run's shards and Ray Train's checkpoints on S3, the training workers (one per node) and the sampling
-    # actors spread over two nodes, evaluation in a Ray task: the one-node run's metrics (local files, same seeds).
-    local_dir = pipeline_job["run_dir"]
-    url = upload_tree(str(local_dir / "shards" / "digits"), f"s3://ncsn-test/{tmp_path.name}/shards")
-    script = Path(__file__).parent / "scripts" / "two_node_run.py"
-    out = subprocess.run([sys.executable, str(script), str(ROOT / "configs" / "digits.yaml"), url, *SMALL,
-                          f"run_dir={tmp_path / 'run'}", f"evaluation.cache_dir={eval_cache}",
-                          f"cluster.storage_path=s3://ncsn-test/{tmp_path.name}/ray", "tracking.system_metrics=true"],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # MLflow's own setting
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    remote = json.loads(lines[0][len("RESULT "):])
-    assert len(remote["cluster_nodes"]) == 2 and remote["nodes"]["RayTrainWorker"] == remote["cluster_nodes"]  # one per node
-    assert remote["nodes"]["SamplingActor"] == remote["cluster_nodes"]
-    # System metrics come from the first worker of each host (Ray Train's local ranks group workers by node IP): both of
-    # these Ray nodes are 127.0.0.1, one host, so one monitor and no per-node prefix (system/node<N>/… needs two hosts).
-    system = [key for key in remote["logged"] if key.startswith("system/")]
-    assert "system/cpu_utilization_percentage" in system and not [key for key in system if key.startswith("system/node")], system
-    fs, base = fsspec.core.url_to_fs(f"s3://ncsn-test/{tmp_path.name}/ray/digits")
-    assert any(p.endswith("checkpoint.pt") for p in fs.find(base))  # the checkpoints went to the bucket
-    local = {k: v for k, v in json.loads((local_dir / "summary.json").read_text()).items() if k not in ("evaluation", "checkpoint")}
-    timing = [k for k in local if k.endswith("_per_s")]  # throughputs differ between any two runs
-    assert set(remote["metrics"]) == set(local) >= {"fid_classifier", "kid_std_classifier", "final_loss"}
-    for key in set(local) - set(timing):
-        assert remote["metrics"][key] == pytest.approx(local[key], rel=1e-5, abs=1e-8), key
