@@ -193,10 +193,16 @@ def test_a_tracking_file_on_two_hosts_is_refused_before_any_work(hosts):
 
 
 _ALIVE = """
-import sys, ray
+import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-print(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]))
+print("ALIVE " + json.dumps(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])))
 """
+
+
+def _alive(hosts: TwoHosts) -> list[str]:
+    """The addresses of the nodes Ray counts alive, asked from the head host (Ray's own log lines may come first)."""
+    out = hosts.head.run([str(BIN / "python"), "-c", _ALIVE, hosts.ray_address], hosts.env).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("ALIVE "))[len("ALIVE "):])
 
 
 def _raylet_running(host) -> bool:
@@ -238,7 +244,7 @@ def test_training_survives_a_partition_and_then_the_loss_of_the_worker_host_with
     wait_for_step(25)  # checkpoints of steps 10 and 20 registered by then
     hosts.lan.cut(hosts.worker)
     deadline = time.monotonic() + 60
-    while eval(hosts.head.run([str(BIN / "python"), "-c", _ALIVE, hosts.ray_address], hosts.env).stdout.strip().splitlines()[-1]) != [hosts.head.address]:
+    while _alive(hosts) != [hosts.head.address]:
         assert time.monotonic() < deadline, "the cut-off node was not declared dead"
     assert _raylet_running(hosts.worker)  # cut off, not dead
     hosts.lan.plug(hosts.worker)
