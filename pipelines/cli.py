@@ -3,6 +3,7 @@ and a bad option answer at once, without loading torch, Ray or MLflow."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -374,8 +375,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     import os
 
     from data_prep.storage import StorageError, local_path
-    from pipelines.reproduce import log_to_mlflow, reproduce
+    from pipelines.reproduce import EXPERIMENTS, log_to_mlflow, reproduce
 
+    unknown = sorted(set(args.only or ()) - set(EXPERIMENTS))
+    if unknown:
+        print(f"ncsn-pipeline reproduce: error: --only {' '.join(unknown)}: no such experiment; choose from {', '.join(EXPERIMENTS)}",
+              file=sys.stderr)
+        return 1
     try:
         out = local_path(args.out, "--out")
         if args.checkpoint and not Path(args.checkpoint).is_file():
@@ -383,7 +389,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     except StorageError as err:
         print(f"ncsn-pipeline reproduce: error: {err}", file=sys.stderr)
         return 1
-    results = reproduce(out, quick=args.quick, checkpoint=args.checkpoint)
+    results = reproduce(out, quick=args.quick, checkpoint=args.checkpoint, only=args.only or EXPERIMENTS)
     for figure, numbers in results.items():
         shown = {k: v for k, v in numbers.items() if k != "png" and not isinstance(v, list)}
         print(f"{figure:<26} {out / numbers['png']}  {json.dumps(shown, default=float)[:160]}")
@@ -587,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="directory for the figures (<figure id>.png) and results.json")
     rep.add_argument("--quick", action="store_true", help="small settings (a few minutes on 2 cores; the tests' setting)")
     rep.add_argument("--checkpoint", help="a digits checkpoint.pt for the samples, trajectory and inpainting (default: train one here)")
+    rep.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="run only these (gaussian-sm-mle, ica-error, ica-misspecified, "
+                     "overcomplete, manifold-ssm, low-density-scores, mixture-langevin, digits); results.json keeps the others' numbers")
     rep.add_argument("--tracking-uri", help="also log every figure and number as one MLflow run (default $MLFLOW_TRACKING_URI)")
     rep.set_defaults(func=_reproduce)
 
@@ -633,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ncsn-pipeline {args.command}: interrupted; any MLflow run it had open is marked KILLED, and the same command resumes",
               file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"ncsn-pipeline {args.command}: error: no space left on the device of {err.filename or 'a file it writes'}; "
+              "free space and run the same command (what was written whole is kept)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,24 +151,32 @@ def _digits(directory: Path, size: Size, checkpoint: str | None) -> dict[str, di
             "inpainting": {"model": source, "rows": "occluded, three completions, original", "known": "left half"}}
 
 
-def reproduce(out: Path, quick: bool = False, checkpoint: str | None = None) -> dict[str, dict]:
-    """Draw every figure into ``out`` (one PNG per figure id) and write ``out/results.json``: {figure id: {"png": …,
-    numbers}}; returns that mapping."""
+EXPERIMENTS = ("gaussian-sm-mle", "ica-error", "ica-misspecified", "overcomplete", "manifold-ssm", "low-density-scores",
+               "mixture-langevin", "digits")  # what reproduce runs; "overcomplete" and "digits" draw several figures
+
+
+def reproduce(out: Path, quick: bool = False, checkpoint: str | None = None, only: Collection[str] = EXPERIMENTS) -> dict[str, dict]:
+    """Run the experiments ``only`` names (default all), drawing each figure into ``out`` (one PNG per figure id), and
+    record their numbers in ``out/results.json`` beside those of figures drawn there before; returns what was run:
+    {figure id: {"png": …, numbers}}."""
+    unknown = sorted(set(only) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     started = time.perf_counter()
-    steps = [("gaussian-sm-mle", lambda: _gaussian(out / "gaussian-sm-mle.png", 1000 if quick else 10000)),
-             ("ica-error", lambda: _ica(out / "ica-error.png", size, 0.0)),
-             ("ica-misspecified", lambda: _ica(out / "ica-misspecified.png", size, LAPLACE_FRACTION)),
-             ("overcomplete", lambda: _overcomplete(out / "overcomplete-filters.png", out / "overcomplete-dot-products.png", size)),
-             ("manifold-ssm", lambda: _manifold(out / "manifold-ssm.png", size)),
-             ("low-density-scores", lambda: _low_density(out / "low-density-scores.png", size)),
-             ("mixture-langevin", lambda: _mixture(out / "mixture-langevin.png", size)),
-             ("digits", lambda: _digits(out, size, checkpoint))]
-    for name, run in steps:
+    steps = {"gaussian-sm-mle": lambda: _gaussian(out / "gaussian-sm-mle.png", 1000 if quick else 10000),
+             "ica-error": lambda: _ica(out / "ica-error.png", size, 0.0),
+             "ica-misspecified": lambda: _ica(out / "ica-misspecified.png", size, LAPLACE_FRACTION),
+             "overcomplete": lambda: _overcomplete(out / "overcomplete-filters.png", out / "overcomplete-dot-products.png", size),
+             "manifold-ssm": lambda: _manifold(out / "manifold-ssm.png", size),
+             "low-density-scores": lambda: _low_density(out / "low-density-scores.png", size),
+             "mixture-langevin": lambda: _mixture(out / "mixture-langevin.png", size),
+             "digits": lambda: _digits(out, size, checkpoint)}
+    for name in (n for n in EXPERIMENTS if n in only):
         t = time.perf_counter()
-        found = run()
+        found = steps[name]()
         if name == "overcomplete":
             results["overcomplete-filters"], results["overcomplete-dot-products"] = found
         elif name == "digits":
@@ -175,9 +184,14 @@ def reproduce(out: Path, quick: bool = False, checkpoint: str | None = None) -> 
         else:
             results[name] = found
         log.info("%s: %.0f s", name, time.perf_counter() - t)
-    results = {key: {"png": f"{key}.png", **results[key]} for key in FIGURES}
-    record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "figures": results}
-    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=float)))
+    results = {key: {"png": f"{key}.png", **results[key]} for key in FIGURES if key in results}
+    record_file = out / "results.json"
+    before = json.loads(record_file.read_text()) if record_file.exists() else {}
+    if before.get("quick", quick) != quick:
+        before = {}  # figures of the other size are not mixed in
+    figures = {key: v for key, v in {**before.get("figures", {}), **results}.items() if key in FIGURES}
+    record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "figures": {k: figures[k] for k in FIGURES if k in figures}}
+    atomic_write(record_file, lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=float)))
     return results
 
 
