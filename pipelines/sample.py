@@ -353,7 +353,8 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
         connect_ray()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(SamplingActor)
         weights = ray.put(source.payload)
-        pool = ActorPool([actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))])
+        actors = [actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))]
+        pool = ActorPool(actors)
         bar = _progress(len(pending), progress)
         try:
             for done in pool.map_unordered(lambda a, c: a.sample_chunk.remote(settings, *c), pending):
@@ -367,6 +368,8 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
             raise
         finally:
             bar.close()
+            for actor in actors:  # also when a write failed mid-way: their CPUs go back at once, not when Ray collects them
+                ray.kill(actor)
     seconds = time.perf_counter() - t0
     sampled = sum(c[2] for c in pending)
     summary = SampleSummary(output, options.num_samples, len(pending), len(chunks) - len(pending), seconds,

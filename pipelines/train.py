@@ -3,9 +3,13 @@ MLflow run, the TorchTrainer (Train V2; DDP over gloo on CPU, nccl on GPU) with 
 final checkpoint's local copy. What each worker runs is pipelines.train_worker."""
 from __future__ import annotations
 
+import errno
 import functools
+import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,9 @@ from ray.train.torch import TorchTrainer
 
 from data_prep.loader import check_shards_present
 from data_prep.manifest import Manifest, load_manifest
-from data_prep.storage import StorageError, absolute_location, is_url, storage_error
+from data_prep.storage import Storage, StorageError, absolute_location, is_url, storage_error
 from ncsn.atomic import atomic_write
-from ncsn.checkpoint import RunRef
+from ncsn.checkpoint import CheckpointError, RunRef, load_checkpoint
 from ncsn.sigmas import Schedule, recommend_schedule
 from pipelines import tracking
 from pipelines.cluster import connect_ray
@@ -96,6 +100,49 @@ def check_storage_url(storage: str) -> None:
         raise storage_error(storage, err) from None
     if bucket.type == pyarrow.fs.FileType.NotFound:
         raise StorageError(f"cluster.storage_path {storage}: bucket {path.split('/', 1)[0]!r} does not exist; create it first")
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in <storage>/<name>/
+
+
+def recover_checkpoint_list(storage: str, name: str) -> str | None:
+    """When Ray Train's list of the run's checkpoints is unreadable (a full disk left it empty or cut short), Ray Train
+    fails on every start: the list is moved aside (never deleted) and the newest checkpoint in storage that loads is
+    returned, for the workers to restore. None when the list is readable or absent."""
+    run = Storage(f"{storage.rstrip('/')}/{name}")
+    if not run.exists(SNAPSHOT):
+        return None
+    text = run.read_bytes(SNAPSHOT)
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    aside = f"{SNAPSHOT}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    fd, tmp = tempfile.mkstemp(suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+    run.put_atomic(tmp, aside)
+    run.remove(SNAPSHOT)
+    for child in reversed(run.children()):  # checkpoint_<date>_<time>: newest first
+        if child.startswith("checkpoint_") and run.exists(f"{child}/{CHECKPOINT_FILE}"):
+            try:
+                step = load_checkpoint(run.read_bytes(f"{child}/{CHECKPOINT_FILE}"), name=run.path(f"{child}/{CHECKPOINT_FILE}")).step
+            except CheckpointError as err:
+                log.warning("skipping %s: %s", run.path(child), err)
+                continue
+            log.warning("Ray Train's checkpoint list %s was unreadable (%d bytes; a full disk?): moved aside to %s; resuming "
+                        "from the newest checkpoint in storage that loads, step %d (%s)", run.path(SNAPSHOT), len(text),
+                        aside, step, run.path(child))
+            return run.path(child)
+    log.warning("Ray Train's checkpoint list %s was unreadable (%d bytes): moved aside to %s; no checkpoint in storage loads, "
+                "so training starts at step 0", run.path(SNAPSHOT), len(text), aside)
+    return None
+
+
+def no_space_left(err: BaseException) -> bool:
+    """Whether a training failure was a full disk (errno 28, in a worker or on the driver)."""
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC or "[Errno 28]" in str(err)
 
 
 def _hosts(nodes: list[dict]) -> list[str]:
@@ -224,7 +271,7 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
                                                                  "num_gpus": 1 if cfg.cluster.use_gpu else 0})
         keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validated_by, checkpoint_score_order="min")  # and the latest
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray Train logs every report and checkpoint path at INFO
-    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by)
+    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, recover_checkpoint_list(storage, cfg.name))
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
         torch_config=BoundTorchConfig(),
@@ -239,6 +286,10 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         result = trainer.fit()
     except BaseException as err:
         tracking.finish_run(uri, run_id, tracking.ended_by(err))
+        if no_space_left(err):
+            raise TrainingError(f"training {cfg.name!r} stopped: no space left on a disk it writes (Ray Train's storage {storage}, "
+                                "or a worker's temporary directory) while saving a checkpoint; free space and run the same "
+                                "command: it resumes from the newest checkpoint that loads") from None
         raise
     message = result.return_value  # a deterministic failure ends the run without the retries Ray Train would spend on it
     if message:

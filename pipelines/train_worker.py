@@ -48,6 +48,7 @@ class WorkerSpec:
     objective: ObjectiveSpec | None = None
     verbose: bool = False  # -v: Ray Train's per-report lines too
     validated_by: str | None = None  # checkpoints are scored by a validation task, ranked by this metric (lower is better)
+    fallback: str | None = None  # the checkpoint to restore while Ray Train has none (its own list was unreadable)
 
 
 class MetricsWindow:
@@ -151,15 +152,15 @@ class Model:
     start: int
 
 
-def build_or_restore(cfg: Config, sigmas: torch.Tensor, device: torch.device, rank: int) -> Model | str:
-    """The model, optimiser and EMA: fresh (the same seed on every rank) or restored from Ray Train's checkpoint; a
-    checkpoint that does not fit is a message, the same on every rank (every rank reads the same file)."""
+def build_or_restore(cfg: Config, sigmas: torch.Tensor, device: torch.device, rank: int, fallback: str | None = None) -> Model | str:
+    """The model, optimiser and EMA: fresh (the same seed on every rank) or restored from Ray Train's checkpoint, else
+    from ``fallback``; a checkpoint that does not fit is a message, the same on every rank (every rank reads the same file)."""
     torch.manual_seed(cfg.train.seed)
     net = ScoreNetwork(cfg.model, sigmas).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay, amsgrad=cfg.optim.amsgrad)
     model = Model(net, optimizer, EMA(net, cfg.train.ema_decay), 0)
-    restored = ray.train.get_checkpoint()
+    restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(fallback) if fallback else None)
     if restored:
         try:
             ckpt = _load_restored(restored, cfg, sigmas, device)
@@ -236,7 +237,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
     cfg, schedule, sigmas = spec.config, spec.schedule, spec.schedule.tensor()
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-    model = build_or_restore(cfg, sigmas, device, rank)
+    model = build_or_restore(cfg, sigmas, device, rank, spec.fallback)
     if isinstance(model, str):
         return model
     record = Record(spec, ctx, model.start)
