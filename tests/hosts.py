@@ -3,7 +3,7 @@ loopback), a mount namespace (its own /tmp, /dev/shm and $HOME) and a UTS namesp
 neither a network stack nor a disk.
 The hosts hang off a bridge in a namespace of their own ("lan", 10.231.0.254), which also holds the services every
 host reaches: the S3-compatible store and the MLflow server. Needs root; whatever it makes it removes, also when a
-test fails. Only addresses inside these namespaces are ever used."""
+test fails. Only addresses inside these namespaces are ever used. Also a small disk to fill (small_disk)."""
 from __future__ import annotations
 
 import contextlib
@@ -164,3 +164,19 @@ class Lan:
             proc.wait(10)
         for name in [h.netns for h in self.hosts] + [self.netns]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "64k") mounted on the new directory ``path``, to fill: yields a function that gives it
+    another size (space freed). Needs root (the test is skipped, naming why, without it); unmounted at the end."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a small tmpfs, and mounting one needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)

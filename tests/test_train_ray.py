@@ -132,29 +132,22 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_same_command_resumes_fr
     # stops with one line, not Ray's 300-line traceback. What a full disk leaves, Ray Train's checkpoint list emptied
     # (its write is not atomic) and a truncated newest checkpoint, made every later start fail. With space freed, the
     # same command moves the list aside, skips the truncated checkpoint and resumes from step 10.
-    import subprocess
-
     from pipelines.train import SNAPSHOT
+    from tests.hosts import small_disk
 
-    if os.geteuid() != 0:
-        pytest.skip("a full disk is a small tmpfs, and mounting one needs root")
     store = tmp_path / "store"
-    store.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(store)], check=True)
-    try:
+    with small_disk(store, "12m") as resize:
         cfg = _config(tmp_path / "run", 30).evolve({"cluster.storage_path": str(store), "cluster.max_failures": 0,
                                                      "train.sample_every": 1000})
         with pytest.raises(TrainingError, match=r"^training 'digits' stopped: no space left on a disk it writes \(Ray Train's storage "):
             run_training(cfg, shards)
         (store / "digits" / SNAPSHOT).write_bytes(b"")  # as a full disk leaves it
-        subprocess.run(["mount", "-o", "remount,size=64m", str(store)], check=True)  # space freed
+        resize("64m")  # space freed
         result = run_training(cfg, shards)
         assert [r["step"] for r in _metrics(tmp_path / "run")] == [5, 10, 15, 20, 25, 30] and _mlflow_steps(result) == [5, 10, 15, 20, 25, 30]
         tags = MlflowClient(result.run.tracking_uri).get_run(result.run.run_id).data.tags
         assert tags["restored_from_step"] == "10" and load_checkpoint(result.model_file).step == 30
         assert [p.name.split(".unreadable-")[0] for p in (store / "digits").glob("*.unreadable-*")] == [SNAPSHOT]  # kept, not deleted
-    finally:
-        subprocess.run(["umount", "--lazy", str(store)], check=False)
 
 
 def test_local_storage_on_a_multi_host_cluster_is_an_error():
