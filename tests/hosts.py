@@ -89,16 +89,22 @@ class Host:
         return found
 
     def power_off(self) -> list[int]:
-        """SIGKILL every process of the host at once, as when its VM dies; its disk (the holder's mounts) stays."""
-        pids = self.pids()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL every process of the host, as when its VM dies (again until none is left: one being forked as the
+        others die is killed too); its disk (the holder's mounts) stays. Returns the PIDs killed."""
+        killed: list[int] = []
+        deadline = time.monotonic() + 30
+        while pids := self.pids():
+            assert time.monotonic() < deadline, f"host {self.name}: processes {pids} outlived SIGKILL"
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed += [p for p in pids if p not in killed]
+            time.sleep(0.1)
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
         self.procs = [p for p in self.procs if p.poll() is None]
-        return pids
+        return killed
 
 
 class Lan:
