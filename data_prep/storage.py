@@ -147,11 +147,14 @@ class Storage:
             return
         atomic_write(self.path(rel), lambda tmp: shutil.move(local_file, tmp))
 
-    def write_text_atomic(self, rel: str, text: str) -> None:
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         self.put_atomic(tmp, rel)
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        self.write_bytes_atomic(rel, text.encode("utf-8"))
 
     def read_bytes(self, rel: str) -> bytes:
         with open_binary(self.path(rel)) as f:

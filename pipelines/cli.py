@@ -375,12 +375,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     import os
 
     from data_prep.storage import StorageError, local_path
-    from pipelines.reproduce import EXPERIMENTS, log_to_mlflow, reproduce
+    from pipelines.reproduce import EXPERIMENTS, check_experiments, log_to_mlflow, reproduce
 
-    unknown = sorted(set(args.only or ()) - set(EXPERIMENTS))
-    if unknown:
-        print(f"ncsn-pipeline reproduce: error: --only {' '.join(unknown)}: no such experiment; choose from {', '.join(EXPERIMENTS)}",
-              file=sys.stderr)
+    try:
+        check_experiments(args.only or ())
+    except ValueError as err:
+        print(f"ncsn-pipeline reproduce: error: --only: {err}", file=sys.stderr)
         return 1
     try:
         out = local_path(args.out, "--out")

@@ -155,13 +155,18 @@ EXPERIMENTS = ("gaussian-sm-mle", "ica-error", "ica-misspecified", "overcomplete
                "mixture-langevin", "digits")  # what reproduce runs; "overcomplete" and "digits" draw several figures
 
 
+def check_experiments(only: Collection[str]) -> None:
+    """A ValueError naming the names in ``only`` that are no experiment."""
+    unknown = sorted(set(only) - set(EXPERIMENTS))
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+
+
 def reproduce(out: Path, quick: bool = False, checkpoint: str | None = None, only: Collection[str] = EXPERIMENTS) -> dict[str, dict]:
     """Run the experiments ``only`` names (default all), drawing each figure into ``out`` (one PNG per figure id), and
     record their numbers in ``out/results.json`` beside those of figures drawn there before; returns what was run:
     {figure id: {"png": …, numbers}}."""
-    unknown = sorted(set(only) - set(EXPERIMENTS))
-    if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
+    check_experiments(only)
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -189,7 +194,7 @@ def reproduce(out: Path, quick: bool = False, checkpoint: str | None = None, onl
     before = json.loads(record_file.read_text()) if record_file.exists() else {}
     if before.get("quick", quick) != quick:
         before = {}  # figures of the other size are not mixed in
-    figures = {key: v for key, v in {**before.get("figures", {}), **results}.items() if key in FIGURES}
+    figures = {**before.get("figures", {}), **results}
     record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "figures": {k: figures[k] for k in FIGURES if k in figures}}
     atomic_write(record_file, lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=float)))
     return results

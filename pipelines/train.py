@@ -7,9 +7,7 @@ import errno
 import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +117,7 @@ def recover_checkpoint_list(storage: str, name: str) -> str | None:
     except ValueError:
         pass
     aside = f"{SNAPSHOT}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-    fd, tmp = tempfile.mkstemp(suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(text)
-    run.put_atomic(tmp, aside)
+    run.write_bytes_atomic(aside, text)
     run.remove(SNAPSHOT)
     for child in reversed(run.children()):  # checkpoint_<date>_<time>: newest first
         if child.startswith("checkpoint_") and run.exists(f"{child}/{CHECKPOINT_FILE}"):
@@ -141,8 +136,8 @@ def recover_checkpoint_list(storage: str, name: str) -> str | None:
 
 
 def no_space_left(err: BaseException) -> bool:
-    """Whether a training failure was a full disk (errno 28, in a worker or on the driver)."""
-    return isinstance(err, OSError) and err.errno == errno.ENOSPC or "[Errno 28]" in str(err)
+    """Whether a training failure was a full disk: ENOSPC, raised on the driver or quoted from a worker's error."""
+    return f"[Errno {errno.ENOSPC}]" in str(err)
 
 
 def _hosts(nodes: list[dict]) -> list[str]:
