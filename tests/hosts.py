@@ -68,14 +68,19 @@ class Host:
     def _argv(self, argv: list[str]) -> list[str]:
         return ["nsenter", "--target", str(self.holder.pid), "--net", "--mount", "--uts", "--", *argv]
 
-    def popen(self, argv: list[str], env: dict[str, str], log: Path, cwd: str = "/") -> subprocess.Popen:
-        proc = subprocess.Popen(self._argv(argv), env={**env, "HOME": "/tmp/home"}, cwd=cwd, stdout=open(log, "ab"),
+    def popen(self, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(self._argv(argv), env={**env, "HOME": "/tmp/home"}, cwd="/", stdout=open(log, "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
-    def run(self, argv: list[str], env: dict[str, str], timeout: float = 600, cwd: str = "/") -> subprocess.CompletedProcess:
-        return subprocess.run(self._argv(argv), env={**env, "HOME": "/tmp/home"}, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    def run(self, argv: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(self._argv(argv), env={**env, "HOME": "/tmp/home"}, cwd="/", capture_output=True, text=True, timeout=timeout)
+
+    def copy_in(self, local: Path, path: str) -> None:
+        """The directory ``local`` (outside every host) copied to ``path`` under the host's /tmp, as baked into its image."""
+        packed = subprocess.run(["tar", "-C", str(local), "-c", "."], capture_output=True, check=True).stdout
+        subprocess.run(self._argv(["sh", "-c", f"mkdir -p /tmp/{path} && tar -C /tmp/{path} -x"]), input=packed, check=True)
 
     def pids(self) -> list[int]:
         """Every process in this host's network namespace (what dies with the VM), its holder left out."""

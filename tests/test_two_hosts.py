@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -44,8 +43,8 @@ print(json.dumps({"alive": sorted(n["NodeManagerAddress"] for n in ray.nodes() i
 """
 
 _LAN_SETUP = """
-import sys, time, boto3, fsspec
-from pathlib import Path
+import socket, sys, time, boto3
+from tests.servers import upload_tree
 deadline = time.time() + 120
 s3 = boto3.client("s3")
 while True:
@@ -55,18 +54,13 @@ while True:
     except Exception:
         assert time.time() < deadline, "the S3 server did not answer"
         time.sleep(0.3)
-fs = fsspec.filesystem("s3")
-local = Path(sys.argv[2])
-for f in local.rglob("*"):
-    if f.is_file():
-        fs.put_file(str(f), f"{sys.argv[1].removeprefix('s3://')}/shards/{f.relative_to(local).as_posix()}")
-import urllib.request
+upload_tree(sys.argv[2], sys.argv[1] + "/shards")
 while True:
     try:
-        urllib.request.urlopen(sys.argv[3] + "/health", timeout=2)
+        socket.create_connection((sys.argv[3], int(sys.argv[4])), timeout=2).close()
         break
-    except Exception:
-        assert time.time() < deadline, "the MLflow server did not answer"
+    except OSError:
+        assert time.time() < deadline, "the MLflow server did not accept connections"
         time.sleep(0.3)
 """
 
@@ -112,13 +106,12 @@ def hosts(tmp_path_factory, pipeline_job, eval_cache):
         lan.service([str(BIN / "mlflow"), "server", "--host", LAN_ADDRESS, "--port", "5000", "--workers", "1",
                      "--backend-store-uri", f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}", "--artifacts-destination",
                      str(tmp / "mlflow" / "artifacts")], {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, tmp / "mlflow.log")
-        setup = lan.in_lan([str(BIN / "python"), "-c", _LAN_SETUP, BUCKET, str(pipeline_job["run_dir"] / "shards" / "digits"), MLFLOW],
-                           env, timeout=180)
+        setup = lan.in_lan([str(BIN / "python"), "-c", _LAN_SETUP, BUCKET, str(pipeline_job["run_dir"] / "shards" / "digits"), LAN_ADDRESS, "5000"],
+                           {**env, "PYTHONPATH": str(ROOT)}, timeout=180)
         assert setup.returncode == 0, setup.stderr[-3000:] + (tmp / "mlflow.log").read_text()[-2000:]
         cluster = TwoHosts(lan, env, tmp)
-        for host in lan.hosts:  # each host's own copy of the evaluation cache, as baked into a VM image
-            packed = subprocess.run(["tar", "-C", str(eval_cache), "-c", "."], capture_output=True, check=True).stdout
-            subprocess.run(host._argv(["sh", "-c", "mkdir -p /tmp/eval_cache && tar -C /tmp/eval_cache -x"]), input=packed, check=True)
+        for host in lan.hosts:  # each host's own copy of the evaluation cache
+            host.copy_in(eval_cache, "eval_cache")
         cluster.start_ray(cluster.head)
         cluster.start_ray(cluster.worker)
         cluster.probe()
