@@ -1,7 +1,7 @@
 """Ray Train's torch process group with its rendezvous (torch's TCPStore) bound to one address, not every interface:
 loopback when all workers share a node, otherwise the Ray node address of rank 0 (the address the cluster uses).
 Across hosts each rank's collective transport (Gloo, NCCL's sockets) uses the interface of its own Ray node address,
-not whatever the host name resolves to (often 127.0.1.1, which the other hosts cannot reach)."""
+not the address the host name resolves to (loopback where /etc/hosts maps it there, which other hosts cannot reach)."""
 from __future__ import annotations
 
 import datetime
