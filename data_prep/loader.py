@@ -197,7 +197,8 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                                              persistent_workers=False, prefetch_factor=64 if self.num_workers else None)
         images, labels, made = [], [], 0
-        for item in loader:
+        items = iter(loader)
+        for item in items:
             if isinstance(item, _Fatal):
                 raise ShardError(item.reason)
             if isinstance(item, _Skip):
@@ -210,7 +211,13 @@ class ShardLoader:
                 yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
                 images, labels, made = [], [], made + 1
                 if made == self.batches_per_epoch:
-                    return
+                    break
+        if made == self.batches_per_epoch:
+            if not self.stream.resampled:  # one pass: the rest read too (what the epoch drops), so every shard is hashed to its end
+                for item in items:
+                    if isinstance(item, _Fatal):
+                        raise ShardError(item.reason)
+            return
         if made < self.batches_per_epoch:
             raise ShardError(
                 f"the shards ran out after {made} of {self.batches_per_epoch} batches ({self.skipped} samples skipped as unreadable): "

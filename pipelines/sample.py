@@ -11,6 +11,8 @@ import os
 import re
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -18,7 +20,6 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
-from ray.util import ActorPool
 from tqdm import tqdm
 
 from data_prep.storage import absolute_location, is_url, local_path, open_binary
@@ -354,10 +355,9 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(SamplingActor)
         weights = ray.put(source.payload)
         actors = [actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))]
-        pool = ActorPool(actors)
         bar = _progress(len(pending), progress)
         try:
-            for done in pool.map_unordered(lambda a, c: a.sample_chunk.remote(settings, *c), pending):
+            for done in _sample_chunks(actors, settings, pending):
                 if done.trajectory is not None:
                     save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings.trajectory_samples)
                 write_chunk(output, done.index, done.start, done.images)
@@ -377,6 +377,40 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
                             settings)
     save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))), output / "grid.png", nrow=10)
     return summary
+
+
+UNREACHABLE_S = 300.0  # how long a chunk's actor may stay unreachable (its node lost and not yet back) before sampling stops
+
+
+def _sample_chunks(actors: list, settings: SamplerSettings, pending: list[tuple[int, int, int]]) -> Iterator[Chunk]:
+    """Each pending chunk sampled once on whichever actor is free, yielded as it completes. A chunk whose actor became
+    unreachable (its node lost: Ray says ActorUnavailableError until it restarts the actor, which max_task_retries does
+    not cover) is submitted again; a chunk depends on (seed, chunk) alone and only this driver writes it, so none is
+    written twice. A SamplingError line once an actor stayed unreachable UNREACHABLE_S seconds."""
+    queue, running, idle = deque(pending), {}, list(actors)
+    unreachable_since: float | None = None
+    while queue or running:
+        while idle and queue:
+            actor, chunk = idle.pop(), queue.popleft()
+            running[actor.sample_chunk.remote(settings, *chunk)] = (actor, chunk)
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        actor, chunk = running.pop(ref)
+        idle.append(actor)
+        try:
+            done = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError as err:
+            if unreachable_since is None:
+                unreachable_since = time.monotonic()
+                log.warning("chunk %d: its sampling actor is unreachable (a node lost?); submitting it again until Ray "
+                            "restarts the actor", chunk[0])
+            elif time.monotonic() - unreachable_since > UNREACHABLE_S:
+                raise SamplingError(f"chunk {chunk[0]}: its sampling actor stayed unreachable for {UNREACHABLE_S:.0f} s "
+                                    f"({first_line(err, 200)})") from None
+            queue.appendleft(chunk)
+            time.sleep(1.0)
+            continue
+        unreachable_since = None
+        yield done
 
 
 def _progress(total: int, enabled: bool, desc: str = "sampling chunks", unit: str = "chunk"):

@@ -298,6 +298,8 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
             atomic_write(model_dir / name, lambda tmp: shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp))
     trained = TrainRun(result.checkpoint, model_dir / CHECKPOINT_FILE, result.metrics, run, schedule, chosen[1] if chosen else None)
     log.info("%s; %s", trained.describe_choice(), trained.model_file)
+    if validated_by and not chosen:
+        log.warning("every checkpoint's validation failed: the training run's tags validation.failed.step_<N> say why")
     if chosen:
         tracking.log_to_run(uri, run_id, tags={"best_checkpoint": trained.describe_choice()})
         if cfg.tracking.register_model and chosen[1].get("val_model_id"):

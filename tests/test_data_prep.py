@@ -206,22 +206,25 @@ def _white_png() -> bytes:
 
 @pytest.mark.parametrize("damage", ["replaced", "truncated"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_shard_changed_after_sharding_stops_the_loader_naming_it(tmp_path, digit_shards, damage, workers):
+@pytest.mark.parametrize("which", [1, -1])
+def test_a_shard_changed_after_sharding_stops_the_loader_naming_it(tmp_path, digit_shards, damage, workers, which):
     # A sample replaced by a valid image (what `shard --verify` catches), or a shard cut short: the stream's sha256 is
-    # not the manifest's, and the loader stops with one line naming the shard, in exact and in resampled mode.
+    # not the manifest's, and the loader stops with one line naming the shard, in exact and in resampled mode; also the
+    # last shard, which one exact pass would end inside (the samples the epoch drops are read, to hash it to its end).
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(digit_shards, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    shard = out / manifest["splits"]["train"]["shards"][1]["path"]
+    shard = out / manifest["splits"]["train"]["shards"][which]["path"]
     if damage == "replaced":
         _rewrite_member(shard, _white_png())
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     message = rf"^{shard}: its sha256 is [0-9a-f]{{16}}…, the manifest's [0-9a-f]{{16}}… \(the shard was changed or damaged"
-    with pytest.raises(ShardError, match=message):
-        list(make_loader(str(out), 50, num_workers=workers))
+    for buffer in (0, 1000):  # without a shuffle buffer each sample is passed on as soon as it is read (as evaluation reads)
+        with pytest.raises(ShardError, match=message):
+            list(make_loader(str(out), 50, num_workers=workers, shuffle_buffer=buffer))
     with pytest.raises(ShardError, match=message):
         loader = make_loader(str(out), 50, resampled=True, num_workers=workers, seed=1)
         for _ in range(10):  # endless draws with replacement: the damaged shard comes up

@@ -1,8 +1,9 @@
-"""Ray Train DDP training on the digits shards: 2 workers on a local Ray (the 2-node run is in test_pipeline_run.py), tracked in MLflow."""
+"""Ray Train DDP training on the digits shards: 2 workers on a local Ray (two hosts: test_two_hosts.py), tracked in MLflow."""
 import json
+import logging
+import os
 import re
 import tarfile
-import os
 from pathlib import Path
 
 import mlflow
@@ -17,6 +18,7 @@ from ncsn.checkpoint import load_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.sample import read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, TrainingError, check_storage, check_tracking, resolve_schedule, run_training
+from pipelines.train_worker import loss_per_sigma_key
 from tests.servers import logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,7 +53,8 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     sigmas = resolve_schedule(cfg, load_manifest(shards)).tensor()
-    assert all(f"loss_per_sigma/{i:03d}" in rows[-1] for i in range(len(sigmas)))
+    keys = [loss_per_sigma_key(i, s) for i, s in enumerate(sigmas.tolist())]
+    assert [k for k in rows[-1] if k.startswith("loss_per_sigma/")] == keys
     assert [r["replica_divergence"] for r in rows if "replica_divergence" in r] == [0.0, 0.0]  # replicas identical
     assert result.model_file == tmp_path.resolve() / "model" / CHECKPOINT_FILE  # the last checkpoint, where README says
     ckpt = load_checkpoint(result.model_file, cfg.model, sigmas)
@@ -66,8 +69,8 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     (dataset,) = run.inputs.dataset_inputs  # the shard set, as the run's input
     assert dataset.dataset.digest == load_manifest(shards).digest and shards in dataset.dataset.source
     assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
-    assert _mlflow_steps(result, f"loss_per_sigma/{len(sigmas) - 1:03d}") == [5, 10, 15, 20]  # one group in the UI
-    assert client.get_metric_history(result.run.run_id, "loss_per_sigma/000")[-1].value == pytest.approx(rows[-1]["loss_per_sigma/000"])
+    assert _mlflow_steps(result, keys[-1]) == [5, 10, 15, 20]  # one group in the UI
+    assert client.get_metric_history(result.run.run_id, keys[0])[-1].value == pytest.approx(rows[-1][keys[0]])
     assert {a.path for a in client.list_artifacts(result.run.run_id)} >= {"config.yaml", "images"}
     assert logged_image_steps(client, result.run.run_id, "samples") == [20]  # an image with its step (the UI's slider)
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{result.run.run_id}'")
@@ -205,17 +208,16 @@ def test_a_non_finite_loss_ends_training_at_once_without_retries(tmp_path, shard
     # (A checkpoint that does not fit the config: test_two_worker_ddp_trains_checkpoints_and_resumes, on its trained run.)
 
 
-def test_a_shard_replaced_in_storage_ends_training_in_one_line_without_retries(tmp_path, shards):
-    # One training shard's sample replaced by a valid white PNG after sharding (what `shard --verify` reports): the
-    # workers' loaders hash what they stream, and training stops on every rank with one line naming the shard.
+def _replaced_shard(shards: str, copy: Path, split: str) -> Path:
+    """``shards`` copied to ``copy``, the first shard of ``split`` then rewritten with every image a valid white PNG (what
+    `shard --verify` reports, and what anyone who can write to the bucket could do); returns that shard."""
     import io
     import shutil
 
     from PIL import Image
 
-    copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    shard = copy / json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
+    shard = copy / json.loads((copy / "manifest.json").read_text())["splits"][split]["shards"][0]["path"]
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     white = io.BytesIO()
@@ -225,6 +227,13 @@ def test_a_shard_replaced_in_storage_ends_training_in_one_line_without_retries(t
             data = white.getvalue() if m.name.endswith(".png") else data
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    return shard
+
+
+def test_a_shard_replaced_in_storage_ends_training_in_one_line_without_retries(tmp_path, shards):
+    # The workers' loaders hash what they stream, and training stops on every rank with one line naming the shard.
+    copy = tmp_path / "shards"
+    shard = _replaced_shard(shards, copy, "train")
     cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'run'}", "train.steps=200", "train.batch_size=32",
                                                 "train.checkpoint_every=5", "cluster.num_workers=2", "cluster.max_failures=2",
                                                 "data.loader_workers=0", "tracking.system_metrics=false"])
@@ -233,6 +242,29 @@ def test_a_shard_replaced_in_storage_ends_training_in_one_line_without_retries(t
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ncsn").experiment_id])
     assert run.info.status == "FAILED" and "restored_from_step" not in run.data.tags and "sha256" in run.data.tags["failure"]
+
+
+def test_a_checkpoint_validation_that_fails_is_one_line_on_the_run_and_training_goes_on(tmp_path, shards, caplog):
+    # The validation split's shard replaced after sharding, and a fresh evaluation cache, so each checkpoint's validation
+    # task reads it: each task fails in one line naming the shard (a warning, and a tag on the training run), training
+    # finishes, and with no checkpoint scored model/checkpoint.pt is the last one and the run says so.
+    copy = tmp_path / "shards"
+    shard = _replaced_shard(shards, copy, "validation")
+    cfg = load_config(CONFIGS / "digits.yaml", [f"run_dir={tmp_path / 'run'}", "train.steps=20", "train.batch_size=32",
+                                                "train.checkpoint_every=10", "cluster.num_workers=2", "data.loader_workers=0",
+                                                "tracking.system_metrics=false", "sampling.steps_per_level=1",
+                                                "evaluation.checkpoint_samples=3", f"evaluation.cache_dir={tmp_path / 'cache'}"])
+    with caplog.at_level(logging.WARNING, logger="pipelines.train"):
+        result = run_training(cfg, str(copy))
+    assert [r.getMessage() for r in caplog.records if r.name == "pipelines.train"] == [
+        "every checkpoint's validation failed: the training run's tags validation.failed.step_<N> say why"]
+    run = MlflowClient(result.run.tracking_uri).get_run(result.run.run_id)
+    failed = {k: v for k, v in run.data.tags.items() if k.startswith("validation.failed.")}
+    assert run.info.status == "FINISHED" and sorted(failed) == ["validation.failed.step_10", "validation.failed.step_20"], failed
+    assert all(v.startswith(f"checkpoint validation of step {k.rsplit('_', 1)[1]} failed: ") and str(shard) in v and "\n" not in v
+               for k, v in failed.items()), failed
+    assert load_checkpoint(result.model_file).step == 20 and "best_checkpoint" not in run.data.tags
+    assert result.describe_choice() == "model: the last checkpoint (step 20); no checkpoint was scored on the validation split"
 
 
 def test_train_cli_reports_bad_config_in_one_line(tmp_path):

@@ -264,3 +264,38 @@ def test_training_survives_a_partition_and_then_the_loss_of_the_worker_host_with
     (last,) = [steps for steps in records if steps[-1] == 90]
     assert last == sorted(set(last)), records
     assert hosts.probe()["alive"] == [hosts.head.address, hosts.worker.address]
+
+
+def test_sampling_survives_the_loss_of_the_worker_host_with_exactly_n_images(hosts, pipeline_job):
+    # `ncsn-pipeline sample` on both hosts (one actor each), the worker host lost once the first chunk is on the head's disk
+    # and brought back: Ray restarts its actor there and retries the chunk it held. The driver writes every chunk, so the
+    # set is exactly the 40 images of seed 3, each chunk once, equal to the same chunks sampled here without Ray.
+    import numpy as np
+
+    from pipelines.sample import SamplingActor, SamplingOptions, load_samples, plan_chunks, resolve_options
+
+    hosts.head.copy_in(pipeline_job["run_dir"] / "model", "sampling-model")
+    log = hosts.tmp / "sampling.log"
+    submit = hosts.head.popen([str(BIN / "ray"), "job", "submit", "--address", f"http://{hosts.head.address}:8265", "--working-dir",
+                               str(ROOT), "--", "ncsn-pipeline", "sample", "--checkpoint", "/tmp/sampling-model/checkpoint.pt",
+                               "--output", "/tmp/sampled", "--num-samples", "40", "--seed", "3", "--chunk-size", "4",
+                               "--steps-per-level", "40", "--workers", "2", "--no-mlflow", "--no-progress"], hosts.env, log)
+    chunks = hosts.head.disk("sampled/chunks")
+    deadline = time.monotonic() + 300
+    while not any(chunks.glob("chunk_*.npz")):
+        assert submit.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert hosts.worker.power_off()
+    done_when_lost = len(list(chunks.glob("chunk_*.npz")))
+    hosts.start_ray(hosts.worker)
+    submit.wait(600)
+    assert submit.returncode == 0 and "succeeded" in log.read_text(), log.read_text()[-4000:]
+    assert done_when_lost < 10  # lost mid-run
+    assert len(list(chunks.glob("chunk_*.npz"))) == 10 and len(list(hosts.head.disk("sampled/images").glob("*.png"))) == 40
+    actor = SamplingActor(str(pipeline_job["run_dir"] / "model" / "checkpoint.pt"))
+    settings = resolve_options(actor.ckpt, SamplingOptions(num_samples=40, seed=3, chunk_size=4, steps_per_level=40))
+    expected = np.concatenate([actor.sample_chunk(settings, *chunk).images for chunk in plan_chunks(40, 4)])
+    got = load_samples(hosts.head.disk("sampled"))
+    # uint8 images: another process may round a pixel on the boundary the other way, never a whole image
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
+    assert hosts.probe()["alive"] == [hosts.head.address, hosts.worker.address]
