@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,19 @@ class WorkerSpec:
     fallback: str | None = None  # the checkpoint to restore while Ray Train has none (its own list was unreadable)
 
 
+def loss_per_sigma_key(level: int, sigma: float) -> str:
+    """The metric of level ``level``'s loss: its index (charts sort by name) and its σ, e.g. ``loss_per_sigma/003_0.129``."""
+    return f"loss_per_sigma/{level:03d}_{sigma:.3g}"
+
+
 class MetricsWindow:
     """Running totals between two reports (loss, per-σ losses, gradient norm, images, time), summed over ranks into
     one metrics row."""
 
-    def __init__(self, num_levels: int, device: torch.device):
-        self.level_sum = torch.zeros(num_levels, device=device)
-        self.level_count = torch.zeros(num_levels, device=device)
+    def __init__(self, sigmas: Sequence[float], device: torch.device):
+        self.keys = [loss_per_sigma_key(i, float(s)) for i, s in enumerate(sigmas)]
+        self.level_sum = torch.zeros(len(self.keys), device=device)
+        self.level_count = torch.zeros(len(self.keys), device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -82,7 +89,7 @@ class MetricsWindow:
         metrics = {"step": step, "loss": totals[0].item() / (self.steps * world), "grad_norm": self.grad_norm / self.steps,
                    "images_per_s": totals[1].item() / (self.seconds_per_step * self.steps), "skipped_samples": int(totals[2].item())}
         for i in torch.nonzero(self.level_count).flatten().tolist():
-            metrics[f"loss_per_sigma/{i:03d}"] = (self.level_sum[i] / self.level_count[i]).item()
+            metrics[self.keys[i]] = (self.level_sum[i] / self.level_count[i]).item()
         return metrics
 
 
@@ -247,7 +254,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
     loader = make_loader(spec.manifest, cfg.train.batch_size // world, rank, world, resampled=True, num_workers=cfg.data.loader_workers,
                          shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + model.start)
     failure: list[str] = []
-    window, step = MetricsWindow(len(sigmas), device), model.start
+    window, step = MetricsWindow(sigmas.tolist(), device), model.start
     for stats in _steps(ddp_model, loader, model, cfg, sigmas, device, failure):
         window.add(stats)
         step, last = stats.step, stats.step == cfg.train.steps

@@ -146,17 +146,18 @@ def test_metrics_window_averages_the_steps_between_reports_and_starts_again_empt
     from ncsn.train import StepStats
     from pipelines.train_worker import MetricsWindow
 
-    window = MetricsWindow(3, torch.device("cpu"))
+    window = MetricsWindow([1.0, 0.1, 0.01], torch.device("cpu"))
     window.add(StepStats(1, 2.0, torch.tensor([4.0, 0.0, 1.0]), torch.tensor([2.0, 0.0, 1.0]), 0.5, 8))
     window.add(StepStats(2, 4.0, torch.tensor([2.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]), 1.5, 8))
     row = window.row(step=2, world=1, skipped=3)
     assert (row["step"], row["loss"], row["grad_norm"], row["skipped_samples"]) == (2, 3.0, 1.0, 3)
-    assert row["loss_per_sigma/000"] == 2.0 and row["loss_per_sigma/002"] == 1.0 and "loss_per_sigma/001" not in row
+    # each level's chart named by its index (the UI sorts by name) and its σ
+    assert row["loss_per_sigma/000_1"] == 2.0 and row["loss_per_sigma/002_0.01"] == 1.0 and "loss_per_sigma/001_0.1" not in row
     assert row["images_per_s"] > 0
     window.reset()
     window.add(StepStats(3, 6.0, torch.tensor([0.0, 3.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), 2.0, 8))
     row = window.row(step=3, world=1, skipped=0)
-    assert (row["loss"], row["grad_norm"]) == (6.0, 2.0) and [k for k in row if k.startswith("loss_per")] == ["loss_per_sigma/001"]
+    assert (row["loss"], row["grad_norm"]) == (6.0, 2.0) and [k for k in row if k.startswith("loss_per")] == ["loss_per_sigma/001_0.1"]
 
 
 def test_loss_watch_says_once_when_the_loss_rises_far_above_its_lowest():
