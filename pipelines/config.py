@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -14,6 +15,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from ncsn._checks import first_line, is_positive_number
 from ncsn.models import ModelConfig
 from ncsn.sigmas import SAMPLERS, Sampler, geometric_sigmas
+
+
+def default_cache_dir() -> Path:
+    """The evaluation cache every command finds unless told another: $NCSN_CACHE, else ~/.cache/ncsn-pipeline."""
+    return Path(os.environ.get("NCSN_CACHE") or Path.home() / ".cache" / "ncsn-pipeline").resolve()
 
 
 class ConfigError(ValueError):
@@ -195,8 +201,8 @@ class EvaluationConfig(Section):
     checkpoint_samples: Annotated[Int, _rule(lambda n: n == 0 or n >= 3, "0 or >= 3 (KID's interval needs 3)")] = 0
     inception_weights: Str | None = None  # a local weights file for air-gapped clusters
     resamples: Annotated[Int, _at_least(10)] = 200  # bootstrap resamples behind FID's and IS's sd
-    # classifier weights, reference features, baselines (keyed by the shard set); null: <run_dir>/eval_cache. Runs on the
-    # same shards may share one directory on the evaluating node's disk.
+    # classifier weights, reference features, baselines (keyed by the shard set), on the evaluating node's disk; null: the
+    # cache every command shares ($NCSN_CACHE, else ~/.cache/ncsn-pipeline), so the classifier trains once per shard set
     cache_dir: Annotated[Str, _rule(lambda s: "://" not in s, "a local directory, not a URL")] | None = None
 
     @model_validator(mode="after")
@@ -314,9 +320,9 @@ class Config(Section):
         return geometric_sigmas(self.schedule.sigma_max, self.schedule.sigma_min, self.schedule.num_levels)
 
     def eval_cache_dir(self) -> Path:
-        """Where evaluation caches its classifier and features: evaluation.cache_dir, else <run_dir>/eval_cache (absolute,
+        """Where evaluation caches its classifier and features: evaluation.cache_dir, else the shared default (absolute,
         for Ray workers whose working directory is not the driver's)."""
-        return Path(self.evaluation.cache_dir or Path(self.run_dir) / "eval_cache").resolve()
+        return Path(self.evaluation.cache_dir).resolve() if self.evaluation.cache_dir else default_cache_dir()
 
     def to_dict(self) -> dict:
         """Plain YAML-able data (what load_config reads back)."""

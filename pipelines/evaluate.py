@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from ncsn.atomic import atomic_write
 from ncsn.data import from_stored
 from ncsn.metrics import (Estimate, Scaler, Spread, bootstrap_spread, fid_statistics, frechet_distance,
                           frechet_distance_from_statistics, inception_score, inception_score_splits, kid, kid_in_blocks, kid_subsets)
+from pipelines.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 CLASSIFIER = "ncsn-classifier"
@@ -60,10 +60,6 @@ STATS_METADATA = {"extractor", "extractor_id", "num_images", "reference"}  # wha
 
 class EvaluationError(ValueError):
     """Bad evaluation input (samples, reference shards, weights file), with a message that names it."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NCSN_CACHE", Path.home() / ".cache" / "ncsn-pipeline"))
 
 
 @dataclass(frozen=True)

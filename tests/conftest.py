@@ -36,6 +36,10 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_
     os.environ.pop(_var, None)
 
 
+# The evaluation cache every command finds unless told another ($NCSN_CACHE): one per session (the feature classifier trains
+# once per shard set), never the user's ~/.cache; Ray's workers inherit it.
+os.environ["NCSN_CACHE"] = tempfile.mkdtemp(prefix="ncsn-cache-")
+
 # Fixtures that start Ray or train the shared digits model: tests using them are left out of `make test-fast`.
 CLUSTER_FIXTURES = {"ray_local", "digits_shards", "trained_digits"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +67,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["NCSN_CACHE"], ignore_errors=True)
     if _background:
         if _background["process"].poll() is None:
             _background["process"].kill()
@@ -124,10 +129,10 @@ def trained_digits_samples(trained_digits) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def eval_cache(tmp_path_factory) -> Path:
-    """One evaluation.cache_dir for the session's pipeline, tuning and evaluation tests: the feature classifier trains once
+def eval_cache() -> Path:
+    """The session's evaluation cache ($NCSN_CACHE), for tests that pass it explicitly: the feature classifier trains once
     per shard set (its own test trains a second one beside it, in a cache of its own)."""
-    return tmp_path_factory.mktemp("eval_cache")
+    return Path(os.environ["NCSN_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from pydantic import ValidationError
@@ -142,15 +143,27 @@ def test_the_objective_spec_takes_its_extractor_from_the_metric_and_its_settings
     cfg = load_config(CONFIGS / "digits.yaml", [f"tune.metric={metric}", "tune.eval_samples=123", "evaluation.resamples=17",
                                                  "sampling.denoise=false", "tune.eval_every=40", "run_dir=/r"])
     spec = ObjectiveSpec.from_config(cfg, "/shards", "validation")
-    assert spec == ObjectiveSpec("/shards", "validation", extractor, "/r/eval_cache", 123, 17, False, 40, cfg.evaluation.inception_weights)
+    assert spec == ObjectiveSpec("/shards", "validation", extractor, str(cfg.eval_cache_dir()), 123, 17, False, 40, cfg.evaluation.inception_weights)
 
 
-def test_the_evaluation_cache_is_the_run_directorys_unless_one_is_given(tmp_path, monkeypatch):
-    # absolute either way: evaluation runs on a Ray worker (tuning trials, the pipeline's stage 4) in another directory
+def test_the_evaluation_cache_is_the_one_every_command_shares_unless_one_is_given(tmp_path, monkeypatch):
+    # run, train, tune and `evaluate` find one classifier per shard set: $NCSN_CACHE, else ~/.cache/ncsn-pipeline, not the
+    # run directory's own; absolute either way: evaluation runs on a Ray worker (tuning trials, the pipeline's stage 4)
+    from pipelines.evaluate import Evaluator
     from pipelines.tune.objective import ObjectiveSpec
 
     monkeypatch.chdir(tmp_path)
-    assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "runs" / "eval_cache"
+    monkeypatch.delenv("NCSN_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "home" / ".cache" / "ncsn-pipeline"
+    monkeypatch.setenv("NCSN_CACHE", "shared")
+    assert load_config(CONFIGS / "digits.yaml", ["run_dir=runs"]).eval_cache_dir() == tmp_path / "shared"
+    with mock.patch("pipelines.evaluate.load_manifest") as manifest, mock.patch("pipelines.evaluate.split_count", return_value=10), \
+            mock.patch("pipelines.evaluate._cached_classifier", side_effect=RuntimeError("stop")) as cached:
+        manifest.return_value.digest = "d1"
+        with pytest.raises(RuntimeError, match="stop"):
+            Evaluator("/shards", "classifier")  # `evaluate`'s own default: the same directory, keyed by the shard set
+    assert cached.call_args.args == (str(tmp_path / "shared" / "d1" / "classifier.pt"),)
     shared = load_config(CONFIGS / "digits.yaml", ["run_dir=/r", "evaluation.cache_dir=cache"])
     assert shared.eval_cache_dir() == tmp_path / "cache"
     assert ObjectiveSpec.from_config(shared, "/shards", "validation").cache_dir == str(tmp_path / "cache")
