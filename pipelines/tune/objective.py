@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,7 +13,9 @@ from ncsn.data import to_stored
 from ncsn.sampling import sample_images
 from ncsn.sigmas import Schedule
 from pipelines.config import Config
-from pipelines.evaluate import Evaluator
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import Evaluator
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class ObjectiveSpec:
         """This spec's Evaluator, built once per process (a training worker, or the worker process that Ray reuses for a
         job's scoring tasks): the manifest, the reference split, the classifier and the reference features are read once.
         The first one for a shard set trains and caches the classifier in ``cache_dir``."""
+        from pipelines.evaluate import Evaluator  # torch-fidelity: imported where a model is scored, not by every training worker
+
         if self not in _EVALUATORS:
             _EVALUATORS[self] = Evaluator(self.shards, self.extractor, self.inception_weights, self.reference_split,
                                           cache_dir=Path(self.cache_dir), resamples=self.resamples)
