@@ -204,11 +204,10 @@ def log_to_mlflow(uri: str, out: Path, results: dict[str, dict], experiment: str
     """One MLflow run "lecture-figures" holding every PNG and results.json, and each figure's scalar numbers as metrics."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import artifact_location
+    from pipelines.tracking import experiment_for_training
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+    experiment_id = experiment_for_training(client, experiment, uri)
     run_id = client.create_run(experiment_id, run_name="lecture-figures").info.run_id
     for figure, numbers in results.items():
         for key, value in numbers.items():

@@ -143,6 +143,21 @@ def resume_preview(cfg: Config, extra_params: dict[str, str], accept_changes: bo
     return f"resumes run {cfg.name!r} (MLflow run {run_id}) from its latest checkpoint{at}{changed}"
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Model training" view, not GenAI's
+
+
+def experiment_for_training(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created when missing (its artifacts beside the store), and marked as model training
+    (EXPERIMENT_KIND) unless it already says what it is: MLflow 3's UI otherwise opens such an experiment in its GenAI
+    view, where models are "agent versions" and runs "evaluations"."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location(uri), tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run_id: str | None = None,
              accept_changes: bool = False) -> tuple[str, str]:
     """Create the MLflow run for ``cfg.name``, or reopen it when the run directory already has one (a resume): only if
@@ -158,9 +173,7 @@ def open_run(cfg: Config, extra_params: dict[str, str] | None = None, parent_run
     try:
         run_id, logged = _existing_run(client, run_dir / RUN_FILE, uri), {}
         if run_id is None:
-            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-                cfg.tracking.experiment, artifact_location=artifact_location(uri))
+            experiment_id = experiment_for_training(client, cfg.tracking.experiment, uri)
             tags = {RUN_TAG: cfg.name, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
             run_id = client.create_run(experiment_id, run_name=cfg.name, tags=tags).info.run_id
             atomic_write(run_dir / RUN_FILE, lambda tmp: tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id})))

@@ -83,6 +83,23 @@ def test_config_becomes_mlflow_params_with_dotted_names():
     assert params["optim.lr"] == "0.001" and params["model.arch"] == "ncsnv2" and params["schedule.recommend"] == "True"
 
 
+def test_the_experiment_opens_in_the_uis_model_training_view(tmp_path):
+    # MLflow 3's UI shows an experiment without mlflow.experimentKind in its GenAI view (models as "agent versions", runs as
+    # "evaluations"); the pipeline's experiments say they are model training, also one that existed untagged, but a kind
+    # someone chose stays.
+    from pipelines.tracking import experiment_for_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    new = experiment_for_training(client, "ncsn", uri)
+    old = client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert [experiment_for_training(client, name, uri) for name in ("ncsn", "older", "chosen")] == [new, old, chosen]
+    kinds = [client.get_experiment(e).tags.get("mlflow.experimentKind") for e in (new, old, chosen)]
+    assert kinds == ["custom_model_development", "custom_model_development", "genai_development"]
+    assert client.get_experiment(new).artifact_location == (tmp_path / "mlartifacts").as_uri()  # beside the store
+
+
 def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tmp_path, monkeypatch):
     # MLflow looks a dataset up, then inserts it: a run starting beside another on the same shards (tuning trials) can find
     # the row missing and then collide with the other's insert (a UNIQUE-constraint error, which errored a trial).
@@ -164,7 +181,7 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
 
     run_dir = tmp_path / "run"
     command = [str(Path(sys.executable).parent / "ncsn-pipeline"), "train", "--config", str(CONFIGS / "digits.yaml"), "--shards",
-               digits_shards, "--no-progress", *[a for s in (f"run_dir={run_dir}", "train.steps=40", "train.batch_size=32",
+               digits_shards, "--no-progress", *[a for s in (f"run_dir={run_dir}", "train.steps=80", "train.batch_size=32",
                                                              "train.log_every=5", "train.checkpoint_every=10", "train.sample_every=1000",
                                                              "data.loader_workers=0", "tracking.system_metrics=false",
                                                              "sampling.steps_per_level=2")
@@ -189,4 +206,4 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=joining_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming run" in again.stderr and client.get_run(saved["run_id"]).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(saved["run_id"], "loss"))[-1] == 40 and stopped_at < 8
+    assert sorted(m.step for m in client.get_metric_history(saved["run_id"], "loss"))[-1] == 80 and stopped_at < 16
