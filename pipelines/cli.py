@@ -158,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained {cfg.name} to step {result.metrics.get('step')}: loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.model_file}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
     print(result.describe_choice())
-    print(f"MLflow run {result.run.run_id} in {result.run.tracking_uri} — open it with: {ui_command(result.run.tracking_uri)}")
+    print(f"MLflow run {result.run.run_id} in {result.run.tracking_uri} — open it with: {ui_command(result.run.tracking_uri, result.run.run_id)}")
     return 0
 
 
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"sample grid: {result.samples / 'grid.png'}")
     print(f"inpainting:  {result.inpainting}")
     print(f"checkpoint:  {result.checkpoint}")
-    print(f"MLflow: parent run {result.parent_run_id}, training run {result.train_run_id} — {ui_command(result.tracking_uri)}")
+    print(f"MLflow: parent run {result.parent_run_id}, training run {result.train_run_id} — {ui_command(result.tracking_uri, result.parent_run_id)}")
     return 0
 
 
@@ -208,16 +208,23 @@ def _tune(args: argparse.Namespace) -> int:
         return 1
     print(summary.line())
     print(f"results: {summary.best_config.parent / 'tune_results.csv'}; MLflow parent run {summary.parent_run_id} — "
-          f"{ui_command(summary.tracking_uri)}")
+          f"{ui_command(summary.tracking_uri, summary.parent_run_id)}")
     print(f"next: {summary.next_command}")
     return 0
 
 
-def ui_command(uri: str) -> str:
-    """How to look at a tracking store in the MLflow UI."""
+def ui_command(uri: str, run_id: str) -> str:
+    """How to see a run's experiment in the MLflow UI, in its model-training view: MLflow 3's UI opens in its GenAI view
+    unless the address (workflowType) or its toggle at the top left says otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        page = f"#/experiments/{MlflowClient(uri).get_run(run_id).info.experiment_id}/runs?workflowType=machine_learning"
+    except Exception:  # noqa: BLE001 — the store does not answer: the list of experiments, in the same view
+        page = "#/experiments?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000/{page}"
 
 
 def _sync_metrics(args: argparse.Namespace) -> int:

@@ -87,6 +87,8 @@ def test_pipeline_submitted_as_a_ray_job_to_a_local_head(pipeline_job):
 def test_run_pipeline_end_to_end_with_a_small_config(pipeline_job):
     log = pipeline_job["log"]
     assert "sample grid:" in log and "mlflow ui --backend-store-uri sqlite:///" in log, log[-3000:]
+    # the address that opens the experiment's runs in the UI's model-training view (MLflow 3 otherwise opens its GenAI view)
+    assert re.search(r", then open http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning$", log, re.M), log[-1000:]
     assert PROGRESS.search(log), log[-3000:]  # rank 0's progress line reaches the driver's console, and the job's log
     assert "Reporting training result" not in log  # Ray Train's per-report dumps are off without -v
     _check_outputs(pipeline_job["run_dir"])
