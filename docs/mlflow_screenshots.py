@@ -2,8 +2,8 @@
 photographed with headless Chromium (the Debian package) through Playwright.
 
 Usage: python docs/mlflow_screenshots.py RUN_DIR [--out docs] [--chromium /usr/bin/chromium]
-Writes mlflow_training_charts.png (the per-σ loss group), mlflow_sample_images.png (the image chart with its step
-slider), mlflow_sample_grid.png (the last grid) and mlflow_tuning_runs.png (when RUN_DIR holds a tuning job).
+Writes mlflow_experiment.png (the experiment's runs in the model-training view), mlflow_training_charts.png (the per-σ
+loss group), mlflow_sample_grid.png (the last grid) and mlflow_tuning_runs.png (when RUN_DIR holds a tuning job).
 """
 from __future__ import annotations
 
@@ -39,16 +39,17 @@ def main() -> None:
         training = next(r for r in runs.values() if "loss" in r.data.metrics and not r.info.run_name.endswith("-pipeline"))
         base = f"{server.uri}/#/experiments/{experiment}"
         pipeline = next((name for name in runs if name.endswith("-pipeline")), None)
+        view = "workflowType=machine_learning"  # the UI's model-training view (it opens in its GenAI view otherwise)
         # name: (URL, the parent run whose children to show, the charts to search for)
-        pages = {"mlflow_training_charts.png": (f"{base}/runs/{training.info.run_id}/model-metrics", None, None),
-                 "mlflow_sample_images.png": (f"{base}/runs?compareRunsMode=CHART", pipeline, "samples")}
+        pages = {"mlflow_experiment.png": (f"{base}/runs?{view}", pipeline, None),  # the runs, the pipeline's expanded
+                 "mlflow_training_charts.png": (f"{base}/runs/{training.info.run_id}/model-metrics?{view}", None, "loss_per_sigma")}
         images = sorted((a.path for a in client.list_artifacts(training.info.run_id, "images") if a.path.endswith(".png")),
                         key=lambda path: int(path.split("+step+")[1].split("+")[0]))
         if images:  # the last sample grid, as the artifact view shows it
-            pages["mlflow_sample_grid.png"] = (f"{base}/runs/{training.info.run_id}/artifacts/{images[-1]}", None, None)
+            pages["mlflow_sample_grid.png"] = (f"{base}/runs/{training.info.run_id}/artifacts/{images[-1]}?{view}", None, None)
         tune = next((name for name in runs if name.endswith("-tune")), None)
         if tune:  # the tuning job's parent run with its trials, the columns of its objective
-            pages["mlflow_tuning_runs.png"] = (f"{base}/runs", tune, None)
+            pages["mlflow_tuning_runs.png"] = (f"{base}/runs?{view}", tune, None)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -65,7 +66,7 @@ def main() -> None:
                     page.wait_for_timeout(2000)
                 if search:  # the charts whose name matches, e.g. the logged images
                     page.get_by_placeholder("Search metric charts").first.fill(search)
-                    page.wait_for_timeout(6000)  # the images load after the charts
+                    page.wait_for_timeout(6000)
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(args.out / name))
                 print(args.out / name)
