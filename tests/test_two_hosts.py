@@ -279,7 +279,7 @@ def test_sampling_survives_the_loss_of_the_worker_host_with_exactly_n_images(hos
     submit = hosts.head.popen([str(BIN / "ray"), "job", "submit", "--address", f"http://{hosts.head.address}:8265", "--working-dir",
                                str(ROOT), "--", "ncsn-pipeline", "sample", "--checkpoint", "/tmp/sampling-model/checkpoint.pt",
                                "--output", "/tmp/sampled", "--num-samples", "40", "--seed", "3", "--chunk-size", "4",
-                               "--steps-per-level", "40", "--workers", "2", "--no-mlflow", "--no-progress"], hosts.env, log)
+                               "--steps-per-level", "10", "--workers", "2", "--no-mlflow", "--no-progress"], hosts.env, log)
     chunks = hosts.head.disk("sampled/chunks")
     deadline = time.monotonic() + 300
     while not any(chunks.glob("chunk_*.npz")):
@@ -293,7 +293,7 @@ def test_sampling_survives_the_loss_of_the_worker_host_with_exactly_n_images(hos
     assert done_when_lost < 10  # lost mid-run
     assert len(list(chunks.glob("chunk_*.npz"))) == 10 and len(list(hosts.head.disk("sampled/images").glob("*.png"))) == 40
     actor = SamplingActor(str(pipeline_job["run_dir"] / "model" / "checkpoint.pt"))
-    settings = resolve_options(actor.ckpt, SamplingOptions(num_samples=40, seed=3, chunk_size=4, steps_per_level=40))
+    settings = resolve_options(actor.ckpt, SamplingOptions(num_samples=40, seed=3, chunk_size=4, steps_per_level=10))
     expected = np.concatenate([actor.sample_chunk(settings, *chunk).images for chunk in plan_chunks(40, 4)])
     got = load_samples(hosts.head.disk("sampled"))
     # uint8 images: another process may round a pixel on the boundary the other way, never a whole image
