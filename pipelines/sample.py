@@ -35,6 +35,7 @@ from pipelines.cluster import connect_ray
 from pipelines.tracking import bound_http_requests
 
 log = logging.getLogger(__name__)
+UNREACHABLE_S = 300.0  # how long a chunk's actor may stay unreachable (its node lost and not yet back) before sampling stops
 SETTINGS_FILE = "sampling.json"
 
 
@@ -377,9 +378,6 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
                             settings)
     save_image_grid(from_stored(load_samples(output, min(100, options.num_samples))), output / "grid.png", nrow=10)
     return summary
-
-
-UNREACHABLE_S = 300.0  # how long a chunk's actor may stay unreachable (its node lost and not yet back) before sampling stops
 
 
 def _sample_chunks(actors: list, settings: SamplerSettings, pending: list[tuple[int, int, int]]) -> Iterator[Chunk]:

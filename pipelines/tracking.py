@@ -143,13 +143,13 @@ def resume_preview(cfg: Config, extra_params: dict[str, str], accept_changes: bo
     return f"resumes run {cfg.name!r} (MLflow run {run_id}) from its latest checkpoint{at}{changed}"
 
 
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Model training" view, not GenAI's
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the experiment's kind: model training, not GenAI
 
 
 def experiment_for_training(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment ``name``, created when missing (its artifacts beside the store), and marked as model training
-    (EXPERIMENT_KIND) unless it already says what it is: MLflow 3's UI otherwise opens such an experiment in its GenAI
-    view, where models are "agent versions" and runs "evaluations"."""
+    (EXPERIMENT_KIND) unless it already says what it is. MLflow UIs without the GenAI/model-training toggle choose the
+    view from this tag; 3.17's follows the toggle or the address instead (cli.ui_command gives that address)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         return client.create_experiment(name, artifact_location=artifact_location(uri), tags=dict([EXPERIMENT_KIND]))
