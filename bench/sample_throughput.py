@@ -19,7 +19,7 @@ from ncsn.checkpoint import Checkpoint, save_checkpoint
 from ncsn.models import ScoreNetwork
 from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
-from pipelines.sample import SamplingActor, SamplingOptions, plan_chunks, resolve_options, run_sampling, write_chunk
+from pipelines.sample import SamplingActor, SamplingOptions, Weights, open_checkpoint, plan_chunks, resolve_options, run_sampling, write_chunk
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
@@ -34,11 +34,12 @@ def make_checkpoint(path: Path, levels: int, steps_per_level: int) -> None:
 def plain_loop(checkpoint: Path, output: Path, options: SamplingOptions, threads: int) -> float:
     """Image-evaluations/s (samples × NFE per image) of the same chunks sampled one after another in this process."""
     torch.set_num_threads(threads)
-    sampler = SamplingActor(str(checkpoint))
-    settings = resolve_options(sampler.ckpt, options)
+    source = open_checkpoint(checkpoint)
+    sampler, weights = SamplingActor(), Weights(source.payload)
+    settings = resolve_options(source.checkpoint, options)
     t = time.perf_counter()
     for chunk in plan_chunks(options.num_samples, options.chunk_size):
-        done = sampler.sample_chunk(settings, *chunk)
+        done = sampler.sample_chunk(weights, settings, *chunk)
         write_chunk(output, done.index, done.start, done.images)
     return options.num_samples * settings.nfe_per_image / (time.perf_counter() - t)
 

@@ -290,36 +290,56 @@ class Chunk:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint for SamplingActor: its bytes in Ray's object store (a reference Ray hands on unresolved inside this
+    wrapper, so an actor fetches it once), or a file path or bytes at hand (without Ray)."""
+
+    source: ray.ObjectRef | str | bytes
+
+    def read(self) -> str | bytes:
+        return ray.get(self.source) if isinstance(self.source, ray.ObjectRef) else self.source
+
+
 class SamplingActor:
-    """Holds one model; samples chunks and inpaints. Used as a Ray actor (one per worker) or directly."""
+    """Samples chunks and inpaints with the weights each call names, loaded on first use and kept. Used as a Ray actor (one
+    per worker) or directly. The weights come with every call, not the constructor: Ray cannot restart an actor whose
+    constructor arguments are in its object store once they are gone (ray-project/ray#53727, which Ray warns of), while a
+    restarted actor of this kind just loads them again."""
 
-    def __init__(self, checkpoint: str | bytes, use_gpu: bool = False):
+    def __init__(self, use_gpu: bool = False):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, self.ckpt = load_model(checkpoint, self.device)
+        self._loaded: tuple[Weights, ScoreNetwork] | None = None
 
-    def sample_chunk(self, settings: SamplerSettings, chunk: int, start: int, count: int) -> Chunk:
+    def model(self, weights: Weights) -> ScoreNetwork:
+        if self._loaded is None or self._loaded[0] != weights:
+            self._loaded = (weights, load_model(weights.read(), self.device)[0])
+        return self._loaded[1]
+
+    def sample_chunk(self, weights: Weights, settings: SamplerSettings, chunk: int, start: int, count: int) -> Chunk:
         """Sample chunk ``chunk`` (its noise seeded by (seed, chunk) alone: the same images whatever the number of workers)."""
         t = time.perf_counter()
-        cfg = self.model.config
+        model = self.model(weights)
+        cfg = model.config
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(settings.seed, chunk))
         schedule = settings.schedule
         trajectory_every = None
         if chunk == 0 and settings.trajectory_samples:
-            trajectory_every = max(1, chain_steps(schedule, self.model.levels_only) // 10)
-        result = sample_images(self.model, (count, cfg.channels, cfg.image_size, cfg.image_size), schedule,
-                               trajectory_every=trajectory_every, generator=gen, device=self.device,
-                               levels_only=self.model.levels_only)
+            trajectory_every = max(1, chain_steps(schedule, model.levels_only) // 10)
+        result = sample_images(model, (count, cfg.channels, cfg.image_size, cfg.image_size), schedule,
+                               trajectory_every=trajectory_every, generator=gen, device=self.device, levels_only=model.levels_only)
         if not torch.isfinite(result.samples).all():
             raise SamplingError(f"chunk {chunk}: the sampler produced NaN or inf (ε {schedule.eps:.3g} may be too large for this "
                                 "model); nothing was written")
         trajectory = [t[: settings.trajectory_samples].clamp(0, 1).cpu() for t in result.trajectory] if trajectory_every else None
         return Chunk(chunk, start, to_stored(result.samples), trajectory, time.perf_counter() - t)
 
-    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings, seed: int) -> torch.Tensor:
+    def inpaint(self, weights: Weights, images: torch.Tensor, mask: torch.Tensor, settings: SamplerSettings,
+                seed: int) -> torch.Tensor:
         """Complete the pixels where ``mask`` is 0 (NCSN Figure 6); images in [0, 1]."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         schedule = settings.schedule
-        return inpaint(self.model, images.to(self.device), mask.to(self.device), schedule.tensor().to(self.device),
+        return inpaint(self.model(weights), images.to(self.device), mask.to(self.device), schedule.tensor().to(self.device),
                        schedule.eps, schedule.steps_per_level, generator=gen).clamp(0, 1).cpu()
 
 
@@ -354,11 +374,11 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
     if pending:
         connect_ray()
         actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(SamplingActor)
-        weights = ray.put(source.payload)
-        actors = [actor_cls.remote(weights, use_gpu) for _ in range(min(workers, len(pending)))]
+        weights = Weights(ray.put(source.payload))
+        actors = [actor_cls.remote(use_gpu) for _ in range(min(workers, len(pending)))]
         bar = _progress(len(pending), progress)
         try:
-            for done in _sample_chunks(actors, settings, pending):
+            for done in _sample_chunks(actors, weights, settings, pending):
                 if done.trajectory is not None:
                     save_trajectory_strip(done.trajectory, output / "trajectory.png", num_samples=settings.trajectory_samples)
                 write_chunk(output, done.index, done.start, done.images)
@@ -380,7 +400,7 @@ def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, op
     return summary
 
 
-def _sample_chunks(actors: list, settings: SamplerSettings, pending: list[tuple[int, int, int]]) -> Iterator[Chunk]:
+def _sample_chunks(actors: list, weights: Weights, settings: SamplerSettings, pending: list[tuple[int, int, int]]) -> Iterator[Chunk]:
     """Each pending chunk sampled once on whichever actor is free, yielded as it completes. A chunk whose actor became
     unreachable (its node lost: Ray says ActorUnavailableError until it restarts the actor, which max_task_retries does
     not cover) is submitted again; a chunk depends on (seed, chunk) alone and only this driver writes it, so none is
@@ -390,7 +410,7 @@ def _sample_chunks(actors: list, settings: SamplerSettings, pending: list[tuple[
     while queue or running:
         while idle and queue:
             actor, chunk = idle.pop(), queue.popleft()
-            running[actor.sample_chunk.remote(settings, *chunk)] = (actor, chunk)
+            running[actor.sample_chunk.remote(weights, settings, *chunk)] = (actor, chunk)
         (ref,), _ = ray.wait(list(running), num_returns=1)
         actor, chunk = running.pop(ref)
         idle.append(actor)
@@ -495,8 +515,9 @@ def run_inpainting(checkpoint: str | Path | CheckpointFile, images: torch.Tensor
                             f"{'×'.join(map(str, images.shape[1:]))} (another data set's shards?)")
     mask = make_mask(mask_kind, tuple(images.shape[1:]), torch.Generator().manual_seed(seed))
     connect_ray()
-    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(SamplingActor).remote(ray.put(source.payload), use_gpu)
-    pending = {actor.inpaint.remote(images, mask, settings, seed + k): k for k in range(completions)}
+    actor = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(SamplingActor).remote(use_gpu)
+    weights = Weights(ray.put(source.payload))
+    pending = {actor.inpaint.remote(weights, images, mask, settings, seed + k): k for k in range(completions)}
     filled: list[torch.Tensor | None] = [None] * completions
     with _progress(completions, progress, "inpainting", "completion") as bar:
         while pending:

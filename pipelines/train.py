@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -267,6 +268,10 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
         keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validated_by, checkpoint_score_order="min")  # and the latest
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray Train logs every report and checkpoint path at INFO
     spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, recover_checkpoint_list(storage, cfg.name))
+    # Ray Train's preemption watcher (an actor per worker group, restartable, whose creation Ray warns of) only records node
+    # drains for ray.train.get_preemption_info, which this loop never reads: a drained node is a lost worker, restored
+    # from the latest checkpoint. Off unless the user set it; Ray Train hands the driver's setting to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, spec),
         torch_config=BoundTorchConfig(),

@@ -20,9 +20,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "120")
 # Ray Train's controller polls its workers every 2 s, so each run ends (and starts) up to 2 s late; the tests run dozens.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# Ray Train starts a preemption watcher actor (a process) with each worker group, for nodes a cloud drains; no test drains
-# one, and the suite starts dozens of worker groups.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # The tests' S3-compatible server (tests.servers.S3Server, started on first use) is reached the standard way; set before

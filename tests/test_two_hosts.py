@@ -272,7 +272,7 @@ def test_sampling_survives_the_loss_of_the_worker_host_with_exactly_n_images(hos
     # set is exactly the 40 images of seed 3, each chunk once, equal to the same chunks sampled here without Ray.
     import numpy as np
 
-    from pipelines.sample import SamplingActor, SamplingOptions, load_samples, plan_chunks, resolve_options
+    from pipelines.sample import SamplingActor, SamplingOptions, Weights, load_samples, open_checkpoint, plan_chunks, resolve_options
 
     hosts.head.copy_in(pipeline_job["run_dir"] / "model", "sampling-model")
     log = hosts.tmp / "sampling.log"
@@ -292,9 +292,10 @@ def test_sampling_survives_the_loss_of_the_worker_host_with_exactly_n_images(hos
     assert submit.returncode == 0 and "succeeded" in log.read_text(), log.read_text()[-4000:]
     assert done_when_lost < 10  # lost mid-run
     assert len(list(chunks.glob("chunk_*.npz"))) == 10 and len(list(hosts.head.disk("sampled/images").glob("*.png"))) == 40
-    actor = SamplingActor(str(pipeline_job["run_dir"] / "model" / "checkpoint.pt"))
-    settings = resolve_options(actor.ckpt, SamplingOptions(num_samples=40, seed=3, chunk_size=4, steps_per_level=10))
-    expected = np.concatenate([actor.sample_chunk(settings, *chunk).images for chunk in plan_chunks(40, 4)])
+    source = open_checkpoint(pipeline_job["run_dir"] / "model" / "checkpoint.pt")
+    settings = resolve_options(source.checkpoint, SamplingOptions(num_samples=40, seed=3, chunk_size=4, steps_per_level=10))
+    actor, weights = SamplingActor(), Weights(source.payload)
+    expected = np.concatenate([actor.sample_chunk(weights, settings, *chunk).images for chunk in plan_chunks(40, 4)])
     got = load_samples(hosts.head.disk("sampled"))
     # uint8 images: another process may round a pixel on the boundary the other way, never a whole image
     assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 1
