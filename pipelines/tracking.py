@@ -338,12 +338,20 @@ def _send_image(client, run_id: str, path: Path, key: str, step: int, timestamp:
         client.log_image(run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
 
 
-def log_image_file(uri: str, run_id: str, path: Path, key: str, step: int) -> None:
-    """_send_image once; a store that cannot take it is a warning."""
-    try:
-        _send_image(_client(uri), run_id, path, key, step)
-    except Exception as err:  # noqa: BLE001
-        log.warning("could not log image %s to MLflow run %s at %s: %s", key, run_id, uri, first_line(err, 200))
+def log_image_file(uri: str, run_id: str, path: Path, key: str, step: int, patience: float = 0.0) -> bool:
+    """_send_image, tried again with growing pauses for up to ``patience`` seconds while the store cannot take it (a
+    tracking server that is away a while); then a warning and False."""
+    deadline, pause = time.monotonic() + patience, 1.0
+    while True:
+        try:
+            _send_image(_client(uri), run_id, path, key, step)
+            return True
+        except Exception as err:  # noqa: BLE001
+            if time.monotonic() + pause > deadline:
+                log.warning("could not log image %s of step %d to MLflow run %s at %s: %s", key, step, run_id, uri, first_line(err, 200))
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, 15.0)
 
 
 def register_best(uri: str, model_id: str, name: str) -> str:

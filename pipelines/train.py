@@ -256,18 +256,21 @@ def run_training(cfg: Config, shards: str, storage_path: str | None = None, pare
     uri, run_id = tracking.open_run(cfg, {**plan.run_params(), **(extra_params or {})}, parent_run_id, accept_changes=resume == "accept")
     tracking.log_shards_input(uri, run_id, shards, manifest)
     run = RunRef(uri, run_id)
-    validated_by, validation, keep = None, None, CheckpointConfig(num_to_keep=3)
-    if cfg.evaluation.checkpoint_samples:  # (tuning's trials set it to 0: their own objective scores them)
-        validated_by = score_attribute(cfg.evaluation.feature_extractor)
-        e = cfg.evaluation
-        scorer = CheckpointValidation(ObjectiveSpec(shards, "validation", e.feature_extractor, str(cfg.eval_cache_dir()), e.checkpoint_samples,
-                                                    e.resamples, cfg.sampling.denoise, cfg.train.checkpoint_every, e.inception_weights),
-                                      cfg.train.seed + 2, uri, run_id, (manifest.dataset, manifest.digest))
-        validation = ValidationConfig(scorer, ray_remote_kwargs={"num_cpus": cfg.cluster.cpus_per_worker, "max_retries": 0,
-                                                                 "num_gpus": 1 if cfg.cluster.use_gpu else 0})
+    validated_by, keep, e = None, CheckpointConfig(num_to_keep=3), cfg.evaluation
+    dataset = (manifest.dataset, manifest.digest)
+    if e.checkpoint_samples:  # (tuning's trials set it to 0: their own objective scores them)
+        validated_by = score_attribute(e.feature_extractor)
+        task = CheckpointValidation(ObjectiveSpec(shards, "validation", e.feature_extractor, str(cfg.eval_cache_dir()), e.checkpoint_samples,
+                                                  e.resamples, cfg.sampling.denoise, cfg.train.checkpoint_every, e.inception_weights),
+                                    cfg.train.seed + 2, uri, run_id, dataset, cfg.tracking.flush_timeout)
         keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validated_by, checkpoint_score_order="min")  # and the latest
+    else:  # a task draws the sample grid of a checkpoint step, off the training workers (a tuning trial's rank 0 samples anyway)
+        task = None if objective else CheckpointValidation(None, cfg.train.seed, uri, run_id, dataset, cfg.tracking.flush_timeout)
+    validation = None if task is None else ValidationConfig(task, ray_remote_kwargs={
+        "num_cpus": cfg.cluster.cpus_per_worker, "num_gpus": 1 if cfg.cluster.use_gpu else 0, "max_retries": 0})
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray Train logs every report and checkpoint path at INFO
-    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, recover_checkpoint_list(storage, cfg.name))
+    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, validation is not None and not validated_by,
+                      recover_checkpoint_list(storage, cfg.name))
     # Ray Train's preemption watcher (an actor per worker group, restartable, whose creation Ray warns of) only records node
     # drains for ray.train.get_preemption_info, which this loop never reads: a drained node is a lost worker, restored
     # from the latest checkpoint. Off unless the user set it; Ray Train hands the driver's setting to its controller.

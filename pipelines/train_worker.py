@@ -49,6 +49,7 @@ class WorkerSpec:
     objective: ObjectiveSpec | None = None
     verbose: bool = False  # -v: Ray Train's per-report lines too
     validated_by: str | None = None  # checkpoints are scored by a validation task, ranked by this metric (lower is better)
+    grid_by_validation: bool = False  # a checkpoint at a grid step goes to a validation task that draws the grid
     fallback: str | None = None  # the checkpoint to restore while Ray Train has none (its own list was unreadable)
 
 
@@ -123,12 +124,12 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     return (checksum.max() - checksum.min()).item()
 
 
-def _sample_grid(model: ScoreNetwork, schedule: Schedule, cfg: Config, step: int, device: torch.device) -> Path:
-    """A 10×10 grid from the EMA model (fixed seed, so grids of different steps compare), under <run_dir>/samples."""
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    shape = (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    images = sample_images(model, shape, schedule, generator=gen, device=device, levels_only=model.levels_only).samples
-    return save_image_grid(images, Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10)
+def grid_samples(model: ScoreNetwork, schedule: Schedule, seed: int, device: torch.device) -> torch.Tensor:
+    """The 100 images of a sample grid from ``model`` with its sampler (a fixed seed, so grids of different steps compare)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cfg = model.config
+    shape = (100, cfg.channels, cfg.image_size, cfg.image_size)
+    return sample_images(model, shape, schedule, generator=gen, device=device, levels_only=model.levels_only).samples
 
 
 def _load_restored(checkpoint, cfg: Config, sigmas: torch.Tensor, device: torch.device) -> Checkpoint:
@@ -206,16 +207,19 @@ class Record:
             self.monitor = tracking.start_system_metrics(spec.run.tracking_uri, spec.run.run_id,
                                                          f"node{ctx.get_node_rank()}" if several else None)
 
-    def write(self, metrics: dict, spec: WorkerSpec, ema_model: torch.nn.Module, step: int, last: bool, seconds_per_step: float,
-              device: torch.device) -> None:
-        """Rank 0: log the row, warn once on divergence, log the step's sample grid, print the progress line."""
+    def write(self, metrics: dict, spec: WorkerSpec, ema_model: torch.nn.Module, step: int, inline_grid: bool,
+              seconds_per_step: float, device: torch.device) -> None:
+        """Rank 0: log the row, warn once on divergence, draw and log a sample grid that no validation task draws, print
+        the progress line."""
         cfg = spec.config
         self.log.log_metrics(metrics)
         if diverged := self.watch.check(step, metrics["loss"]):
             log.warning(diverged)
             self.log.set_tag("diverged", diverged)
-        if (step % cfg.train.sample_every == 0 or last) and not spec.validated_by:  # else the validation task draws it
-            self.log.log_image(_sample_grid(ema_model, spec.schedule, cfg, step, device), "samples", step)
+        if inline_grid:
+            grid = save_image_grid(grid_samples(ema_model, spec.schedule, cfg.train.seed, device),
+                                   Path(cfg.run_dir) / "samples" / f"step_{step:07d}.png", nrow=10)
+            self.log.log_image(grid, "samples", step)
         eta = (cfg.train.steps - step) * seconds_per_step
         log.info("step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, cfg.train.steps, metrics["loss"],
                  metrics["images_per_s"], eta // 60, eta % 60)
@@ -259,6 +263,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
         window.add(stats)
         step, last = stats.step, stats.step == cfg.train.steps
         checkpoint_now = step % cfg.train.checkpoint_every == 0 or last
+        grid_now = step % cfg.train.sample_every == 0 or last
         if step % cfg.train.log_every != 0 and not checkpoint_now:
             continue
         metrics = window.row(step, world, loader.skipped)
@@ -267,9 +272,11 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
         if record.evaluator is not None and (step % spec.objective.every == 0 or last):  # a fixed seed, so trials compare
             metrics.update(sample_and_score(record.evaluator, model.ema.model, schedule, spec.objective, seed=cfg.train.seed + 1,
                                             device=device)[0])
+        validate = bool(spec.validated_by) or (spec.grid_by_validation and grid_now)  # the task draws the checkpoint's grid
         if record.log is not None:
-            record.write(metrics, spec, model.ema.model, step, last, window.seconds_per_step, device)
-        _report(metrics, spec, model, step, checkpoint_now and rank == 0)
+            record.write(metrics, spec, model.ema.model, step, grid_now and not (checkpoint_now and validate), window.seconds_per_step,
+                         device)
+        _report(metrics, spec, model, step, checkpoint_now and rank == 0, validate)
         window.reset()
     record.close(spec, model, step, failure[0] if failure else None)
     return failure[0] if failure else None
@@ -333,10 +340,11 @@ def _steps(ddp_model: torch.nn.Module, loader, model: Model, cfg: Config, sigmas
         failure.append(str(err))
 
 
-def _report(metrics: dict, spec: WorkerSpec, model: Model, step: int, with_checkpoint: bool) -> None:
+def _report(metrics: dict, spec: WorkerSpec, model: Model, step: int, with_checkpoint: bool, validate: bool) -> None:
     """Every rank's ray.train.report (in lockstep), with rank 0's checkpoint at checkpoint steps, uploaded to storage in
-    the background while training goes on (cluster.checkpoint_upload; Ray deletes the local copy once it is uploaded); with ``spec.validated_by``
-    the checkpoint is queued for its validation task and ranks last until that scores it."""
+    the background while training goes on (cluster.checkpoint_upload; Ray deletes the local copy once it is uploaded); with
+    ``validate`` the checkpoint is queued for its validation task, and with ``spec.validated_by`` ranks last until that
+    scores it."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
@@ -347,4 +355,4 @@ def _report(metrics: dict, spec: WorkerSpec, model: Model, step: int, with_check
         metrics = {**metrics, spec.validated_by: float("nan")}  # not scored yet: NaN ranks below every score
     mode = ray.train.CheckpointUploadMode.ASYNC if cfg.cluster.checkpoint_upload == "async" else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True, validation=bool(spec.validated_by))
+                     delete_local_checkpoint_after_upload=True, validation=validate)
