@@ -14,8 +14,8 @@ BIN=.venv/bin
 RAY_TEMP="${TMPDIR:-/tmp}/ncsn-ray-$(id -u)"
 # Keep every Ray process and client on 127.0.0.1 instead of the host's address. The price: Ray 2.60 then refuses
 # `ray start --address` (a second node), and without this setting it rewrites 127.0.0.1 to the host's address, so a
-# loopback-only cluster here has one node. Two nodes on one machine: see tests/scripts/two_node_run.py
-# (ray.cluster_utils.Cluster), which the tests run; a real second machine joins with `ray start --address HEAD:6380`.
+# loopback-only cluster here has one node. Two hosts on one machine: tests/test_two_hosts.py (network namespaces joined
+# by a virtual cable, as root; docs/cluster.md); a real second machine joins with `ray start --address HEAD:6380`.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 case "${1:-}" in

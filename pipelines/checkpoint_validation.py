@@ -3,8 +3,8 @@ while training goes on). With ``evaluation.checkpoint_samples`` the task samples
 EMA network and sampler and scores them against the **validation** split (KID with its 95% interval, FID); the checkpoint
 becomes an MLflow LoggedModel of the training run (a pyfunc that samples, at its step) with those metrics linked to it,
 Ray Train keeps the best checkpoint by that KID beside the latest, and the first 100 samples are the run's sample grid at
-that step. Without it the task only draws the sample grid of a checkpoint step. Either way rank 0 draws no grid at a
-checkpoint. Choosing the best is a selection on validation: the test split judges it afterwards (``run``'s evaluation)."""
+that step. Without it the task only draws the sample grid of a checkpoint step (but the last, which rank 0 draws: no
+training is left to stall). Choosing the best is a selection on validation: the test split judges it afterwards (``run``'s evaluation)."""
 from __future__ import annotations
 
 import logging

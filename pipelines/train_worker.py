@@ -272,7 +272,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> str | None:
         if record.evaluator is not None and (step % spec.objective.every == 0 or last):  # a fixed seed, so trials compare
             metrics.update(sample_and_score(record.evaluator, model.ema.model, schedule, spec.objective, seed=cfg.train.seed + 1,
                                             device=device)[0])
-        validate = bool(spec.validated_by) or (spec.grid_by_validation and grid_now)  # the task draws the checkpoint's grid
+        # a validation task draws the grid of a checkpoint step, but the last: no training is left for it to stall
+        validate = bool(spec.validated_by) or (spec.grid_by_validation and grid_now and not last)
         if record.log is not None:
             record.write(metrics, spec, model.ema.model, step, grid_now and not (checkpoint_now and validate), window.seconds_per_step,
                          device)
