@@ -159,6 +159,7 @@ def _train(args: argparse.Namespace) -> int:
           f"checkpoint {result.model_file}; metrics {Path(cfg.run_dir).resolve() / 'metrics.jsonl'}")
     print(result.describe_choice())
     print(f"MLflow run {result.run.run_id} in {result.run.tracking_uri} — open it with: {ui_command(result.run.tracking_uri, result.run.run_id)}")
+    print(next_sample_command(result.model_file, result.run.tracking_uri, result.model_uri(cfg.tracking.register_model)))
     return 0
 
 
@@ -185,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"inpainting:  {result.inpainting}")
     print(f"checkpoint:  {result.checkpoint}")
     print(f"MLflow: parent run {result.parent_run_id}, training run {result.train_run_id} — {ui_command(result.tracking_uri, result.parent_run_id)}")
+    print(next_sample_command(result.checkpoint, result.tracking_uri, result.model_uri))
     return 0
 
 
@@ -211,6 +213,13 @@ def _tune(args: argparse.Namespace) -> int:
           f"{ui_command(summary.tracking_uri, summary.parent_run_id)}")
     print(f"next: {summary.next_command}")
     return 0
+
+
+def next_sample_command(checkpoint: Path, uri: str, model_uri: str) -> str:
+    """What to run next: other samples of the chosen checkpoint, from its file or from MLflow (with the tracking URI that
+    the MLflow form needs)."""
+    sample = f"ncsn-pipeline sample --num-samples 100 --seed 1 --output {checkpoint.parent.parent / 'samples-seed1'} --checkpoint"
+    return f"next: {sample} {checkpoint}\n  or from MLflow: MLFLOW_TRACKING_URI={uri} {sample} {model_uri}"
 
 
 def ui_command(uri: str, run_id: str) -> str:

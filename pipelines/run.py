@@ -37,6 +37,7 @@ class PipelineResult:
     parent_run_id: str
     train_run_id: str
     choice: str  # which checkpoint was sampled and evaluated, and why
+    model_uri: str  # the checkpoint's model in MLflow
 
     def table(self) -> str:
         """Which checkpoint, the evaluation table (its card, then the metrics of model and baselines), then the run's other
@@ -107,7 +108,8 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
                                           "choice never saw" if trained.best else "")
     atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps({**metrics, "checkpoint": choice, "evaluation": report.record()},
                                                                                  indent=1)))
-    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id, choice)
+    result = PipelineResult(run_dir, checkpoint, samples.output, inpainting, metrics, report, uri, parent, trained.run.run_id, choice,
+                            trained.model_uri(cfg.tracking.register_model))
     atomic_write(run_dir / "summary.txt", lambda tmp: tmp.write_text(result.table() + "\n"))
     artifacts = {"summary": run_dir / "summary.txt", "samples": samples.output / "grid.png", "inpainting": inpainting}
     if (samples.output / "trajectory.png").exists():

@@ -85,6 +85,13 @@ class TrainRun:
                 f"({self.best[key]:.4g} [{self.best[key + '_low']:.4g}, {self.best[key + '_high']:.4g}], "
                 f"{self.best.get('val_num_samples', '?')} samples); the last is {last} (model/last.pt)")
 
+    def model_uri(self, registered: str | None = None) -> str:
+        """model_file's model in MLflow: ``registered``@best (the name it was registered under), else the chosen checkpoint's
+        LoggedModel, else the run's final model."""
+        if self.best and self.best.get("val_model_id"):
+            return f"models:/{registered}@best" if registered else f"models:/{self.best['val_model_id']}"
+        return f"runs:/{self.run.run_id}/model"
+
 
 def check_storage_url(storage: str) -> None:
     """An object-store ``cluster.storage_path`` that Ray Train (pyarrow) can parse and reach, in a bucket that exists,

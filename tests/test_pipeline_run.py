@@ -91,6 +91,11 @@ def test_run_pipeline_end_to_end_with_a_small_config(pipeline_job):
     assert re.search(r", then open http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning$", log, re.M), log[-1000:]
     assert PROGRESS.search(log), log[-3000:]  # rank 0's progress line reaches the driver's console, and the job's log
     assert "Reporting training result" not in log  # Ray Train's per-report dumps are off without -v
+    # what to run next: samples of the chosen checkpoint from its file, or from the registry with the tracking URI to set
+    run_dir = pipeline_job["run_dir"]
+    sample = f"ncsn-pipeline sample --num-samples 100 --seed 1 --output {run_dir / 'samples-seed1'} --checkpoint"
+    assert (f"next: {sample} {run_dir / 'model' / 'checkpoint.pt'}\n  or from MLflow: MLFLOW_TRACKING_URI=sqlite:///"
+            f"{run_dir / 'mlflow.db'} {sample} models:/digits-small@best\n") in log, log[-1500:]
     # no restartable actor is created with constructor arguments in the object store (Ray's error line, ray#53727): the
     # sampling actors get the weights with each call, and Ray Train's preemption watcher is off
     assert "max_restarts" not in log

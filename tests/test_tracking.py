@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -209,3 +210,12 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming run" in again.stderr and client.get_run(saved["run_id"]).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(saved["run_id"], "loss"))[-1] == 80 and stopped_at < 16
+    # its last lines say what to run next: samples from the checkpoint file, or from MLflow with the tracking URI to set
+    from pipelines.sample import read_checkpoint
+
+    sample = f"ncsn-pipeline sample --num-samples 100 --seed 1 --output {run_dir.resolve() / 'samples-seed1'} --checkpoint"
+    model_file, model_uri = run_dir.resolve() / "model" / "checkpoint.pt", f"runs:/{saved['run_id']}/model"
+    assert again.stdout.splitlines()[-2:] == [f"next: {sample} {model_file}",
+                                              f"  or from MLflow: MLFLOW_TRACKING_URI={saved['tracking_uri']} {sample} {model_uri}"], again.stdout
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": saved["tracking_uri"]}):
+        assert read_checkpoint(model_uri)[0].step == read_checkpoint(str(model_file))[0].step == 80
