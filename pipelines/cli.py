@@ -115,7 +115,7 @@ def _preview(cfg, args: argparse.Namespace, evaluation: bool = False) -> int:
     if plan and evaluation:
         from pipelines.run import evaluation_request
 
-        request = evaluation_request(cfg, plan.shards)
+        request = evaluation_request(cfg, plan.manifest)
         reference = request.reference_stats.describe() if request.reference_stats else f"the {request.reference_split} split"
         print(f"evaluate {cfg.sampling.num_samples} samples in the {request.convention.name} convention with {request.extractor} "
               f"features against {reference}")

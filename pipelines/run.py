@@ -15,7 +15,8 @@ from ncsn.data import from_stored
 
 from pipelines import tracking
 from pipelines.config import Config
-from data_prep.manifest import load_manifest
+from data_prep.manifest import Manifest, load_manifest
+from data_prep.storage import absolute_location
 from pipelines.evaluate import (Convention, EvaluationRequest, Report, check_reference_stats, evaluate_on_worker, load_reference_stats,
                                  read_split, split_count)
 from pipelines.sample import SamplingOptions, load_samples, open_checkpoint, run_inpainting, run_sampling
@@ -48,7 +49,7 @@ class PipelineResult:
                 "\n".join(f"  {k:<{width}}  {v:.4g}" for k, v in rest.items()))
 
 
-def evaluation_request(cfg: Config, shards: str) -> EvaluationRequest:
+def evaluation_request(cfg: Config, manifest: Manifest) -> EvaluationRequest:
     """The final evaluation's inputs, checked on the driver before any work: the reference split and its count, the
     statistics file (read once, shipped to the evaluating worker)."""
     e = cfg.evaluation
@@ -56,17 +57,18 @@ def evaluation_request(cfg: Config, shards: str) -> EvaluationRequest:
     stats = load_reference_stats(e.reference_stats) if e.reference_stats else None
     if stats is not None:
         check_reference_stats(stats, e.feature_extractor)
-    count = split_count(load_manifest(shards), e.reference_split)
+    count = split_count(manifest, e.reference_split)
     if stats is None:
         convention.check_counts(None, count)
-    return EvaluationRequest(shards, e.feature_extractor, e.reference_split, convention, stats, str(cfg.eval_cache_dir()),
+    return EvaluationRequest(manifest.location, e.feature_extractor, e.reference_split, convention, stats, str(cfg.eval_cache_dir()),
                              e.resamples, cfg.cluster.use_gpu)
 
 
 def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = "auto") -> PipelineResult:
     """Train, sample, inpaint and evaluate for ``cfg`` on ``shards``; see the module docstring (``resume``: as for
     run_training)."""
-    request = evaluation_request(cfg, shards)
+    manifest = load_manifest(absolute_location(shards))  # read once: for the evaluation's plan, training, inpainting's images
+    request = evaluation_request(cfg, manifest)
     run_dir = Path(cfg.run_dir).resolve()
     cfg = cfg.evolve({"run_dir": str(run_dir)})
     if resume == "fresh":  # the previous runs set aside here, training starts anew by itself
@@ -81,7 +83,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
     try:
         log.info("stage 1/5: shards ready in %s (written by the shard step, or already up to date)", shards)
         log.info("stage 2/5: training %s", cfg.name)
-        trained = run_training(cfg, shards, parent_run_id=parent, resume="auto" if resume == "fresh" else resume)
+        trained = run_training(cfg, manifest, parent_run_id=parent, resume="auto" if resume == "fresh" else resume)
         checkpoint, source = trained.model_file, open_checkpoint(trained.model_file)  # read once, for sampling and inpainting
 
         log.info("stage 3/5: sampling %d images on %d Ray actors", cfg.sampling.num_samples, cfg.sampling.workers)
@@ -91,7 +93,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
                                progress=progress)
 
         log.info("stage 4/5: inpainting")
-        test_images, _ = read_split(shards, "test")
+        test_images, _ = read_split(manifest, "test")
         inpainting, _ = run_inpainting(source, from_stored(test_images[:8]), "centre",
                                        run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
                                        progress=progress)

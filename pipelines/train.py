@@ -198,11 +198,12 @@ class TrainingPlan:
                 f"checkpoints: {self.storage}/{cfg.name}; run directory: {Path(cfg.run_dir).resolve()}")
 
 
-def prepare(cfg: Config, shards: str, storage_path: str | None = None) -> TrainingPlan:
+def prepare(cfg: Config, shards: str | Manifest, storage_path: str | None = None) -> TrainingPlan:
     """Everything training checks before Ray starts: the shards (present, the config's image size), the batch split,
-    the σ schedule and ε, and an object-store storage path (parsable, reachable)."""
-    shards = absolute_location(shards)
-    manifest = load_manifest(shards)
+    the σ schedule and ε, and an object-store storage path (parsable, reachable). ``shards``: their location, or their
+    manifest already read."""
+    manifest = shards if isinstance(shards, Manifest) else load_manifest(absolute_location(shards))
+    shards = manifest.location
     check_shards_present(manifest, "train")  # on the driver: a worker would fail on it, retried for nothing
     _check_shapes(cfg, manifest)
     if cfg.train.batch_size > manifest.split("train").count:
@@ -242,7 +243,7 @@ def set_aside_previous_run(cfg: Config, storage: str) -> None:
     log.info("fresh start of run %r: the previous one is in %s and %s.previous-%s", cfg.name, kept, experiment, stamp)
 
 
-def run_training(cfg: Config, shards: str, storage_path: str | None = None, parent_run_id: str | None = None,
+def run_training(cfg: Config, shards: str | Manifest, storage_path: str | None = None, parent_run_id: str | None = None,
                  objective: ObjectiveSpec | None = None, callbacks: list | None = None, extra_params: dict[str, str] | None = None,
                  resume: str = "auto") -> TrainRun:
     """Fit the TorchTrainer for ``cfg`` on the shards, tracked in MLflow (a child run when ``parent_run_id`` is given).
