@@ -197,10 +197,11 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                                              persistent_workers=False, prefetch_factor=64 if self.num_workers else None)
         images, labels, made = [], [], 0
-        items = iter(loader)
-        for item in items:
+        for item in loader:
             if isinstance(item, _Fatal):
                 raise ShardError(item.reason)
+            if made == self.batches_per_epoch:  # one pass reads on (what the epoch drops), so every shard is hashed to its end
+                continue
             if isinstance(item, _Skip):
                 self.skipped += 1
                 log.warning("skipped unreadable data: %s", item.reason)
@@ -210,14 +211,8 @@ class ShardLoader:
             if len(images) == self.batch_size:
                 yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
                 images, labels, made = [], [], made + 1
-                if made == self.batches_per_epoch:
-                    break
-        if made == self.batches_per_epoch:
-            if not self.stream.resampled:  # one pass: the rest read too (what the epoch drops), so every shard is hashed to its end
-                for item in items:
-                    if isinstance(item, _Fatal):
-                        raise ShardError(item.reason)
-            return
+                if made == self.batches_per_epoch and self.stream.resampled:  # an endless stream: the epoch ends here
+                    return
         if made < self.batches_per_epoch:
             raise ShardError(
                 f"the shards ran out after {made} of {self.batches_per_epoch} batches ({self.skipped} samples skipped as unreadable): "

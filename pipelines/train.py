@@ -277,7 +277,7 @@ def run_training(cfg: Config, shards: str | Manifest, storage_path: str | None =
     validation = None if task is None else ValidationConfig(task, ray_remote_kwargs={
         "num_cpus": cfg.cluster.cpus_per_worker, "num_gpus": 1 if cfg.cluster.use_gpu else 0, "max_retries": 0})
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # Ray Train logs every report and checkpoint path at INFO
-    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, validation is not None and not validated_by,
+    spec = WorkerSpec(cfg, schedule, manifest, run, objective, verbose, validated_by, task is not None and task.objective is None,
                       recover_checkpoint_list(storage, cfg.name))
     # Ray Train's preemption watcher (an actor per worker group, restartable, whose creation Ray warns of) only records node
     # drains for ray.train.get_preemption_info, which this loop never reads: a drained node is a lost worker, restored
