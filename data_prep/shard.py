@@ -214,21 +214,21 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
             while queue and len(pending) < workers:
                 split, lo, stop, task = queue.pop(0)
                 stats_ref, images_ref = task_fn.remote(source_ref, options, split, lo, stop, task, output)
-                pending[stats_ref] = (split, task, stop - lo)
+                pending[stats_ref] = (split, task, stop - lo, images_ref)
                 if split == "train":
                     train_blocks.append(images_ref)  # stays in the object store for the distance tasks
             done, _ = ray.wait(list(pending), num_returns=1)
-            split, task, n = pending.pop(done[0])
+            split, task, n, images_ref = pending.pop(done[0])
             try:
                 results[(split, task)] = ray.get(done[0])
             except ray.exceptions.RayTaskError as err:
+                pending[done[0]] = (split, task, n, images_ref)  # its other return holds the same error
                 cause = err.cause if getattr(err, "cause", None) is not None else err
                 raise ShardError(f"shard task {split}/{task} failed: {type(cause).__name__}: {cause}") from None
             bar.update(n)
     finally:
         bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        _abandon([ref for stats_ref, (*_, images_ref) in pending.items() for ref in (stats_ref, images_ref)])
     distance_start = time.perf_counter()
     max_distance = _max_distance(train_blocks)
     distance_seconds = time.perf_counter() - distance_start
@@ -241,6 +241,19 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
     shards = [s for sp in manifest["splits"].values() for s in sp["shards"]]
     return ShardSummary(output, manifest["total_count"], len(shards), sum(s["bytes"] for s in shards), time.perf_counter() - start_time, False,
                         distance_seconds)
+
+
+def _abandon(refs: list) -> None:
+    """Cancel the tasks behind ``refs`` and take their outcomes, so Ray never reports their errors as unhandled when
+    the references are dropped (a caller that goes on after a failed job would see a traceback per sibling task)."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10) if refs else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - the job failed already; these outcomes are only acknowledged
+            pass
 
 
 def _max_distance(blocks: list) -> float | None:

@@ -139,6 +139,39 @@ def test_shard_cli_digits_summary_line(tmp_path, ray_local):
     assert "images/s" in out.stdout
 
 
+def test_a_failed_shard_job_leaves_no_unhandled_error_of_its_other_tasks(tmp_path, ray_local):
+    """A caller that goes on after a failed job (a notebook, `run`) sees the one error, not Ray's "Unhandled error"
+    traceback for every sibling task and for the failed task's second return, printed when the references drop."""
+    import gc
+    import logging
+    import time
+
+    from PIL import Image
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    (tmp_path / "cmyk" / "a").mkdir(parents=True)
+    for i in range(24):
+        Image.fromarray(np.full((8, 8, 4), i, dtype=np.uint8), "CMYK").save(tmp_path / "cmyk" / "a" / f"{i}.jpg")
+    kept, ray_logger = Kept(), logging.getLogger("ray")  # Ray's own handler, bound at import, escapes pytest's capture
+    ray_logger.addHandler(kept)
+    try:
+        with pytest.raises(ShardError, match=r"shard task train/\d+ failed: SourceError: .*image mode CMYK"):
+            shard_dataset(ShardOptions("image-folder", str(tmp_path / "cmyk"), shard_size=4), str(tmp_path / "out"),
+                          workers=4, progress=False)
+        gc.collect()
+        time.sleep(2)  # Ray reports an unread error as its reference is freed (0.2 s measured)
+    finally:
+        ray_logger.removeHandler(kept)
+    assert not [line for line in kept.lines if "Unhandled error" in line]
+
+
 # ---------------------------------------------------------------- loader
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory, ray_local):
