@@ -204,8 +204,9 @@ def log_to_mlflow(uri: str, out: Path, results: dict[str, dict], experiment: str
     """One MLflow run "lecture-figures" holding every PNG and results.json, and each figure's scalar numbers as metrics."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import experiment_for_training
+    from pipelines.tracking import bound_http_requests, experiment_for_training
 
+    bound_http_requests()
     client = MlflowClient(uri)
     experiment_id = experiment_for_training(client, experiment, uri)
     run_id = client.create_run(experiment_id, run_name="lecture-figures").info.run_id

@@ -45,7 +45,8 @@ RUN_FILE = "mlflow_run.json"  # {tracking_uri, run_id} in the run directory
 METRICS_FILE = "metrics.jsonl"
 RUN_TAG = "ncsn.run_name"
 # MLflow's HTTP client retries for minutes by default; a training job should notice an outage sooner.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -63,7 +64,9 @@ def artifact_location(uri: str) -> str | None:
 
 def bound_http_requests() -> None:
     """MLflow's HTTP retries and timeout bounded for this process (2 retries, 20 s each), where the user has not set
-    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT: a dead or hung server fails in about a minute."""
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT: a dead or hung server fails in about a minute. Its
+    "View run … at" lines, printed each time a run on a server ends, are left out: each command prints the address
+    that opens its runs in the model-training view (cli.ui_command)."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -78,6 +81,7 @@ def _fluent_tracking(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model, register_model) aimed at ``uri`` for a while; the process's tracking URI (and
     $MLFLOW_TRACKING_URI, which mlflow.set_tracking_uri also sets) is put back after."""
 
+    bound_http_requests()
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
@@ -587,7 +591,7 @@ def _unreachable(err: BaseException) -> bool:
 
 def _requirements() -> list[str]:
     """What the logged model imports, pinned from the running environment (so log_model need not infer them)."""
-    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "mlflow")]
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "mlflow", "tqdm")]
 
 
 def _sampler_signature(model: ModelConfig):
