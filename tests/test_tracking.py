@@ -15,7 +15,7 @@ from ncsn.checkpoint import Checkpoint
 from ncsn.models import ModelConfig, ScoreNetwork
 from ncsn.sigmas import Schedule, geometric_sigmas
 from pipelines.config import load_config
-from pipelines.tracking import METRICS_FILE, RUN_FILE, RunLogger, flatten
+from pipelines.tracking import METRICS_FILE, RUN_FILE, RunLogger, finish_run, flatten
 from pipelines.train import run_training
 from tests.servers import AnswerLosingProxy, MlflowServer, joining_env, logged_image_steps
 
@@ -130,12 +130,13 @@ def test_a_run_that_loses_the_race_to_insert_the_shards_dataset_still_logs_it(tm
         assert logged.dataset.name == "digits" and [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
 
 
-def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatch):
+def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatch, capsys):
     """The server stores a metric row, an image, a file of the model, the finished model and its registration, then dies
     before answering each: the retry asks MLflow first, so each is there once (the model cut short shows as failed);
     the metrics keep the time training logged them."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the failure reaches RunLogger at once, not after urllib3's retries
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # as a user's shell has it (restored after)
     server = MlflowServer(tmp_path / "mlflow").start()
     proxy = AnswerLosingProxy(server.port).start()
     try:
@@ -170,6 +171,9 @@ def test_a_record_whose_answer_was_lost_is_not_logged_twice(tmp_path, monkeypatc
         model = next(m for m in models if m.status == "READY")
         assert [v.source for v in client.search_model_versions("name = 'lost-answers'")] == [f"models:/{model.model_id}"]
         assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model left the process's tracking URI as it was
+        finish_run(proxy.uri, run_id)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert "View run" not in capsys.readouterr().out  # MLflow's line per ended run; the commands print their own address
     finally:
         proxy.stop()
         server.stop()
@@ -219,3 +223,31 @@ def test_sigterm_stops_training_its_run_ends_killed_and_the_same_command_resumes
                                               f"  or from MLflow: MLFLOW_TRACKING_URI={saved['tracking_uri']} {sample} {model_uri}"], again.stdout
     with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": saved["tracking_uri"]}):
         assert read_checkpoint(model_uri)[0].step == read_checkpoint(str(model_file))[0].step == 80
+
+
+def test_the_mlflow_model_counts_its_network_evaluations_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """predict() of the logged pyfunc shows one bar over every request's network evaluations (on a terminal), and the
+    counting leaves the images those of sample_images with each row's seed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ncsn.checkpoint import save_checkpoint
+    from ncsn.data import to_stored
+    from ncsn.sampling import nfe, sample_images
+    from pipelines.mlflow_sampler import NCSNSampler
+
+    config, sigmas = ModelConfig("ncsn", 8, 1, 8), geometric_sigmas(1.0, 0.01, 3)
+    path = save_checkpoint(tmp_path / "checkpoint.pt", Checkpoint(config, Schedule(sigmas, 2e-5, 2), ScoreNetwork(config, sigmas).state_dict()))
+    sampler = NCSNSampler()
+    sampler.load_context(SimpleNamespace(artifacts={"checkpoint": str(path)}))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stderr, as a terminal
+    images = sampler.predict(None, pd.DataFrame({"num_samples": [2, 1], "seed": [0, 1]}))
+    total = 2 * nfe(sampler.schedule)  # two requests of 3 levels x 2 steps + the denoising step
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert total == 14 and last.startswith("sampling 3 images: 100%") and f" {total}/{total} " in last
+    expected = [to_stored(sample_images(sampler.model, (n, 1, 8, 8), sampler.schedule, generator=torch.Generator().manual_seed(seed)).samples)
+                for n, seed in ((2, 0), (1, 1))]
+    assert np.array_equal(images, np.concatenate(expected))
