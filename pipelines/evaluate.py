@@ -20,18 +20,18 @@ import json
 import logging
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from data_prep.loader import make_loader
@@ -236,6 +236,25 @@ def read_split(shards: Manifest | str, split: str) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(images), np.concatenate(labels)
 
 
+def read_first(shards: Manifest | str, split: str, count: int) -> np.ndarray:
+    """The first ``count`` images (uint8 NHWC) of a split, in shard order, read from the leading shards that hold them
+    alone; each of those is read to its end and hashed against the manifest, as every read is."""
+    if count < 1:
+        raise EvaluationError(f"the number of images must be >= 1, got {count}")
+    manifest = load_manifest(shards) if isinstance(shards, str) else shards
+    leading, held = [], 0
+    for shard in manifest.split(split).shards:
+        if held >= count:
+            break
+        leading.append(shard)
+        held += shard.count
+    if held < count:
+        raise EvaluationError(f"{manifest.location}: split {split!r} holds {held} images, fewer than the {count} asked for")
+    part = replace(manifest, splits={**manifest.splits, split: replace(manifest.split(split), count=held, shards=tuple(leading))})
+    (images, _), = list(make_loader(part, count, split=split, shuffle_buffer=0, batches_per_epoch=1))
+    return images.permute(0, 2, 3, 1).numpy()
+
+
 def load_image_folder(path: str | Path, channels: int, size: int) -> np.ndarray:
     """Every PNG/JPEG under ``path`` (sorted by relative path) as uint8 (N, size, size, channels), converted as the shard
     job converts an image folder (8-bit modes only; to grey or RGB); images of another model, scored against our
@@ -289,7 +308,7 @@ def train_classifier(shards: Manifest | str, out: Path, seed: int = 0, batch_siz
     manifest = load_manifest(shards) if isinstance(shards, str) else shards
     x_train, y_train = read_split(manifest, "train")
     if (y_train < 0).any():
-        raise EvaluationError(f"{shards}: the classifier feature extractor needs labelled training images and this shard set "
+        raise EvaluationError(f"{manifest.location}: the classifier feature extractor needs labelled training images and this shard set "
                               "has none; use --feature-extractor inception (with --inception-weights PATH on a machine "
                               "without internet)")
     x_test, y_test = read_split(manifest, "test")
@@ -299,7 +318,7 @@ def train_classifier(shards: Manifest | str, out: Path, seed: int = 0, batch_siz
     xf, yf = from_stored(x_train[fit]), torch.from_numpy(y_train[fit]).long()
     xv, yv = from_stored(x_train[held]), torch.from_numpy(y_train[held]).long()
     log.info("training the feature classifier on %d images of %s (validated on %d; once per shard set, cached in %s)",
-             len(fit), shards, len(held), out)
+             len(fit), manifest.location, len(held), out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same seed gives the same weights whatever the worker's CPU count
     try:
@@ -310,7 +329,7 @@ def train_classifier(shards: Manifest | str, out: Path, seed: int = 0, batch_siz
               "test_accuracy": _accuracy(model, from_stored(x_test), torch.from_numpy(y_test).long()),
               "validation_accuracy": _accuracy(model, xv, yv), "epochs": epochs, "seed": seed, "format": CLASSIFIER_FORMAT}
     atomic_write(out, lambda tmp: torch.save(record, tmp))
-    log.info("classifier for %s: validation accuracy %.3f, test accuracy %.3f after %d epochs (%s)", shards,
+    log.info("classifier for %s: validation accuracy %.3f, test accuracy %.3f after %d epochs (%s)", manifest.location,
              record["validation_accuracy"], record["test_accuracy"], record["epochs"], out)
     return record
 
@@ -590,13 +609,22 @@ class Evaluator:
         return create_feature_extractor(self.fidelity_name, sorted(set(self._layers().values())), cuda=self.cuda,
                                         feature_extractor_weights_path=self.weights, verbose=False)
 
-    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """{layer: (N, d) float64 features} of uint8 NHWC images from the extractor (built once)."""
+    def features(self, images: np.ndarray, what: str = "images") -> dict[str, np.ndarray]:
+        """{layer: (N, d) float64 features} of uint8 NHWC images from the extractor (built once), 64 at a time, under a
+        progress bar naming ``what`` they are."""
 
         if self._extractor is None:
             self._extractor = self._build_extractor()
-        found = get_featuresdict_from_dataset(UInt8Images(images), self._extractor, 64, self.cuda, True, self.progress)
-        return {k: v.double().numpy() for k, v in found.items()}
+        found: dict[str, list[torch.Tensor]] = {}
+        batches = DataLoader(UInt8Images(images), batch_size=64, pin_memory=self.cuda)
+        with torch.no_grad(), tqdm(total=len(images), desc=f"{self.extractor} features of {what}", unit="img",
+                                   disable=not self.progress, leave=False) as bar:
+            for batch in batches:
+                layers = self._extractor.convert_features_tuple_to_dict(self._extractor(batch.cuda() if self.cuda else batch))
+                for layer, value in layers.items():
+                    found.setdefault(layer, []).append(value.cpu())
+                bar.update(len(batch))
+        return {k: torch.cat(v).double().numpy() for k, v in found.items()}
 
     def _cached(self, name: str, compute, valid) -> dict[str, np.ndarray]:
         """``compute()``'s {name: 2-d array} from the tensors-only cache file ``name`` when ``valid`` accepts what it holds;
@@ -617,7 +645,7 @@ class Evaluator:
     def reference_features(self) -> dict[str, np.ndarray]:
         """The reference split's features, from the cache when it holds exactly those (tensors only), else computed."""
         layers, count = set(self._layers().values()), split_count(self.manifest, self.split)
-        return self._cached(f"features-{self.split}", lambda: self.features(self.reference),
+        return self._cached(f"features-{self.split}", lambda: self.features(self.reference, f"the {self.split} split"),
                             lambda c: set(c) == layers and all(v.dim() == 2 and len(v) == count for v in c.values()))
 
     def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
@@ -649,7 +677,7 @@ class Evaluator:
             def compute() -> dict[str, np.ndarray]:
                 train = self.split_images("train")
                 rows = np.sort(np.random.default_rng(0).permutation(len(train))[:SCALER_ROWS])
-                fitted = Scaler.fit(self.features(train[rows])[self._layers()["kid"]])
+                fitted = Scaler.fit(self.features(train[rows], "the training split (KID's scaler)")[self._layers()["kid"]])
                 return {"mean": fitted.mean, "sd": fitted.sd}
             found = self._cached("kid-scaler", compute, lambda c: set(c) == {"mean", "sd"} and c["mean"].shape == c["sd"].shape)
             self._scaler = Scaler(found["mean"], found["sd"])
@@ -718,15 +746,15 @@ class Evaluator:
         return Evaluation(**self._card(), num_samples=len(x), num_reference=m, kid=kid_value, fid=fid, inception_score=score,
                           kid_note=note)
 
-    def evaluate(self, samples: np.ndarray, seed: int = 0) -> Evaluation:
+    def evaluate(self, samples: np.ndarray, seed: int = 0, what: str = "the samples") -> Evaluation:
         """The metrics of ``samples`` (uint8 NHWC) against the reference, in this evaluator's convention (``seed``: the
-        project convention's bootstrap)."""
+        project convention's bootstrap; ``what``: their name on the progress bar)."""
         self._check(samples, "samples")
         if self.convention.published:
             if len(samples) < self.convention.is_splits:
                 raise EvaluationError(f"{len(samples)} images, fewer than the {self.convention.is_splits} IS splits")
-            return self.published(self.features(samples))
-        return self.compare(self.features(samples), self.reference_features(), seed)
+            return self.published(self.features(samples, what))
+        return self.compare(self.features(samples, what), self.reference_features(), seed)
 
     def metrics(self, samples: np.ndarray, seed: int = 0) -> dict[str, float]:
         """evaluate() flattened (Evaluation.flat)."""
@@ -757,7 +785,8 @@ class Evaluator:
         real, train = self.split_images(held), self.split_images("train")
         rng = np.random.default_rng(seed)
         real = real[np.sort(rng.permutation(len(real))[:num_samples])]
-        out = {"heldout_real": self.evaluate(real, seed), "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed)}
+        out = {"heldout_real": self.evaluate(real, seed, "held-out real images"),
+               "gaussian": self.evaluate(fitted_gaussian_samples(train, num_samples, rng), seed, "the Gaussian baseline")}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps({k: asdict(v) for k, v in out.items()})))
         return out
 

@@ -270,7 +270,7 @@ def test_held_out_splits_are_uniform_draws_because_stratified_sets_bias_kid(digi
     assert abs(np.mean(uniform)) < 3 * se
 
 
-def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path, eval_cache):
+def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path, eval_cache, capsys):
     from pipelines.evaluate import Evaluator
 
     evaluator = Evaluator(digits_shards, "classifier", cache_dir=eval_cache, resamples=20)  # the session's (trained once)
@@ -280,6 +280,11 @@ def test_the_feature_classifier_is_an_instrument(digits_shards, tmp_path, eval_c
     assert twin.extractor_id == evaluator.extractor_id  # same weights, same digest (the cache key and the metrics' record)
     images = evaluator.reference[:50]
     assert np.array_equal(twin.features(images)["features"], evaluator.features(images)["features"])
+    capsys.readouterr()
+    evaluator.progress = True  # as on a terminal: each bar names the images it extracts features of
+    evaluator.evaluate(images, what="the first 50 test images")
+    bars = capsys.readouterr().err
+    assert "classifier features of the first 50 test images" in bars and "Processing samples" not in bars
 
 
 def test_baselines_use_held_out_real_images_and_the_gaussian_is_separated(digits_shards, eval_cache):
@@ -356,5 +361,6 @@ def test_unlabelled_shards_name_the_offline_options(tmp_path, ray_local):
     for i in range(60):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     shard_dataset(ShardOptions("image-folder", input=str(folder), shard_size=50), str(tmp_path / "shards"), progress=False)
-    with pytest.raises(EvaluationError, match="needs labelled training images .* --feature-extractor inception .*--inception-weights PATH"):
+    with pytest.raises(EvaluationError, match="needs labelled training images .* --feature-extractor inception .*--inception-weights PATH") as err:
         Evaluator(str(tmp_path / "shards"), "classifier", cache_dir=tmp_path / "cache")
+    assert str(err.value).startswith(f"{tmp_path / 'shards'}: ")  # the shard set's location, not the manifest object
