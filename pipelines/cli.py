@@ -305,14 +305,13 @@ def _said_logged(child: str | None, parent: str, uri: str) -> None:
 def _inpaint(args: argparse.Namespace) -> int:
     from data_prep.storage import local_path
     from ncsn.data import from_stored
-    from pipelines.evaluate import read_split
+    from pipelines.evaluate import read_first
     from pipelines.sample import run_inpainting
     from pipelines.tracking import log_child_run
 
     try:
         local_path(args.output, "--output")  # before any work
-        images, _ = read_split(args.shards, args.split)
-        x = from_stored(images[: args.num_images])
+        x = from_stored(read_first(args.shards, args.split, args.num_images))
         out, settings = run_inpainting(args.checkpoint, x, args.mask, args.output, completions=args.completions, seed=args.seed,
                                        steps_per_level=args.steps_per_level, eps=args.eps, use_gpu=args.gpu,
                                        progress=not args.no_progress)

@@ -18,7 +18,7 @@ from pipelines.config import Config
 from data_prep.manifest import Manifest, load_manifest
 from data_prep.storage import absolute_location
 from pipelines.evaluate import (Convention, EvaluationRequest, Report, check_reference_stats, evaluate_on_worker, load_reference_stats,
-                                 read_split, split_count)
+                                 read_first, split_count)
 from pipelines.sample import SamplingOptions, load_samples, open_checkpoint, run_inpainting, run_sampling
 from pipelines.cluster import connect_ray
 from pipelines.train import check_tracking, run_training, set_aside_previous_run
@@ -93,8 +93,7 @@ def run_pipeline(cfg: Config, shards: str, progress: bool = True, resume: str = 
                                progress=progress)
 
         log.info("stage 4/5: inpainting")
-        test_images, _ = read_split(manifest, "test")
-        inpainting, _ = run_inpainting(source, from_stored(test_images[:8]), "centre",
+        inpainting, _ = run_inpainting(source, from_stored(read_first(manifest, "test", 8)), "centre",
                                        run_dir / "inpainting", completions=4, seed=cfg.train.seed, use_gpu=cfg.cluster.use_gpu,
                                        progress=progress)
 

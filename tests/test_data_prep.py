@@ -265,6 +265,26 @@ def test_a_shard_changed_after_sharding_stops_the_loader_naming_it(tmp_path, dig
     assert len(list(make_loader(str(digit_shards), 50, num_workers=workers))) == 24  # the intact set: a whole epoch
 
 
+def test_the_first_images_of_a_split_are_read_from_its_leading_shards_alone_and_verified(tmp_path, digit_shards):
+    # Inpainting's few images: a damaged later shard is never opened; a damaged first shard is still caught.
+    import shutil
+
+    from pipelines.evaluate import EvaluationError, read_first, read_split
+
+    first = read_split(str(digit_shards), "train")[0][:8]
+    out = tmp_path / "copy"
+    shutil.copytree(digit_shards, out)
+    shards = [out / s["path"] for s in json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]]
+    shards[-1].write_bytes(b"")  # a later shard, emptied
+    assert np.array_equal(read_first(str(out), "train", 8), first)
+    assert np.array_equal(read_first(str(out), "train", 301)[:8], first)  # the second shard's first image too
+    _rewrite_member(shards[0], _white_png())
+    with pytest.raises(ShardError, match=rf"^{shards[0]}: its sha256 is"):
+        read_first(str(out), "train", 8)
+    with pytest.raises(EvaluationError, match="split 'train' holds 1203 images, fewer than the 1204 asked for"):
+        read_first(str(digit_shards), "train", 1204)
+
+
 def test_undecodable_samples_of_an_intact_shard_are_skipped_and_counted(tmp_path, digit_shards):
     # A PNG that does not decode in a shard whose sha256 is the manifest's (the set was written so): skipped, counted.
     import hashlib
