@@ -645,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     signal.signal(signal.SIGTERM, _interrupt)
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # MLflow's download bars too (a runs:/ or models:/ checkpoint)
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the object-store clients announce every credential and endpoint lookup at INFO
         for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):

@@ -3,6 +3,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.sample import read_checkpoint
 from pipelines.train import CHECKPOINT_FILE, TrainingError, check_storage, check_tracking, resolve_schedule, run_training
 from pipelines.train_worker import loss_per_sigma_key
-from tests.servers import logged_image_steps
+from tests.servers import joining_env, logged_image_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -89,6 +91,13 @@ def test_two_worker_ddp_trains_checkpoints_and_resumes(tmp_path, shards, monkeyp
     for reference in (result.model_file, tmp_path, f"runs:/{result.run.run_id}/model"):
         ckpt, _ = read_checkpoint(reference)
         assert ckpt.step == 20 and torch.allclose(ckpt.sigmas, sigmas), reference
+    # the command a user runs from MLflow, as training prints it: --no-progress silences MLflow's download bar too
+    cli = str(Path(sys.executable).parent / "ncsn-pipeline")
+    sampled = subprocess.run([cli, "sample", "--checkpoint", f"runs:/{result.run.run_id}/model", "--num-samples", "2", "--chunk-size", "2",
+                              "--workers", "1", "--no-mlflow", "--no-progress", "--output", str(tmp_path / "from-mlflow")],
+                             capture_output=True, text=True, timeout=300, env={**joining_env(), "MLFLOW_TRACKING_URI": result.run.tracking_uri})
+    assert sampled.returncode == 0 and "2 samples of seed 0" in sampled.stdout, sampled.stderr[-2000:]
+    assert "Downloading artifacts" not in sampled.stderr, sampled.stderr[-2000:]
 
     # Same name, more steps: refused as it is (the settings differ), continued with resume="accept" (--resume) at step 21
     # with the step-20 optimiser state, in the same MLflow run; its final model is registered under the name given.
