@@ -22,12 +22,12 @@ demo: $(STAMP)
 	$(BIN)/ncsn-pipeline run --config configs/digits.yaml
 
 # The whole suite, as its two tiers side by side: the Ray tests leave a core idle much of the time (waiting for Ray to
-# start and stop), which the fast tier fills at the lowest priority. Nice 19, not less: Ray runs its workers (the
-# training workers, sampling actors and tasks that do the cluster tier's work) at nice 15. Its report follows the
-# cluster tier's; either failing fails the target.
+# start and stop), which the fast tier fills at a lower priority (nice 10; the tests run Ray's workers at nice 0, not
+# Ray's 15: tests/conftest.py). Not at nice 19: torch's threads, preempted that often, spin and waste a core. Its report
+# follows the cluster tier's; either failing fails the target.
 test: $(STAMP)
 	@log=$$(mktemp); \
-	nice -n 19 $(BIN)/python -m pytest -m "not cluster" -p no:cacheprovider $(PYTEST_ARGS) > $$log 2>&1 & fast=$$!; \
+	nice -n 10 $(BIN)/python -m pytest -m "not cluster" -p no:cacheprovider $(PYTEST_ARGS) > $$log 2>&1 & fast=$$!; \
 	$(BIN)/python -m pytest -m cluster $(PYTEST_ARGS); cluster=$$?; \
 	wait $$fast; tier=$$?; echo "== the fast tier (make test-fast), run beside it:"; cat $$log; rm -f $$log; \
 	test $$cluster -eq 0 -a $$tier -eq 0
