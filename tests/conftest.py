@@ -18,9 +18,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Ray Train waits 10 minutes for a worker's health check before it counts the worker as lost; the worker-loss tests need
 # the restart well inside their own limits (2 minutes, still far above a poll's normal milliseconds).
 os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "120")
-# Ray runs its workers at nice 15 (its raylet's worker_niceness); the tests' at 0, as their drivers, so that `make test`'s
-# fast tier, beside them at nice 10, never runs ahead of the cluster tier's actors and training workers.
-os.environ.setdefault("RAY_worker_niceness", "0")
 # Ray Train's controller polls its workers every 2 s, so each run ends (and starts) up to 2 s late; the tests run dozens.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
