@@ -23,8 +23,10 @@ demo: $(STAMP)
 
 # The whole suite, as its two tiers side by side: the Ray tests leave a core idle much of the time (waiting for Ray to
 # start and stop), which the fast tier fills at nice 10. That is above Ray's workers (nice 15), so the fast tier ends
-# early; ranked below them (fast tier at 19, or the workers at 0), it was starved, and the whole run took 30-31 minutes
-# instead of 26-28 and 6-9 more CPU-minutes. Its report follows the cluster tier's; either failing fails the target.
+# early; ranked below them (fast tier at 19, or the workers at 0), it was starved, and the whole run took 30-31
+# minutes instead of 26-28 and 6-9 more CPU-minutes (one clean-clone .ci/run per ranking, no replicates, so no test;
+# the cluster tier took 1457, 1479 and 1553 s in three runs of this ranking). Its report follows the cluster tier's;
+# either failing fails the target.
 test: $(STAMP)
 	@log=$$(mktemp); \
 	nice -n 10 $(BIN)/python -m pytest -m "not cluster" -p no:cacheprovider $(PYTEST_ARGS) > $$log 2>&1 & fast=$$!; \

@@ -218,13 +218,13 @@ def shard_dataset(options: ShardOptions, output: str, workers: int | None = None
                 if split == "train":
                     train_blocks.append(images_ref)  # stays in the object store for the distance tasks
             done, _ = ray.wait(list(pending), num_returns=1)
-            split, task, n, images_ref = pending.pop(done[0])
+            split, task, n, _ = pending[done[0]]
             try:
                 results[(split, task)] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as err:
-                pending[done[0]] = (split, task, n, images_ref)  # its other return holds the same error
+            except ray.exceptions.RayTaskError as err:  # left pending: its other return holds the same error
                 cause = err.cause if getattr(err, "cause", None) is not None else err
                 raise ShardError(f"shard task {split}/{task} failed: {type(cause).__name__}: {cause}") from None
+            del pending[done[0]]
             bar.update(n)
     finally:
         bar.close()

@@ -555,7 +555,7 @@ class Evaluator:
         self.shards, self.extractor, self.split = shards, extractor, reference_split
         self.resamples, self.cuda = resamples, use_gpu and torch.cuda.is_available()
         self.convention, self.stats = convention, reference_stats
-        self.progress = progress and sys.stderr.isatty()  # torch-fidelity's feature-extraction bar, on a terminal only
+        self.progress = progress and sys.stderr.isatty()  # the feature-extraction bars, on a terminal only
         self.manifest = load_manifest(shards)
         count = split_count(self.manifest, reference_split)
         if reference_stats is not None:

@@ -26,8 +26,8 @@ class NCSNSampler(PythonModel):
         self.schedule = ckpt.schedule
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        cfg, batches, rows = self.model.config, [], model_input.to_dict("records")
-        requests = [(int(row["num_samples"]), int(row.get("seed") or 0)) for row in rows]
+        cfg, batches = self.model.config, []
+        requests = [(int(row["num_samples"]), int(row.get("seed") or 0)) for row in model_input.to_dict("records")]
         for n, _ in requests:
             if n < 1:
                 raise ValueError(f"num_samples must be >= 1, got {n}")

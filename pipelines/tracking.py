@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # {tracking_uri, run_id} in the run directory
 METRICS_FILE = "metrics.jsonl"
 RUN_TAG = "ncsn.run_name"
-# MLflow's HTTP client retries for minutes by default; a training job should notice an outage sooner.
+# MLflow's HTTP client retries for minutes by default; a training job should notice an outage sooner. Its "View run"
+# lines are left out (the commands print their own address).
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
