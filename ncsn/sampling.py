@@ -225,21 +225,28 @@ def edm_sampler(
     sigmas: torch.Tensor,
     heun: bool = True,
     churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float | None = None,
+    s_noise: float = 1.0,
     trajectory_every: int | None = None,
     generator: torch.Generator | None = None,
 ) -> SamplerResult:
     """EDM's solver of the probability-flow ODE dx/dσ = −σ ∇log p_σ(x) with σ(t) = t (Karras et al. 2022, Algorithms 1
     and 2) from σ_0 over ``sigmas`` to σ = 0: Euler steps, with Heun's 2nd-order correction unless the step ends at 0;
-    churn > 0 first raises σ to σ̂ = (1 + γ)σ, γ = min(S_churn/N, √2 − 1), adding √(σ̂² − σ²) z (S_noise = 1)."""
+    churn > 0 first raises each σ_i in [S_tmin, S_tmax] (None: no upper bound) to σ̂ = (1 + γ)σ_i,
+    γ = min(S_churn/N, √2 − 1), adding √(σ̂² − σ_i²) S_noise z."""
     noise_schedule(sigmas)
     non_negative("churn", churn)
+    non_negative("s_tmin", s_tmin)
+    positive("s_noise", s_noise)
     levels = sigmas.tolist()
     gamma = min(churn / len(levels), math.sqrt(2) - 1)
     noise, path, evaluations = _StepNoise(generator, x), _Trajectory(trajectory_every, x), 0
     for i, (t_cur, t_next) in enumerate(zip(levels, levels[1:] + [0.0])):
-        t_hat = t_cur * (1 + gamma)
-        if gamma > 0:
-            x = x + math.sqrt(t_hat**2 - t_cur**2) * noise(x, len(levels) - i)
+        churned = gamma > 0 and s_tmin <= t_cur and (s_tmax is None or t_cur <= s_tmax)  # EDM Algorithm 2, line 4
+        t_hat = t_cur * (1 + gamma) if churned else t_cur
+        if churned:
+            x = x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * noise(x, len(levels) - i)
         d = -t_hat * score_fn(x, _batch(t_hat, x))  # (x − D(x; σ̂))/σ̂ with Tweedie's D = x + σ̂² s (EDM eq. 3)
         x_next, evaluations = x + (t_next - t_hat) * d, evaluations + 1
         if heun and t_next > 0:
@@ -310,6 +317,7 @@ def sample_images(
             result = predictor_corrector(score_fn, x, grid, sampler.corrector_steps, sampler.snr, schedule.denoise,
                                          trajectory_every, generator)
         else:
-            result = edm_sampler(score_fn, x, grid, sampler.name == "heun", sampler.churn, trajectory_every, generator)
+            result = edm_sampler(score_fn, x, grid, sampler.name == "heun", sampler.churn, sampler.s_tmin, sampler.s_tmax,
+                                 sampler.s_noise, trajectory_every, generator)
     result.samples = result.samples.clamp(0, 1)
     return result

@@ -127,7 +127,7 @@ class Sampler:
     probability-flow ODE solvers; heun with churn > 0 is EDM Algorithm 2). steps: the σ grid's size N for pc (geometric)
     and euler/heun (EDM's ρ rule), between the model's σ_1 and σ_L; None: the model's own levels. corrector_steps, snr:
     pc's Langevin corrector steps per level and their target signal-to-noise ratio. rho, churn: EDM's grid exponent and
-    S_churn.
+    S_churn; s_tmin, s_tmax, s_noise: Algorithm 2's σ range that churns (s_tmax None: no upper bound) and its noise scale.
     """
 
     name: str = "als"
@@ -136,6 +136,9 @@ class Sampler:
     snr: float = 0.16
     rho: float = 7.0
     churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -150,11 +153,19 @@ class Sampler:
         non_negative("churn", self.churn)
         if self.churn > 0 and self.name != "heun":
             raise ValueError(f"churn is EDM Algorithm 2's (sampler heun), not {self.name}'s")
+        non_negative("s_tmin", self.s_tmin)
+        positive("s_noise", self.s_noise)
+        if self.s_tmax is not None and not positive("s_tmax", self.s_tmax) > self.s_tmin:
+            raise ValueError(f"s_tmax must be above s_tmin = {self.s_tmin:g} (or None, no upper bound), got {self.s_tmax!r}")
+        shaped = [k for k in ("s_tmin", "s_tmax", "s_noise") if getattr(self, k) != getattr(Sampler, k)]
+        if shaped and self.churn == 0:
+            raise ValueError(f"{', '.join(shaped)} shape EDM Algorithm 2's churn, which is 0 here: set churn > 0 (sampler heun)")
 
     def text(self) -> str:
         """A compact form ``parse`` reads back, naming the settings this sampler uses that differ from their defaults:
-        als, pc:N=21,M=0, heun:N=11,churn=40, …"""
-        used = {"pc": ("steps", "corrector_steps", "snr"), "euler": ("steps", "rho"), "heun": ("steps", "rho", "churn")}.get(self.name, ())
+        als, pc:N=21,M=0, heun:N=11,churn=40,s_noise=1.007, …"""
+        used = {"pc": ("steps", "corrector_steps", "snr"), "euler": ("steps", "rho"),
+                "heun": ("steps", "rho", "churn", "s_tmin", "s_tmax", "s_noise")}.get(self.name, ())
         short = {"steps": "N", "corrector_steps": "M"}
         parts = [f"{short.get(k, k)}={getattr(self, k):.12g}" for k in used if getattr(self, k) is not None and getattr(self, k) != getattr(Sampler, k)]
         return self.name + (":" + ",".join(parts) if parts else "")
@@ -168,8 +179,8 @@ class Sampler:
         for part in filter(None, rest.split(",")):
             key, _, value = part.partition("=")
             key = long.get(key, key)
-            if key not in ("steps", "corrector_steps", "snr", "rho", "churn") or not value:
-                raise ValueError(f"sampler {text!r}: {part!r} is not one of N=, M=, snr=, rho=, churn=")
+            if key not in ("steps", "corrector_steps", "snr", "rho", "churn", "s_tmin", "s_tmax", "s_noise") or not value:
+                raise ValueError(f"sampler {text!r}: {part!r} is not one of N=, M=, snr=, rho=, churn=, s_tmin=, s_tmax=, s_noise=")
             settings[key] = int(value) if key in ("steps", "corrector_steps") else float(value)
         return cls(name, **settings)
 

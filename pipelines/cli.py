@@ -258,17 +258,24 @@ def _sync_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def sampling_options(args: argparse.Namespace):
+    """The ``sample`` command's arguments as the sampling job takes them."""
+    from pipelines.sample import SamplingOptions
+
+    return SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
+                           eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise,
+                           trajectory_samples=min(8, args.chunk_size) if args.trajectory is None else args.trajectory,
+                           sampler=args.sampler, sampler_steps=args.sampler_steps, corrector_steps=args.corrector_steps,
+                           snr=args.snr, rho=args.rho, churn=args.churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise)
+
+
 def _sample(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from pipelines.sample import SamplingOptions, run_sampling
+    from pipelines.sample import run_sampling
     from pipelines.tracking import log_child_run
 
-    options = SamplingOptions(num_samples=args.num_samples, seed=args.seed, chunk_size=args.chunk_size, steps_per_level=args.steps_per_level,
-                              eps=args.eps, sigmas=args.sigmas, denoise=not args.no_denoise,
-                              trajectory_samples=min(8, args.chunk_size) if args.trajectory is None else args.trajectory,
-                              sampler=args.sampler, sampler_steps=args.sampler_steps, corrector_steps=args.corrector_steps,
-                              snr=args.snr, rho=args.rho, churn=args.churn)
+    options = sampling_options(args)
     try:
         summary = run_sampling(args.checkpoint, args.output, options, workers=args.workers, use_gpu=args.gpu, progress=not args.no_progress)
     except _user_errors() as err:
@@ -548,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--snr", type=float, help="pc: the corrector's target signal-to-noise ratio")
     sample.add_argument("--rho", type=float, help="euler, heun: EDM's grid exponent ρ")
     sample.add_argument("--churn", type=float, help="heun: EDM Algorithm 2's S_churn (arch ncsnv2 only)")
+    sample.add_argument("--s-tmin", type=float, help="heun with churn: churn only σ >= S_tmin")
+    sample.add_argument("--s-tmax", type=float, help="heun with churn: churn only σ <= S_tmax")
+    sample.add_argument("--s-noise", type=float, help="heun with churn: the churn noise's scale S_noise")
     sample.add_argument("--trajectory", type=int, metavar="K",
                         help="write trajectory.png for K samples (0: none; default 8, or the chunk size when smaller)")
     sample.add_argument("--gpu", action="store_true", help="one GPU per actor")

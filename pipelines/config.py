@@ -167,6 +167,10 @@ class SamplingConfig(Section):
     snr: Positive = 0.16  # pc: the corrector's target signal-to-noise ratio
     rho: Positive = 7.0  # euler, heun: EDM's grid exponent ρ
     churn: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0  # heun: S_churn
+    # heun with churn > 0: churn only σ in [s_tmin, s_tmax] (null: no upper bound), its fresh noise scaled by s_noise
+    s_tmin: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0
+    s_tmax: Positive | None = None
+    s_noise: Positive = 1.0
     workers: Count = 2
     chunk_size: Count = 100
 
@@ -176,11 +180,18 @@ class SamplingConfig(Section):
             raise _Invalid("null with sampling.sampler als (Algorithm 1 walks the schedule's levels)", self.sampler_steps, "sampler_steps")
         if self.churn > 0 and self.sampler != "heun":
             raise _Invalid("0 unless sampling.sampler is heun (EDM Algorithm 2)", self.churn, "churn")
+        for key, default in (("s_tmin", 0.0), ("s_tmax", None), ("s_noise", 1.0)):
+            if getattr(self, key) != default and self.churn == 0:
+                raise _Invalid(f"{default if default is not None else 'null'} unless sampling.churn > 0 (it shapes EDM Algorithm 2's churn)",
+                               getattr(self, key), key)
+        if self.s_tmax is not None and self.s_tmax <= self.s_tmin:
+            raise _Invalid(f"above sampling.s_tmin = {self.s_tmin:g}, or null", self.s_tmax, "s_tmax")
         return self
 
     def sampler_spec(self) -> Sampler:
         """The sampler these settings name (Algorithm 1's ε and T go on the Schedule)."""
-        return Sampler(self.sampler, self.sampler_steps, self.corrector_steps, self.snr, self.rho, self.churn)
+        return Sampler(self.sampler, self.sampler_steps, self.corrector_steps, self.snr, self.rho, self.churn, self.s_tmin,
+                       self.s_tmax, self.s_noise)
 
 
 class EvaluationConfig(Section):
@@ -238,6 +249,12 @@ class TuneConfig(Section):
     # corrector steps, euler and heun: over the σ grid sizes sampler_steps), keeping to max_nfe evaluations per image
     samplers: Annotated[list[Str], _rule(lambda ns: bool(ns) and set(ns) <= set(SAMPLERS), f"a non-empty list of {', '.join(SAMPLERS)}")] = ["als"]
     sampler_steps: Annotated[list[Int], _rule(lambda ns: bool(ns) and min(ns) >= 1, "a non-empty list of N >= 1")] = [6, 11, 18, 40]
+    # heun's S_churn values searched (EDM Algorithm 2 when > 0; only 0 for a levels-only, arch ncsn, checkpoint)
+    churn: Annotated[list[Float], _rule(lambda cs: bool(cs) and all(math.isfinite(c) and c >= 0 for c in cs),
+                                        "a non-empty list of finite numbers >= 0")] = [0.0, 40.0]
+    # … and, with churn > 0, its S_noise values (below 1: less noise added than removed, a lowered temperature)
+    s_noise: Annotated[list[Float], _rule(lambda ns: bool(ns) and all(is_positive_number(n) for n in ns),
+                                          "a non-empty list of finite numbers > 0")] = [1.0, 0.8]
     max_nfe: Count | None = None  # null: no budget
     eval_every: Count = 500  # training steps between objective evaluations (ASHA's rungs)
     eval_samples: Annotated[Int, _at_least(3)] = 250  # samples per evaluation of the objective (on the validation split)

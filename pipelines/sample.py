@@ -61,12 +61,15 @@ class SamplingOptions:
     snr: float | None = None
     rho: float | None = None
     churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
 
     def sampler_spec(self, default: Sampler) -> Sampler:
         """The sampler these options name: ``default`` (the checkpoint's) or another one's defaults, with each setting
         given here replacing its own."""
         base = default if self.sampler in (None, default.name) else Sampler(self.sampler)
-        given = {k: getattr(self, k) for k in ("corrector_steps", "snr", "rho", "churn") if getattr(self, k) is not None}
+        given = {k: getattr(self, k) for k in ("corrector_steps", "snr", "rho", "churn", "s_tmin", "s_tmax", "s_noise") if getattr(self, k) is not None}
         if self.sampler_steps is not None:
             given["steps"] = self.sampler_steps
         return replace(base, **given)
@@ -440,8 +443,8 @@ def _claim_output(output: Path, settings: SamplerSettings) -> None:
     path, settings = output / SETTINGS_FILE, settings.record()
     for stale in _own_temporaries(output):
         stale.unlink(missing_ok=True)  # a write that a killed process (or a full disk) left half done
-    if path.exists():
-        before = _with_sampler(json.loads(path.read_text()))
+    if path.exists():  # compared as read back, so a setting the file predates counts as its default
+        before = read_settings(output).record()
         diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if diff:
             raise SamplingError(f"{output} holds samples made with other settings ({', '.join(f'{k}: {before.get(k)!r} → {settings.get(k)!r}' for k in diff[:3])}); "

@@ -218,6 +218,11 @@ def test_damaged_sample_files_are_one_line_and_stale_temporaries_are_removed(tmp
     on_disk = json.loads((out / "sampling.json").read_text())  # flat: sample sets written before the Schedule field resume
     assert (on_disk["sigmas"], on_disk["eps"], on_disk["steps_per_level"], on_disk["denoise"]) == ([1.0, 0.25], 1e-4, 5, False)
     assert read_settings(out) == settings
+    for key in ("s_tmin", "s_tmax", "s_noise"):  # a set from before churn's range and noise scale came: their defaults
+        del on_disk["sampler"][key]
+    (out / "sampling.json").write_text(json.dumps(on_disk))
+    assert read_settings(out) == settings
+    _claim_output(out, settings)
     del on_disk["sampler"], on_disk["nfe_per_image"]  # a set from before the samplers came: annealed Langevin, L·T evaluations
     (out / "sampling.json").write_text(json.dumps(on_disk))
     assert read_settings(out) == settings

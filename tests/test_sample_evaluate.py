@@ -106,6 +106,8 @@ def test_a_sampler_a_checkpoint_cannot_take_is_one_line_before_ray(tmp_path):
         resolve_options(ckpt, SamplingOptions(10, sampler="heun", sampler_steps=4, churn=5.0))
     with pytest.raises(SamplingError, match=r"^--sampler: sampler must be one of als, pc, euler, heun, got 'ddim'"):
         resolve_options(ckpt, SamplingOptions(10, sampler="ddim"))
+    with pytest.raises(SamplingError, match=r"^--sampler: s_noise shape EDM Algorithm 2's churn, which is 0 here"):
+        resolve_options(ckpt, SamplingOptions(10, sampler="heun", sampler_steps=4, s_noise=1.007))
     settings = resolve_options(ckpt, SamplingOptions(10, sampler="heun", sampler_steps=30))  # 30 ρ-levels onto 5 trained ones
     assert settings.nfe_per_image <= 2 * 5 - 1
 

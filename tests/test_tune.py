@@ -177,7 +177,9 @@ def test_sampler_only_tuning_selects_on_validation_and_judges_on_test(tmp_path, 
     assert rec["start_level"] == 0 and rec["steps_per_level"] == schedule.steps_per_level
     assert rec["sampler"] == f"als:T={schedule.steps_per_level}" and rec["nfe"] == len(schedule.sigmas) * schedule.steps_per_level + 1
     assert rec["eps"] == pytest.approx(schedule.eps)
-    allowed = {"als:T=2": 43, "euler:N=6": 6, "euler:N=11": 11, "heun:N=6": 11, "heun:N=11": 21}  # als:T=3 takes 64
+    allowed = {"als:T=2": 43, "euler:N=6": 6, "euler:N=11": 11, "heun:N=6": 11, "heun:N=11": 21,  # als:T=3 takes 64
+               "heun:N=6,churn=40": 11, "heun:N=11,churn=40": 21, "heun:N=6,churn=40,s_noise=0.8": 11,
+               "heun:N=11,churn=40,s_noise=0.8": 21}
     searched = [r for r in rows if r["label"] == "search"]
     for r in searched:  # start_level > 0 shortens Algorithm 1; the reference's own setting (a choice Tune needs) is no candidate
         assert (r["sampler"] in allowed and r["nfe"] <= allowed[r["sampler"]]) or (r["sampler"] == rec["sampler"] and r["selection_mean"] is None)
@@ -263,7 +265,27 @@ def test_a_budget_no_sampler_keeps_to_is_refused_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"tune.max_nfe 10 admits none of tune.samplers \['als', 'heun'\] \(the cheapest takes 11"):
         SamplerSearch(cfg, str(tmp_path / "c.pt"))
     settings = SamplerSearch(cfg.evolve({"tune.max_nfe": 22}), str(tmp_path / "c.pt")).settings
-    assert settings == ["heun:N=6", "als:T=1", "als:T=10"]  # by NFE (11, 22), and the checkpoint's own, the reference
+    # by NFE (11, 22), and the checkpoint's own; churn's S_noise over tune.s_noise
+    assert settings == ["heun:N=6", "heun:N=6,churn=40", "heun:N=6,churn=40,s_noise=0.8", "als:T=1", "als:T=10"]
+    # A model trained on its levels alone takes no churn: heun is searched at churn 0 only, or refused when that is not listed.
+    ncsn = ScoreNetwork(ModelConfig("ncsn", 8, 1, 16), sigmas)
+    save_checkpoint(tmp_path / "n.pt", Checkpoint(ncsn.config, Schedule(sigmas, 3e-5, 10), ncsn.state_dict(), None, None, 1))
+    assert SamplerSearch(cfg.evolve({"tune.max_nfe": 22}), str(tmp_path / "n.pt")).settings == ["heun:N=6", "als:T=1", "als:T=10"]
+    with pytest.raises(ConfigError, match=r"^tune.churn \[40.0\] leaves heun, the only one of tune.samplers, nothing to search"):
+        SamplerSearch(cfg.evolve({"tune.samplers": ["heun"], "tune.churn": [40.0]}), str(tmp_path / "n.pt"))
+
+
+def test_the_printed_sample_command_names_every_setting_of_the_chosen_sampler():
+    # Each flag parsed by the real CLI gives back the sampler: a setting left out (churn, S_noise, ρ) would sample otherwise.
+    from ncsn.sigmas import Sampler
+    from pipelines.cli import build_parser, sampling_options
+    from pipelines.tune.modes import sampler_flags
+
+    for sampler in (Sampler(), Sampler("pc", steps=20, corrector_steps=0, snr=0.2), Sampler("euler", steps=10, rho=5.0),
+                    Sampler("heun", steps=11, churn=40.0, s_tmin=0.02, s_tmax=2.0, s_noise=1.007)):
+        options = sampling_options(build_parser().parse_args(["sample", "--checkpoint", "c.pt", "--num-samples", "1", "--output", "o",
+                                                              *sampler_flags(sampler).split()]))
+        assert options.sampler_spec(Sampler("pc", steps=3, corrector_steps=2)) == sampler
 
 
 def test_a_job_whose_searched_trials_all_failed_is_an_error():

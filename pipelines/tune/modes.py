@@ -13,7 +13,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from data_prep.manifest import load_manifest
 from ncsn.sampling import nfe
-from ncsn.sigmas import Schedule
+from ncsn.sigmas import Sampler, Schedule
 from pipelines.config import Config
 from pipelines.sample import open_checkpoint
 from pipelines.tune.asha import ResumableASHA
@@ -23,6 +23,17 @@ from pipelines.tune.space import (PARAMS, apply_point, check_space, recommended_
 from pipelines.tune.trials import (RECOMMENDED_FULL, max_concurrent, retrain, sampler_trial, train_recommended_fully, train_trial,
                                    trial_checkpoint)
 from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
+
+
+
+def sampler_flags(sampler: Sampler) -> str:
+    """The `sample` flags that select ``sampler``: its name, grid size and each of its own settings off their default."""
+    own = {"pc": ("corrector_steps", "snr"), "euler": ("rho",), "heun": ("rho", "churn", "s_tmin", "s_tmax", "s_noise")}
+    flags = [("sampler", sampler.name), ("sampler_steps", sampler.steps)]
+    flags += [(k, getattr(sampler, k)) for k in own.get(sampler.name, ())
+              if k == "corrector_steps" or getattr(sampler, k) not in (None, getattr(Sampler, k))]
+    return " ".join(f"--{k.replace('_', '-')} {v:.6g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in flags if v is not None)
 
 
 class ScheduleSearch:
@@ -169,14 +180,12 @@ class SamplerSearch:
         """The config with the best sampler settings, the `sample` command that uses them, the trial's grid."""
         schedule = self.schedule_of(best)
         sampler, out = schedule.sampler, Path(self.cfg.run_dir).parent / "best" / "samples"
-        flags = {"--sampler": sampler.name, "--sampler-steps": sampler.steps,
-                 "--corrector-steps": sampler.corrector_steps if sampler.name == "pc" else None}
         command = (f"ncsn-pipeline sample --checkpoint {self.checkpoint} --num-samples {self.cfg.sampling.num_samples} --output {out} "
-                   f"--eps {best['eps']:.6g} --steps-per-level {schedule.steps_per_level}"
-                   + "".join(f" {k} {v}" for k, v in flags.items() if v is not None)
+                   f"--eps {best['eps']:.6g} --steps-per-level {schedule.steps_per_level} {sampler_flags(sampler)}"
                    + (f" --sigmas {' '.join(f'{x:.6g}' for x in schedule.sigmas)}" if best["start_level"] else ""))
         best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(schedule.steps_per_level),
                                     "sampling.sampler": sampler.name, "sampling.sampler_steps": sampler.steps,
                                     "sampling.corrector_steps": sampler.corrector_steps, "sampling.snr": sampler.snr,
-                                    "sampling.rho": sampler.rho, "sampling.churn": sampler.churn})
+                                    "sampling.rho": sampler.rho, "sampling.churn": sampler.churn, "sampling.s_tmin": sampler.s_tmin,
+                                    "sampling.s_tmax": sampler.s_tmax, "sampling.s_noise": sampler.s_noise})
         return best_cfg, command, Path(best["grid"]) if best["grid"] else None

@@ -51,17 +51,23 @@ def sampler_space(cfg: Config, rec: dict) -> dict:
 
 def sampler_settings(cfg: Config, schedule: Schedule, levels_only: bool, recommended: str) -> list[str]:
     """Sampler-only tuning's sampler choices, each as a setting text (Sampler.text(), with ":T=t" for als): als over the
-    T of tune.steps_per_level, pc (M = 0, 1), euler and heun over tune.sampler_steps, those of tune.samplers within
+    T of tune.steps_per_level, pc (M = 0, 1), euler and heun over tune.sampler_steps (heun also over tune.churn, churn > 0
+    only where the model takes any σ, and then over tune.s_noise), those of tune.samplers within
     tune.max_nfe evaluations per image (als counted on all levels); the checkpoint's own (``recommended``, the reference)
-    always. A ConfigError when the budget leaves nothing to search."""
+    always. A ConfigError when the budget or the model leaves nothing to search."""
     t, found = cfg.tune, []
     for name in t.samplers:
         if name == "als":
             found += [f"als:T={steps}" for steps in sorted(set(t.steps_per_level))]
             continue
+        churns = sorted({c for c in t.churn if not (levels_only and c > 0)}) if name == "heun" else [0.0]
         for n in sorted(set(t.sampler_steps)):
             for m in (0, 1) if name == "pc" else (1,):
-                found.append(Sampler(name, steps=n, corrector_steps=m).text())
+                found += [Sampler(name, steps=n, corrector_steps=m, churn=c, s_noise=s).text()
+                          for c in churns for s in (sorted(set(t.s_noise)) if c > 0 else [1.0])]
+    if not found:
+        raise ConfigError(f"tune.churn {t.churn} leaves heun, the only one of tune.samplers, nothing to search: a model trained on "
+                          "its levels alone (arch ncsn) takes churn 0 only", "tune.churn")
     within = [s for s in found if t.max_nfe is None or setting_nfe(s, schedule, levels_only) <= t.max_nfe]
     if not within:
         raise ConfigError(f"tune.max_nfe {t.max_nfe} admits none of tune.samplers {t.samplers} (the cheapest takes "
