@@ -361,7 +361,7 @@ class SampleSummary:
         return (f"{self.num_samples} samples of seed {self.settings.seed} in {self.output} ({self.chunks_done} chunks sampled, "
                 f"{self.chunks_skipped} already complete; the same seed gives the same images: --seed for others); "
                 f"{self.samples_per_s:.1f} samples/s at {self.settings.nfe_per_image} network evaluations each "
-                f"({self.settings.schedule.sampler.name}), {self.nfe_per_s:.0f} image-evaluations/s")
+                f"({self.settings.schedule.sampler.text()}), {self.nfe_per_s:.0f} image-evaluations/s")
 
 
 def run_sampling(checkpoint: str | Path | CheckpointFile, output: str | Path, options: SamplingOptions, workers: int = 2,

@@ -80,7 +80,7 @@ def test_every_sampler_runs_on_the_actors_and_its_sample_set_states_its_nfe(tmp_
     from ncsn.checkpoint import load_checkpoint
     from pipelines.sample import read_settings, resolve_options
 
-    churned = SamplingOptions(20, seed=3, chunk_size=10, sampler="heun", sampler_steps=5, churn=10.0)
+    churned = SamplingOptions(20, seed=3, chunk_size=10, sampler="heun", sampler_steps=5, churn=10.0, s_noise=0.9)
     one = run_sampling(small_checkpoint, tmp_path / "heun1", churned, workers=1, progress=False)
     two = run_sampling(small_checkpoint, tmp_path / "heun2", churned, workers=2, progress=False)
     pc = run_sampling(small_checkpoint, tmp_path / "pc", SamplingOptions(20, seed=3, chunk_size=10, sampler="pc", sampler_steps=4),
@@ -89,7 +89,7 @@ def test_every_sampler_runs_on_the_actors_and_its_sample_set_states_its_nfe(tmp_
     for out, name, nfe in ((tmp_path / "heun1", "heun", 2 * 5 - 1), (tmp_path / "pc", "pc", 4 * 2)):
         record = json.loads((out / "sampling.json").read_text())
         assert record["sampler"]["name"] == name and record["nfe_per_image"] == nfe
-    assert read_settings(tmp_path / "heun1").schedule.sampler.churn == 10.0
+    assert read_settings(tmp_path / "heun1").schedule.sampler.churn == 10.0 and "(heun:N=5,churn=10,s_noise=0.9)" in one.line()
     ckpt = load_checkpoint(small_checkpoint)
     for name, nfe in (("als", 11), ("euler", 5)):  # the others' counts, as sampling.json would state them
         assert resolve_options(ckpt, SamplingOptions(20, sampler=name)).record()["nfe_per_image"] == nfe
