@@ -109,7 +109,8 @@ def test_tune_dry_run_shows_the_trials_search_space_and_budget(tmp_path, digits_
     save_checkpoint(tmp_path / "c.pt", Checkpoint(model.config, Schedule(sigmas, 3e-5, 10), model.state_dict(), None, None, 1))
     assert main([*base, "--checkpoint", str(tmp_path / "c.pt"), "--set", "tune.samplers=[als,heun]", "--set", "tune.max_nfe=25"]) == 0
     out = capsys.readouterr().out
-    assert "(network evaluations per image, at most 25): heun:N=6 (11), heun:N=11 (21), als:T=10 (211)." in out
+    assert ("(network evaluations per image, at most 25): heun:N=6 (11), heun:N=6,churn=40 (11), heun:N=6,churn=40,s_noise=0.8 (11), "
+            "heun:N=11 (21), heun:N=11,churn=40 (21), heun:N=11,churn=40,s_noise=0.8 (21), als:T=10 (211).") in out
     assert not (tmp_path / "tune").exists()  # nothing was started or written
 
 
