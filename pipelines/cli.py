@@ -9,9 +9,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ncsn._checks import first_line
+
+if TYPE_CHECKING:  # the command imports it when it runs (see above)
+    from pipelines.sample import SamplingOptions
 
 
 def _toy_mixture(args: argparse.Namespace) -> int:
@@ -258,7 +262,7 @@ def _sync_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def sampling_options(args: argparse.Namespace):
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The ``sample`` command's arguments as the sampling job takes them."""
     from pipelines.sample import SamplingOptions
 
