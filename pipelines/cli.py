@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--rho", type=float, help="euler, heun: EDM's grid exponent ρ")
     sample.add_argument("--churn", type=float, help="heun: EDM Algorithm 2's S_churn (arch ncsnv2 only)")
     sample.add_argument("--s-tmin", type=float, help="heun with churn: churn only σ >= S_tmin")
-    sample.add_argument("--s-tmax", type=float, help="heun with churn: churn only σ <= S_tmax")
+    sample.add_argument("--s-tmax", type=float, help="heun with churn: churn only σ <= S_tmax (inf: no upper bound)")
     sample.add_argument("--s-noise", type=float, help="heun with churn: the churn noise's scale S_noise")
     sample.add_argument("--trajectory", type=int, metavar="K",
                         help="write trajectory.png for K samples (0: none; default 8, or the chunk size when smaller)")

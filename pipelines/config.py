@@ -66,6 +66,7 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Float = Annotated[float, Strict(), BeforeValidator(_number)]
 Positive = Annotated[Float, _rule(is_positive_number, "a finite number > 0")]
+NonNegative = Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")]
 UnitInterval = Annotated[Float, _rule(lambda x: 0 <= x < 1, "in [0, 1)")]
 Count = Annotated[Int, _at_least(1)]
 Range = Annotated[list[Float], _rule(lambda r: len(r) == 2 and 0 < r[0] <= r[1], "[low, high] with 0 < low <= high")]
@@ -130,7 +131,7 @@ class OptimConfig(Section):
     lr: Positive = 1e-3
     beta1: UnitInterval = 0.9
     beta2: UnitInterval = 0.999
-    weight_decay: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0
+    weight_decay: NonNegative = 0.0
     amsgrad: Bool = False
     grad_clip: Positive | None = None
 
@@ -166,9 +167,9 @@ class SamplingConfig(Section):
     corrector_steps: Annotated[Int, _at_least(0)] = 1  # pc: Langevin corrector steps per level (0: predictor only)
     snr: Positive = 0.16  # pc: the corrector's target signal-to-noise ratio
     rho: Positive = 7.0  # euler, heun: EDM's grid exponent ρ
-    churn: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0  # heun: S_churn
+    churn: NonNegative = 0.0  # heun: S_churn
     # heun with churn > 0: churn only σ in [s_tmin, s_tmax] (null: no upper bound), its fresh noise scaled by s_noise
-    s_tmin: Annotated[Float, _rule(lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")] = 0.0
+    s_tmin: NonNegative = 0.0
     s_tmax: Positive | None = None
     s_noise: Positive = 1.0
     workers: Count = 2

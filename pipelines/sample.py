@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -62,7 +63,7 @@ class SamplingOptions:
     rho: float | None = None
     churn: float | None = None
     s_tmin: float | None = None
-    s_tmax: float | None = None
+    s_tmax: float | None = None  # inf: no upper bound
     s_noise: float | None = None
 
     def sampler_spec(self, default: Sampler) -> Sampler:
@@ -70,6 +71,8 @@ class SamplingOptions:
         given here replacing its own."""
         base = default if self.sampler in (None, default.name) else Sampler(self.sampler)
         given = {k: getattr(self, k) for k in ("corrector_steps", "snr", "rho", "churn", "s_tmin", "s_tmax", "s_noise") if getattr(self, k) is not None}
+        if given.get("s_tmax") == math.inf:
+            given["s_tmax"] = None
         if self.sampler_steps is not None:
             given["steps"] = self.sampler_steps
         return replace(base, **given)

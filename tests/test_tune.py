@@ -276,16 +276,23 @@ def test_a_budget_no_sampler_keeps_to_is_refused_before_ray_starts(tmp_path):
 
 
 def test_the_printed_sample_command_names_every_setting_of_the_chosen_sampler():
-    # Each flag parsed by the real CLI gives back the sampler: a setting left out (churn, S_noise, ρ) would sample otherwise.
+    # The flags, parsed by the real CLI on a checkpoint whose own sampler is `default`, give back the chosen sampler: a
+    # setting left out (churn, S_noise, ρ) or left to the checkpoint's (its churn, its S_tmax) would sample otherwise.
     from ncsn.sigmas import Sampler
     from pipelines.cli import build_parser, sampling_options
     from pipelines.tune.modes import sampler_flags
 
-    for sampler in (Sampler(), Sampler("pc", steps=20, corrector_steps=0, snr=0.2), Sampler("euler", steps=10, rho=5.0),
-                    Sampler("heun", steps=11, churn=40.0, s_tmin=0.02, s_tmax=2.0, s_noise=1.007)):
-        options = sampling_options(build_parser().parse_args(["sample", "--checkpoint", "c.pt", "--num-samples", "1", "--output", "o",
-                                                              *sampler_flags(sampler).split()]))
-        assert options.sampler_spec(Sampler("pc", steps=3, corrector_steps=2)) == sampler
+    chosen = (Sampler(), Sampler("pc", steps=20, corrector_steps=0, snr=0.2), Sampler("pc", steps=20), Sampler("euler", steps=10, rho=5.0),
+              Sampler("heun", steps=11, churn=40.0, s_tmin=0.02, s_tmax=2.0, s_noise=1.007), Sampler("heun", steps=8),
+              Sampler("heun", steps=8, churn=40.0, s_noise=0.8))
+    defaults = (Sampler(), Sampler("pc", steps=3, corrector_steps=2), Sampler("heun", steps=11, rho=5.0, churn=40.0, s_tmax=1.0, s_noise=0.9))
+    for sampler in chosen:
+        for default in defaults:
+            flags = sampler_flags(sampler, default)
+            options = sampling_options(build_parser().parse_args(["sample", "--checkpoint", "c.pt", "--num-samples", "1", "--output", "o",
+                                                                  *flags.split()]))
+            assert options.sampler_spec(default) == sampler, (sampler, default, flags)
+    assert sampler_flags(Sampler("heun", steps=8, churn=40.0, s_noise=0.8), Sampler()) == "--sampler heun --sampler-steps 8 --churn 40 --s-noise 0.8"
 
 
 def test_a_job_whose_searched_trials_all_failed_is_an_error():

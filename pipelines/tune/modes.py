@@ -4,7 +4,7 @@ what its trials run, how they are scheduled, where their networks are for the se
 the chosen point means for the user."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,14 +26,16 @@ from pipelines.tune.verdict import TRAIN_SEED_OFFSET, Candidate
 
 
 
-def sampler_flags(sampler: Sampler) -> str:
-    """The `sample` flags that select ``sampler``: its name, grid size and each of its own settings off their default."""
-    own = {"pc": ("corrector_steps", "snr"), "euler": ("rho",), "heun": ("rho", "churn", "s_tmin", "s_tmax", "s_noise")}
-    flags = [("sampler", sampler.name), ("sampler_steps", sampler.steps)]
-    flags += [(k, getattr(sampler, k)) for k in own.get(sampler.name, ())
-              if k == "corrector_steps" or getattr(sampler, k) not in (None, getattr(Sampler, k))]
-    return " ".join(f"--{k.replace('_', '-')} {v:.6g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                    for k, v in flags if v is not None)
+def sampler_flags(sampler: Sampler, default: Sampler) -> str:
+    """The `sample` flags that select ``sampler`` on a checkpoint whose own is ``default``: its name, and each setting
+    that differs from what `sample` starts from (``default`` for the same sampler, else that sampler's defaults)."""
+    base = default if sampler.name == default.name else Sampler(sampler.name)
+    changed = [(f.name, getattr(sampler, f.name)) for f in fields(Sampler) if f.name != "name" and getattr(sampler, f.name) != getattr(base, f.name)]
+    if any(k == "steps" and v is None for k, v in changed):
+        raise ValueError(f"{sampler.text()}: `sample` has no flag for the model's own levels once {default.text()} sets a grid")
+    flag = {"steps": "sampler-steps"}
+    return " ".join([f"--sampler {sampler.name}"] + [f"--{flag.get(k, k.replace('_', '-'))} {'inf' if v is None else format(v, '.6g')}"
+                                                       for k, v in changed])
 
 
 class ScheduleSearch:
@@ -181,7 +183,7 @@ class SamplerSearch:
         schedule = self.schedule_of(best)
         sampler, out = schedule.sampler, Path(self.cfg.run_dir).parent / "best" / "samples"
         command = (f"ncsn-pipeline sample --checkpoint {self.checkpoint} --num-samples {self.cfg.sampling.num_samples} --output {out} "
-                   f"--eps {best['eps']:.6g} --steps-per-level {schedule.steps_per_level} {sampler_flags(sampler)}"
+                   f"--eps {best['eps']:.6g} --steps-per-level {schedule.steps_per_level} {sampler_flags(sampler, self.schedule.sampler)}"
                    + (f" --sigmas {' '.join(f'{x:.6g}' for x in schedule.sigmas)}" if best["start_level"] else ""))
         best_cfg = self.cfg.evolve({"sampling.eps": float(best["eps"]), "sampling.steps_per_level": int(schedule.steps_per_level),
                                     "sampling.sampler": sampler.name, "sampling.sampler_steps": sampler.steps,
